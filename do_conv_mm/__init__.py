@@ -1,0 +1,12 @@
+"""do_conv_mm: DO-Conv (depthwise over-parameterised convolution) for OpenMMLab.
+
+Importing the package registers ``DOConv`` (alias ``DOConv2d``) as an mmcv conv layer type, so
+``conv_cfg=dict(type='DOConv')`` works in any mmdet / mmseg config that imports it through
+``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False)``.
+"""
+from .doconv import DOConv2d, compose_kernel
+from .fold import count_doconv, fold_doconv, fold_state_dict
+from .version import __version__
+
+__all__ = ['DOConv2d', 'compose_kernel', 'count_doconv', 'fold_doconv', 'fold_state_dict',
+           '__version__']

@@ -1,0 +1,279 @@
+"""DO-Conv: a k×k convolution over-parameterised by a per-input-channel depthwise kernel.
+
+The layer, its kernel composition, its registration in mmcv's conv registry and its fold to a
+plain :class:`torch.nn.Conv2d` live here, in that order.
+
+Notation (shapes):
+    O = out_channels, C = in_channels, g = groups, Og = O / g, Cg = C / g,
+    K = kh * kw (spatial taps), S = D_mul >= K (depth of the over-parameterisation).
+
+    W  = [weight | weight_extra]     (O, Cg, S)   ``weight`` is Conv2d-shaped (O, Cg, kh, kw)
+    D                                 (C, K, S)    one K×S matrix per *input channel*, zero-init
+    W'[o, i, m] = Σ_s (D + I)[c, m, s] · W[o, i, s]
+                = weight[o, i, m] + Σ_s D[c, m, s] · W[o, i, s]
+    with c = c(o, i) = (o // Og) · Cg + i, the input channel that kernel entry (o, i) reads.
+
+Because D starts at zero, a fresh layer (or one warm-started from a plain checkpoint) computes
+exactly the plain convolution ``conv2d(x, weight)``. 1×1 kernels carry no D: they are plain convs.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['DOConv2d', 'compose_kernel']
+
+
+def compose_kernel(weight: torch.Tensor,
+                   D: torch.Tensor,
+                   weight_extra: Optional[torch.Tensor] = None,
+                   groups: int = 1) -> torch.Tensor:
+    """Compose a DO-Conv kernel: returns W' (O, Cg, kh, kw), same dtype as ``weight``.
+
+    Args:
+        weight: (O, Cg, kh, kw), the first K columns of W.
+        D: (C, K, S) with C = Cg * groups, K = kh * kw.
+        weight_extra: (O, Cg, S - K) or None when S == K.
+        groups: conv groups; D[c] is applied to every kernel entry that reads channel c.
+
+    Built from reshapes and one batched matmul (no einsum), so it traces and exports anywhere.
+    """
+    O, Cg, kh, kw = weight.shape
+    C, K, S = D.shape
+    Og = O // groups
+    W = weight.reshape(O, Cg, K)
+    if weight_extra is not None:
+        W = torch.cat([W, weight_extra], dim=2)
+    # Row block (gi, i) of the batch: the Og kernels of group gi that read input channel gi*Cg+i.
+    W_by_channel = W.reshape(groups, Og, Cg, S).permute(0, 2, 3, 1).reshape(C, S, Og)
+    delta = torch.bmm(D, W_by_channel)  # (C, K, Og)
+    delta = delta.reshape(groups, Cg, K, Og).permute(0, 3, 1, 2).reshape(O, Cg, kh, kw)
+    return weight + delta
+
+
+def _no_autocast(device_type: str):
+    """Compose in the parameters' own precision even inside an autocast region."""
+    if device_type in ('cpu', 'cuda') and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return _NullContext()
+
+
+class _NullContext:
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class DOConv2d(nn.Conv2d):
+    """Depthwise over-parameterised Conv2d (Cao et al., IEEE TIP 2022); a drop-in for nn.Conv2d.
+
+    Positional arguments are exactly those of :class:`torch.nn.Conv2d`; ``D_mul`` is keyword-only
+    (default kh*kw, must be >= kh*kw). Parameters: ``weight`` (O, Cg, kh, kw), ``bias`` (O,) as in
+    Conv2d, ``D`` (C, kh*kw, D_mul) zero-initialised, and ``weight_extra`` (O, Cg, D_mul - kh*kw)
+    only when D_mul > kh*kw. For 1×1 kernels ``D`` and ``weight_extra`` are None (a plain conv).
+
+    The forward pass convolves with ``compose_kernel(weight, D, weight_extra, groups)``. When no
+    gradient is needed the composed kernel is cached and reused until a parameter changes
+    (tracked by tensor version and storage), so unfolded eval costs what a plain conv costs.
+    ``to_conv2d()`` / :func:`do_conv_mm.fold_doconv` fold it into a plain Conv2d for deployment.
+    """
+
+    def __init__(self,
+                 in_channels: int,
+                 out_channels: int,
+                 kernel_size,
+                 stride=1,
+                 padding=0,
+                 dilation=1,
+                 groups: int = 1,
+                 bias: bool = True,
+                 padding_mode: str = 'zeros',
+                 device=None,
+                 dtype=None,
+                 *,
+                 D_mul: Optional[int] = None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        kh, kw = self.kernel_size
+        taps = kh * kw
+        if D_mul is not None and (isinstance(D_mul, bool) or not isinstance(D_mul, int)):
+            raise TypeError(f'DOConv2d: D_mul must be an int or None, got {D_mul!r} '
+                            f'({type(D_mul).__name__}).')
+        if taps == 1:
+            # A 1×1 DO-Conv adds nothing a 1×1 conv cannot express: keep it plain.
+            self.D_mul = 1
+            self.register_parameter('D', None)
+            self.register_parameter('weight_extra', None)
+        else:
+            D_mul = taps if D_mul is None else D_mul
+            if D_mul < taps:
+                raise ValueError(
+                    f'DOConv2d: D_mul={D_mul} is smaller than kh*kw={taps} for kernel '
+                    f'{self.kernel_size}; that is no over-parameterisation and would zero part '
+                    f'of the kernel. Use D_mul >= {taps} or leave it unset (default {taps}).')
+            self.D_mul = D_mul
+            factory = dict(device=self.weight.device, dtype=self.weight.dtype)
+            self.D = nn.Parameter(torch.zeros(in_channels, taps, D_mul, **factory))
+            if D_mul > taps:
+                self.weight_extra = nn.Parameter(
+                    torch.empty(out_channels, in_channels // groups, D_mul - taps, **factory))
+            else:
+                self.register_parameter('weight_extra', None)
+            self._reset_doconv_parameters()
+        self._cached_kernel = None
+        self._cached_key = None
+
+    # ----------------------------------------------------------------------------------------
+    # Initialisation and warm start
+    # ----------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, 'D', None) is not None:
+            self._reset_doconv_parameters()
+
+    def _reset_doconv_parameters(self) -> None:
+        """D = 0 (identity); extra W columns drawn like ``weight`` (Conv2d's default bound)."""
+        with torch.no_grad():
+            self.D.zero_()
+            if self.weight_extra is not None:
+                bound = 1.0 / math.sqrt(self.weight[0].numel())
+                self.weight_extra.uniform_(-bound, bound)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """A plain-conv state dict (weight without D) loads as the identity: D = 0."""
+        plain_source = (self.D is not None and prefix + 'D' not in state_dict
+                        and prefix + 'weight' in state_dict)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if plain_source:
+            for name in ('D', 'weight_extra'):
+                if prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
+            with torch.no_grad():
+                self.D.zero_()
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------
+    def composed_weight(self) -> torch.Tensor:
+        """The kernel this layer convolves with, W' (O, Cg, kh, kw)."""
+        if self.D is None:
+            return self.weight
+        with _no_autocast(self.weight.device.type):
+            return compose_kernel(self.weight, self.D, self.weight_extra, self.groups)
+
+    def _needs_graph(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            p.requires_grad for p in (self.weight, self.D, self.weight_extra) if p is not None)
+
+    def _cache_key(self):
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device)
+                     for p in (self.weight, self.D, self.weight_extra) if p is not None)
+
+    def _kernel(self) -> torch.Tensor:
+        """Composed kernel; reused from the cache when no gradient can flow through it."""
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+                or self._needs_graph()):
+            return self.composed_weight()
+        key = self._cache_key()
+        if self._cached_key != key:
+            self._cached_kernel = self.composed_weight().detach()
+            self._cached_key = key
+        return self._cached_kernel
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Convolve with the composed kernel of ``weight``.
+
+        ``weight`` is normally ``self.weight``. Callers that pass a transformed weight (mmcv's
+        efficient_conv_bn_eval passes ``weight`` scaled per output channel) get it composed with
+        D; composition is linear in W, so that is exact when D_mul == kh*kw.
+        """
+        if self.D is not None:
+            if weight is self.weight:
+                weight = self._kernel()
+            elif self.weight_extra is not None:
+                raise NotImplementedError(
+                    'DOConv2d: a substitute weight was passed to _conv_forward (e.g. by '
+                    'efficient_conv_bn_eval) on a layer with D_mul > kh*kw, whose extra columns '
+                    'cannot be scaled with it. Fold the model first (do_conv_mm.fold_doconv) or '
+                    'use the default D_mul.')
+            else:
+                with _no_autocast(weight.device.type):
+                    weight = compose_kernel(weight, self.D, None, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+    def train(self, mode: bool = True):
+        self._cached_kernel = self._cached_key = None
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state['_cached_kernel'] = state['_cached_key'] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', D_mul={self.D_mul}'
+
+    # ----------------------------------------------------------------------------------------
+    # Conversion both ways
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, D_mul: Optional[int] = None) -> 'DOConv2d':
+        """A DOConv2d that computes exactly what ``conv`` computes (D = 0), weights shared."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f'DOConv2d.from_conv2d expects a plain torch.nn.Conv2d, got '
+                            f'{type(conv).__name__}.')
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                    conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                    D_mul=D_mul)
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer.train(conv.training)
+        return layer
+
+    @torch.no_grad()
+    def to_conv2d(self) -> nn.Conv2d:
+        """Fold into a plain nn.Conv2d (same hyper-parameters, device, dtype, training flag).
+
+        The kernel is composed in float64 and cast back to the parameters' dtype.
+        """
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+        conv.weight.copy_(fold_kernel(self.weight, self.D, self.weight_extra, self.groups))
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        conv.weight.requires_grad_(self.weight.requires_grad)
+        conv.train(self.training)
+        return conv
+
+
+def fold_kernel(weight: torch.Tensor,
+                D: Optional[torch.Tensor],
+                weight_extra: Optional[torch.Tensor] = None,
+                groups: int = 1) -> torch.Tensor:
+    """``compose_kernel`` computed in float64 and cast back to ``weight.dtype`` (no autograd)."""
+    if D is None:
+        return weight.detach().clone()
+    with torch.no_grad(), _no_autocast(weight.device.type):
+        extra = None if weight_extra is None else weight_extra.double()
+        folded = compose_kernel(weight.double(), D.double(), extra, groups)
+    return folded.to(weight.dtype)
+
+
+def _register() -> None:
+    """Register in mmengine's root MODELS, where mmcv's build_conv_layer looks conv types up."""
+    from mmengine.registry import MODELS
+    MODELS.register_module(name=['DOConv', 'DOConv2d'], module=DOConv2d)
+
+
+_register()

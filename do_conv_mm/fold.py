@@ -1,0 +1,90 @@
+"""Fold DO-Conv into plain convolutions: on a live model, or on a state dict alone.
+
+Both compose in float64 and cast back, so a folded model computes what the DO-Conv model computes
+up to one rounding of each kernel entry.
+"""
+from collections import OrderedDict
+from copy import deepcopy
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from .doconv import DOConv2d, fold_kernel
+
+__all__ = ['fold_doconv', 'fold_state_dict', 'count_doconv']
+
+
+def count_doconv(model: nn.Module) -> int:
+    """Number of DOConv2d layers in ``model`` (1×1 ones included)."""
+    return sum(isinstance(m, DOConv2d) for m in model.modules())
+
+
+def fold_doconv(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every DOConv2d in ``model`` by the equivalent plain nn.Conv2d.
+
+    Returns the folded model (a deep copy unless ``inplace``). A bare DOConv2d is returned as its
+    folded nn.Conv2d. Attributes, device, dtype and the training flag are kept.
+    """
+    if isinstance(model, DOConv2d):
+        return model.to_conv2d()
+    if not inplace:
+        model = deepcopy(model)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, DOConv2d)]
+    for name, layer in targets:
+        parent_name, _, child_name = name.rpartition('.')
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, layer.to_conv2d())
+    return model
+
+
+def _is_doconv_entry(state_dict: Mapping[str, torch.Tensor], key: str) -> bool:
+    return (key == 'D' or key.endswith('.D')) and (key[:-1] + 'weight') in state_dict
+
+
+def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> 'OrderedDict[str, torch.Tensor]':
+    """Fold a DO-Conv state dict on tensors alone.
+
+    Every ``<prefix>D`` that has a ``<prefix>weight`` beside it is a DOConv: its weight becomes
+    the composed kernel, and ``<prefix>D`` / ``<prefix>weight_extra`` are dropped. groups is read
+    from the shapes (C = D.shape[0], Cg = weight.shape[1]). The result strict-loads into the same
+    architecture built with plain convs. Key order and ``_metadata`` are kept.
+    """
+    folded = OrderedDict()
+    dropped = set()
+    kernels = {}
+    for key in state_dict:
+        if not _is_doconv_entry(state_dict, key):
+            continue
+        prefix = key[:-1]
+        D = state_dict[key]
+        weight = state_dict[prefix + 'weight']
+        extra = state_dict.get(prefix + 'weight_extra')
+        _check_shapes(prefix, weight, D, extra)
+        kernels[prefix + 'weight'] = fold_kernel(weight, D, extra, D.shape[0] // weight.shape[1])
+        dropped.update({key, prefix + 'weight_extra'})
+    for key, value in state_dict.items():
+        if key not in dropped:
+            folded[key] = kernels.get(key, value)
+    metadata = getattr(state_dict, '_metadata', None)
+    if metadata is not None:
+        folded._metadata = deepcopy(metadata)
+    return folded
+
+
+def _check_shapes(prefix, weight, D, extra) -> None:
+    where = prefix.rstrip('.') or '<root>'
+    if weight.dim() != 4 or D.dim() != 3:
+        raise ValueError(f'fold_state_dict: {where} has D of shape {tuple(D.shape)} and weight '
+                         f'of shape {tuple(weight.shape)}; a DOConv needs D (C, kh*kw, D_mul) and '
+                         f'weight (O, C/groups, kh, kw).')
+    O, Cg, kh, kw = weight.shape
+    C, K, S = D.shape
+    extra_cols = 0 if extra is None else extra.shape[-1]
+    ok = (K == kh * kw and C % Cg == 0 and O % (C // Cg) == 0 and S == K + extra_cols
+          and (extra is None or tuple(extra.shape[:2]) == (O, Cg)))
+    if not ok:
+        raise ValueError(
+            f'fold_state_dict: {where} has inconsistent DOConv shapes: weight {tuple(weight.shape)}, '
+            f'D {tuple(D.shape)}, weight_extra {None if extra is None else tuple(extra.shape)}. '
+            f'Is this a DO-Conv checkpoint from do_conv_mm?')
