@@ -1,0 +1,191 @@
+"""Safe loading of mmengine training checkpoints on torch >= 2.6.
+
+torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.x calls ``torch.load``
+without ``weights_only``, so its full training checkpoints (``message_hub`` holds mmengine
+``HistoryBuffer`` objects with numpy arrays, numpy scalars and numpy dtypes) fail to resume, test
+or ``load_from``. Rather than turning safe loading off, :func:`allow_mmengine_checkpoint_types`
+allow-lists exactly the types such checkpoints hold (found by saving real Runner checkpoints and
+reading ``torch.serialization.get_unsafe_globals_in_checkpoint``); torch's restricted unpickler
+stays in charge of everything else.
+
+:func:`load_checkpoint_file` is the safe loader for our own tools: it returns the checkpoint dict
+or raises :class:`CheckpointError` with one line naming the problem and the fix.
+"""
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Dict, Union
+
+import numpy as np
+import torch
+
+__all__ = ['CheckpointError', 'allow_mmengine_checkpoint_types', 'load_checkpoint_file',
+           'mmengine_checkpoint_types']
+
+# Statistics functions HistoryBuffer pickles by reference (``getattr(HistoryBuffer, 'mean')``).
+_HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
+
+# numpy dtype classes whose instances may be rebuilt: the numeric ones, nothing that holds objects.
+_NUMPY_DTYPE_CLASSES = ('BoolDType', 'Int8DType', 'Int16DType', 'Int32DType', 'Int64DType',
+                        'UInt8DType', 'UInt16DType', 'UInt32DType', 'UInt64DType',
+                        'Float16DType', 'Float32DType', 'Float64DType', 'LongDoubleDType',
+                        'Complex64DType', 'Complex128DType', 'CLongDoubleDType', 'ByteDType',
+                        'UByteDType', 'ShortDType', 'UShortDType', 'IntDType', 'UIntDType',
+                        'LongDType', 'ULongDType', 'LongLongDType', 'ULongLongDType')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be (safely) loaded; the message names the problem and fix."""
+
+
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """Stand-in for ``builtins.getattr`` during safe loading.
+
+    mmengine's HistoryBuffer pickles its statistics methods as ``getattr(HistoryBuffer, 'mean')``.
+    Only that lookup is served: HistoryBuffer's own statistics functions, or ones registered
+    through ``HistoryBuffer.register_statistics``. Any other getattr is refused.
+    """
+    from mmengine.logging import HistoryBuffer
+    allowed = set(_HISTORY_BUFFER_METHODS) | set(HistoryBuffer._statistics_methods)
+    if obj is HistoryBuffer and isinstance(name, str) and name in allowed:
+        value = getattr(HistoryBuffer, name)
+        if callable(value):
+            return value
+    raise pickle.UnpicklingError(
+        f'Refused getattr({getattr(obj, "__qualname__", type(obj).__name__)}, {name!r}): '
+        f'only HistoryBuffer statistics methods may be looked up while loading a checkpoint.')
+
+
+def mmengine_checkpoint_types() -> list:
+    """The safe globals mmengine checkpoints need, in ``add_safe_globals`` form.
+
+    Entries are objects or ``(object, 'dotted.name.in.the.pickle')`` pairs; the pairs map
+    numpy 1.x names (``numpy.core``) onto numpy 2.x objects and ``builtins.getattr`` onto
+    :func:`_history_buffer_getattr`.
+    """
+    from mmengine.logging import HistoryBuffer
+    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    types = [
+        HistoryBuffer,
+        np.ndarray,
+        np.dtype,
+        (multiarray._reconstruct, 'numpy._core.multiarray._reconstruct'),
+        (multiarray._reconstruct, 'numpy.core.multiarray._reconstruct'),
+        (multiarray.scalar, 'numpy._core.multiarray.scalar'),
+        (multiarray.scalar, 'numpy.core.multiarray.scalar'),
+        (_history_buffer_getattr, 'builtins.getattr'),
+    ]
+    dtypes_module = getattr(np, 'dtypes', None)  # numpy >= 1.25
+    if dtypes_module is not None:
+        types += [getattr(dtypes_module, name) for name in _NUMPY_DTYPE_CLASSES
+                  if hasattr(dtypes_module, name)]
+    return types
+
+
+def allow_mmengine_checkpoint_types() -> None:
+    """Allow-list the types of mmengine checkpoints for ``torch.load(weights_only=True)``.
+
+    Idempotent (torch keeps a set). Called on ``import do_conv_mm``, so configs with
+    ``custom_imports=dict(imports=['do_conv_mm'])`` resume, test and ``load_from`` full training
+    checkpoints with any OpenMMLab tool, while torch's safe unpickler keeps refusing anything else.
+    """
+    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
+    if add_safe_globals is None:  # torch < 2.4 has no weights_only default to satisfy
+        return
+    add_safe_globals(mmengine_checkpoint_types())
+
+
+def _file_kind(path: str) -> str:
+    """'zip' (torch >= 1.6 format), 'pickle' (legacy format), 'empty' or 'other'."""
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if not head:
+        return 'empty'
+    if head.startswith(b'PK\x03\x04'):
+        return 'zip'
+    if head[0] == 0x80:  # pickle protocol opcode
+        return 'pickle'
+    return 'other'
+
+
+def load_checkpoint_file(path: Union[str, os.PathLike],
+                         map_location: Any = 'cpu') -> Dict[str, Any]:
+    """Load a checkpoint with torch's safe unpickler (``weights_only=True``) and the allow-list.
+
+    Args:
+        path: a ``.pth`` file written by ``torch.save`` (a full mmengine training checkpoint,
+            a ``{'state_dict': ...}`` file or a bare state dict).
+        map_location: as for ``torch.load``; CPU by default.
+
+    Returns:
+        The saved dict, unchanged (e.g. keys ``meta``, ``state_dict``, ``message_hub``, ...).
+
+    Raises:
+        CheckpointError: one line naming the problem and the fix, for a missing path, a directory,
+            a file that is not a torch checkpoint, a truncated or corrupt file, a file whose
+            content is not a dict, or one that needs types outside the allow-list (refused before
+            anything from the file ran).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f'Checkpoint {path!r} does not exist; check the path (a work dir '
+                              f'names its latest checkpoint in its "last_checkpoint" file).')
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith('.pth'))
+        hint = f' it holds {", ".join(found[:5])}' if found else ' it holds no .pth file'
+        raise CheckpointError(f'Checkpoint {path!r} is a directory ({hint.strip()}); pass the '
+                              f'.pth file itself.')
+    kind = _file_kind(path)
+    if kind == 'empty':
+        raise CheckpointError(f'Checkpoint {path!r} is empty (0 bytes), probably an interrupted '
+                              f'save; use an earlier checkpoint or save it again.')
+    if kind == 'other':
+        raise CheckpointError(f'{path!r} is not a torch checkpoint (no zip or pickle header); '
+                              f'pass a .pth file written by torch.save / mmengine.')
+    if kind == 'zip' and not zipfile.is_zipfile(path):
+        raise CheckpointError(f'Checkpoint {path!r} is truncated or corrupt (its zip directory is '
+                              f'missing); copy or save it again.')
+    allow_mmengine_checkpoint_types()
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = _unpickler_reason(str(error))
+        if reason.startswith(('the global', 'getattr(')) or 'allowlisted' in reason:
+            raise CheckpointError(
+                f'Refused to load {path!r}: it needs {reason}, which is outside the safe '
+                f'allow-list; nothing from the file was executed. Save a state_dict '
+                f'checkpoint instead, or if you trust the file allow-list that type with '
+                f'torch.serialization.add_safe_globals.') from None
+        raise CheckpointError(f'Checkpoint {path!r} is corrupt ({reason}); copy or save '
+                              f'it again.') from None
+    except Exception as error:  # any other failure inside torch.load means a damaged file
+        raise CheckpointError(f'Checkpoint {path!r} is truncated or corrupt '
+                              f'({type(error).__name__}: {_short(str(error))}); copy or save it '
+                              f'again.') from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'Checkpoint {path!r} holds a {type(checkpoint).__name__}, not a '
+                              f'dict; save model.state_dict() (or an mmengine checkpoint) instead.')
+    return checkpoint
+
+
+def _unpickler_reason(message: str) -> str:
+    """The specific reason inside torch's multi-line 'Weights only load failed' message."""
+    match = re.search(r'GLOBAL (\S+) was not an allowed global', message)
+    if match:
+        return f'the global {match.group(1)}'
+    match = re.search(r'Refused (getattr\([^)]*\))', message)
+    if match:
+        return match.group(1)
+    match = re.search(r'WeightsUnpickler error:\s*(.*)', message)
+    return _short(match.group(1) if match else message)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    """First line of an error message, cut to ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ''
+    return line if len(line) <= limit else line[:limit - 3] + '...'
+
+
+# Active from ``import do_conv_mm`` on, so every OpenMMLab tool that custom-imports us can resume.
+allow_mmengine_checkpoint_types()
