@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 __all__ = ['CLASSES', 'SEG_CLASSES', 'SEG_PALETTE', 'DEFAULT_ROOT', 'ensure_toy_data',
-           'generate_toy_data', 'is_complete', 'render_scene', 'toy_settings']
+           'ensure_toy_data_for_config', 'generate_toy_data', 'is_complete', 'render_scene',
+           'toy_settings']
 
 CLASSES = ('circle', 'square', 'triangle')
 SEG_CLASSES = ('background', ) + CLASSES
@@ -306,3 +307,13 @@ def ensure_toy_data(root: str = DEFAULT_ROOT, **settings) -> str:
     elif is_complete(root):
         return root
     return generate_toy_data(root, **settings)
+
+
+def ensure_toy_data_for_config(cfg) -> Optional[str]:
+    """Generate the toy data a config trains on, if it names one; return that root or None.
+
+    Toy configs (configs/toy/) declare ``toy_data_root``; other configs are left alone. ``cfg`` is
+    an mmengine ``Config`` or a dict.
+    """
+    root = cfg.get('toy_data_root') if hasattr(cfg, 'get') else None
+    return ensure_toy_data(osp.normpath(root)) if root else None
