@@ -5,6 +5,7 @@ Importing the package registers ``DOConv`` (alias ``DOConv2d``) as an mmcv conv 
 ``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False)``.
 """
 from .checkpoint import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file
+from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv
 from .doconv import DOConv2d, compose_kernel
 from .fold import count_doconv, fold_doconv, fold_state_dict
 from .version import __version__

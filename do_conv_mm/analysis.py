@@ -1,0 +1,146 @@
+"""DO-Conv coverage of a model: which k×k convs are DO-Conv, their FLOP share, extra parameters.
+
+FLOPs are multiply-accumulates of convolutions only, counted by forward hooks on one dummy
+forward pass (batch of one image):
+
+* conv (incl. DOConv2d, deformable):  out.numel() · (in_ch / groups) · kh · kw
+  (= out_h · out_w · out_ch · in_ch/groups · kh · kw per image, summed over RoIs in RoI heads);
+* transposed conv: in.numel() · (out_ch / groups) · kh · kw.
+
+"k×k" means kh·kw > 1; 1×1 convs are outside the share (a 1×1 DO-Conv is a plain conv). The cost
+of composing DO-Conv kernels is not counted (it does not depend on the input size).
+"""
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .convert import _is_conv_like, _why_not_convertible
+from .doconv import DOConv2d
+
+__all__ = ['ConvStats', 'ComponentCoverage', 'conv_flops_by_module', 'doconv_coverage']
+
+
+@dataclass
+class ComponentCoverage:
+    """Coverage of one top-level component (``backbone``, ``neck``, ``rpn_head``, ...)."""
+    doconv_kxk: int = 0
+    doconv_1x1: int = 0
+    plain_kxk: List[str] = field(default_factory=list)
+    kxk_flops: int = 0
+    doconv_kxk_flops: int = 0
+    extra_params: int = 0
+    params: int = 0
+
+    @property
+    def doconv_flop_share(self) -> Optional[float]:
+        return self.doconv_kxk_flops / self.kxk_flops if self.kxk_flops else None
+
+    def add(self, other: 'ComponentCoverage') -> None:
+        self.doconv_kxk += other.doconv_kxk
+        self.doconv_1x1 += other.doconv_1x1
+        self.plain_kxk += other.plain_kxk
+        self.kxk_flops += other.kxk_flops
+        self.doconv_kxk_flops += other.doconv_kxk_flops
+        self.extra_params += other.extra_params
+        self.params += other.params
+
+    def to_dict(self) -> Dict:
+        return dict(doconv_kxk=self.doconv_kxk, doconv_1x1=self.doconv_1x1,
+                    plain_kxk=list(self.plain_kxk), kxk_flops=self.kxk_flops,
+                    doconv_kxk_flops=self.doconv_kxk_flops,
+                    doconv_flop_share=self.doconv_flop_share, extra_params=self.extra_params,
+                    params=self.params)
+
+
+@dataclass
+class ConvStats:
+    """What one forward pass did with the model's convolutions."""
+    flops: Dict[str, int]           # module name -> conv MACs in the pass (0 if never run)
+    not_run: List[str]              # conv-like modules the pass never called
+    plain_reasons: Dict[str, str]   # plain k×k name -> why it is plain
+
+
+def _kernel_taps(module: nn.Module) -> int:
+    return int(module.weight.shape[2] * module.weight.shape[3])
+
+
+def _conv_flops(module: nn.Module, inputs, output) -> int:
+    per_position = int(module.weight.shape[1]) * _kernel_taps(module)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return inputs[0].numel() * per_position
+    return output.numel() * per_position
+
+
+def conv_flops_by_module(model: nn.Module, run: Callable[[], object]) -> Dict[str, int]:
+    """Call ``run()`` once with hooks on every conv-like module of ``model``; return
+    {module name: conv MACs in that call} for every 2-D conv-like module (0 when not called)."""
+    flops: Dict[str, int] = OrderedDict()
+    handles = []
+    for name, module in model.named_modules():
+        weight = getattr(module, 'weight', None)
+        if not (_is_conv_like(module) and isinstance(weight, torch.Tensor) and weight.dim() == 4):
+            continue
+        flops[name] = 0
+
+        def hook(mod, inputs, output, name=name):
+            flops[name] += _conv_flops(mod, inputs, output)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flops
+
+
+def _component(name: str) -> str:
+    return name.split('.', 1)[0] if name else '<root>'
+
+
+def _plain_reason(module: nn.Module) -> str:
+    reason = _why_not_convertible(module)
+    return 'plain nn.Conv2d: convertible with DOConvModel include' if reason is None else reason
+
+
+def doconv_coverage(model: nn.Module, flops: Dict[str, int]) -> Dict:
+    """Per-component and total coverage of ``model`` given ``conv_flops_by_module`` output.
+
+    Returns ``{'components': {name: ComponentCoverage}, 'total': ComponentCoverage,
+    'plain_reasons': {conv name: why it is plain}, 'not_run': [...]}``. ``params`` counts the
+    model's parameters without the DO-Conv extras (the plain model's size).
+    """
+    components: Dict[str, ComponentCoverage] = OrderedDict()
+    plain_reasons: Dict[str, str] = OrderedDict()
+    for name, module in model.named_modules():
+        if name in flops:
+            cov = components.setdefault(_component(name), ComponentCoverage())
+            is_kxk = _kernel_taps(module) > 1
+            if isinstance(module, DOConv2d):
+                if module.D is None:
+                    cov.doconv_1x1 += 1
+                else:
+                    cov.doconv_kxk += 1
+                    cov.doconv_kxk_flops += flops[name]
+            elif is_kxk:
+                cov.plain_kxk.append(name)
+                plain_reasons[name] = _plain_reason(module)
+            if is_kxk:
+                cov.kxk_flops += flops[name]
+    for name, param in model.named_parameters():
+        cov = components.setdefault(_component(name.rpartition('.')[0]), ComponentCoverage())
+        owner = model.get_submodule(name.rpartition('.')[0]) if '.' in name else model
+        if isinstance(owner, DOConv2d) and name.rpartition('.')[2] in ('D', 'weight_extra'):
+            cov.extra_params += param.numel()
+        else:
+            cov.params += param.numel()
+    total = ComponentCoverage()
+    for cov in components.values():
+        total.add(cov)
+    not_run = [name for name, value in flops.items() if value == 0]
+    return dict(components=components, total=total, plain_reasons=plain_reasons,
+                not_run=not_run)
