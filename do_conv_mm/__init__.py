@@ -4,6 +4,7 @@ Importing the package registers ``DOConv`` (alias ``DOConv2d``) as an mmcv conv 
 ``conv_cfg=dict(type='DOConv')`` works in any mmdet / mmseg config that imports it through
 ``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False)``.
 """
+from .amp import BF16AmpOptimWrapper
 from .checkpoint import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file
 from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv
 from .doconv import DOConv2d, compose_kernel
@@ -11,5 +12,6 @@ from .fold import count_doconv, fold_doconv, fold_state_dict
 from .version import __version__
 
 __all__ = ['DOConv2d', 'compose_kernel', 'count_doconv', 'fold_doconv', 'fold_state_dict',
-           'CheckpointError', 'allow_mmengine_checkpoint_types', 'load_checkpoint_file',
+           'BF16AmpOptimWrapper', 'CheckpointError', 'allow_mmengine_checkpoint_types',
+           'load_checkpoint_file',
            '__version__']

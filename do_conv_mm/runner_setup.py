@@ -1,0 +1,113 @@
+"""Config loading and Runner construction shared by ``tools/train.py`` and ``tools/test.py``.
+
+It follows mmdet's / mmseg's own tools (Config.fromfile, --cfg-options, work_dir priority
+CLI > config > ``./work_dirs/<config name>``, ``runner_type`` through the scope's RUNNERS), and adds
+what those tools leave to a stack trace: a clear error for a missing config or an uninstalled
+scope, and distributed training on CPU-only machines (see :func:`prepare_cpu_distributed`).
+"""
+import importlib
+import logging
+import os
+import os.path as osp
+from typing import Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.logging import print_log
+
+__all__ = ['ToolError', 'build_runner', 'load_config', 'prepare_cpu_distributed',
+           'set_work_dir']
+
+# The packages that own each default_scope, for the "not installed" message.
+_SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2'}
+
+
+class ToolError(Exception):
+    """A bad command line or config; the message names the problem and the fix."""
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None,
+                launcher: str = 'none') -> Config:
+    """``Config.fromfile`` + ``--cfg-options`` + launcher, as the upstream tools do."""
+    if not osp.isfile(path):
+        raise ToolError(f'config {path!r} does not exist; pass a config file such as '
+                        f'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py.')
+    cfg = Config.fromfile(path)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    _check_scope(cfg)
+    if launcher != 'none':
+        prepare_cpu_distributed(cfg)
+    return cfg
+
+
+def _check_scope(cfg: Config) -> None:
+    scope = cfg.get('default_scope')
+    if scope is None:
+        return
+    try:
+        importlib.import_module(f'{scope}.registry')
+    except ImportError as error:
+        package = _SCOPE_PACKAGES.get(scope, scope)
+        raise ToolError(f'the config\'s default_scope is {scope!r} but {scope} cannot be imported '
+                        f'({error}); install it (pip install {package}, or bash '
+                        f'tools/install.sh).') from None
+
+
+def set_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> None:
+    """work_dir priority: CLI > ``work_dir`` in the config > ./work_dirs/<config name>."""
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
+
+
+def prepare_cpu_distributed(cfg: Config) -> None:
+    """Let mmengine's distributed Runner run on CPU-only machines (gloo), unchanged otherwise.
+
+    mmengine 0.10.7 cannot start distributed CPU training by itself: ``init_dist`` calls
+    ``torch.cuda.set_device`` (fails without CUDA) and the Runner wraps the model in
+    ``MMDistributedDataParallel(device_ids=[LOCAL_RANK])`` (DDP rejects device ids for CPU
+    modules). Without CUDA this initialises the gloo process group from torchrun's environment
+    (the Runner then skips ``init_dist``) and sets ``device_ids=None``; sampling, gradient
+    all-reduce and checkpointing stay mmengine's.
+    """
+    if torch.cuda.is_available() or cfg.launcher == 'none':
+        return
+    if cfg.launcher != 'pytorch':
+        raise ToolError(f'--launcher {cfg.launcher} needs CUDA devices; on CPU use '
+                        f'--launcher pytorch through torchrun (bash tools/dist_train.sh).')
+    missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+               if k not in os.environ]
+    if missing:
+        raise ToolError(f'--launcher pytorch needs the torchrun environment ({", ".join(missing)} '
+                        f'unset); start it with torchrun or bash tools/dist_train.sh.')
+    dist_cfg = cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
+    if dist_cfg.get('backend', 'nccl') != 'gloo':
+        print_log(f'No CUDA device: using the gloo backend instead of '
+                  f'{dist_cfg.get("backend", "nccl")!r}.', logger='current',
+                  level=logging.WARNING)
+    dist_cfg['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel')
+    wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper
+    if not torch.distributed.is_initialized():
+        kwargs = {k: v for k, v in dist_cfg.items() if k != 'backend'}
+        if 'timeout' in kwargs:
+            import datetime
+            kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
+        torch.distributed.init_process_group(backend='gloo', **kwargs)
+
+
+def build_runner(cfg: Config):
+    """``Runner.from_cfg`` or, when ``runner_type`` is set, the scope's RUNNERS registry."""
+    from mmengine.runner import Runner
+    if 'runner_type' not in cfg:
+        return Runner.from_cfg(cfg)
+    scope = cfg.get('default_scope')
+    registry = importlib.import_module(f'{scope}.registry') if scope else None
+    runners = getattr(registry, 'RUNNERS', None)
+    if runners is None:
+        from mmengine.registry import RUNNERS as runners
+    return runners.build(cfg)

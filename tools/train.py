@@ -1,0 +1,109 @@
+"""Train a detector or segmentor from an mmdet / mmseg config (DO-Conv registered).
+
+Usage (the OpenMMLab command line):
+    python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CHECKPOINT]]
+                          [--auto-scale-lr] [--cfg-options KEY=VALUE ...]
+                          [--launcher {none,pytorch,slurm,mpi}] [--local_rank N]
+    bash tools/dist_train.sh CONFIG GPUS [same options]      # torchrun, one process per device
+
+The config's ``default_scope`` ('mmdet' or 'mmseg') picks the registries, as in the upstream tools.
+``import do_conv_mm`` registers DOConv and allow-lists the types of mmengine checkpoints, so
+``--resume`` and ``load_from`` work on torch >= 2.6 with safe loading on.
+"""
+import argparse
+import logging
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a bare checkout
+
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
+
+import do_conv_mm  # noqa: E402,F401  (DOConv registry entries + safe checkpoint globals)
+from do_conv_mm.runner_setup import ToolError, build_runner, load_config, set_work_dir  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a detector / segmentor (DO-Conv ready)')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--amp', action='store_true', default=False,
+        help='enable automatic mixed precision: fp16 AmpOptimWrapper on CUDA, bfloat16 '
+        'autocast (BF16AmpOptimWrapper) on CPU')
+    parser.add_argument(
+        '--auto-scale-lr', action='store_true', help='enable automatically scaling LR')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='if a checkpoint is given, resume from it; without one, resume from the latest '
+        'checkpoint in the work dir')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings of the config, key=value pairs (e.g. train_cfg.max_iters=10 '
+        'or key="[a,b]")')
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+        help='job launcher')
+    # torch.distributed.launch passes --local-rank; older launchers --local_rank.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def enable_amp(cfg) -> None:
+    """Mixed precision as upstream on CUDA; bfloat16 autocast on CPU, where fp16 is unavailable."""
+    import torch
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper in ('AmpOptimWrapper', 'BF16AmpOptimWrapper'):
+        print_log('AMP training is already enabled in your config.', logger='current',
+                  level=logging.WARNING)
+        return
+    if wrapper != 'OptimWrapper':
+        raise ToolError(f'--amp needs optim_wrapper.type = OptimWrapper, but the config has '
+                        f'{wrapper!r}; set it to OptimWrapper or drop --amp.')
+    if torch.cuda.is_available():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    else:
+        cfg.optim_wrapper.type = 'BF16AmpOptimWrapper'
+        print_log('--amp without CUDA: training under bfloat16 CPU autocast (fp16 autocast is '
+                  'CUDA-only).', logger='current')
+
+
+def enable_auto_scale_lr(cfg) -> None:
+    if 'auto_scale_lr' in cfg and 'base_batch_size' in cfg.auto_scale_lr:
+        cfg.auto_scale_lr.enable = True
+    else:
+        raise ToolError('--auto-scale-lr needs auto_scale_lr = dict(enable=..., '
+                        'base_batch_size=...) in the config; add it or drop the flag.')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options, args.launcher)
+        set_work_dir(cfg, args.config, args.work_dir)
+        if args.amp:
+            enable_amp(cfg)
+        if args.auto_scale_lr:
+            enable_auto_scale_lr(cfg)
+        # As in mmdet/mmseg: a path resumes from that checkpoint, a bare --resume from the
+        # work dir's latest checkpoint (mmengine reads <work_dir>/last_checkpoint).
+        if args.resume == 'auto':
+            cfg.resume = True
+            cfg.load_from = None
+        elif args.resume is not None:
+            cfg.resume = True
+            cfg.load_from = args.resume
+        runner = build_runner(cfg)
+    except ToolError as error:
+        sys.exit(f'error: {error}')
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
