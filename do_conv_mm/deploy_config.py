@@ -1,0 +1,117 @@
+"""The deploy config of a DO-Conv training config: the same model with DO-Conv removed.
+
+A folded checkpoint holds plain ``nn.Conv2d`` kernels under the training keys, so it strict-loads
+into the training config with every DO-Conv opt-in undone:
+
+* ``dict(type='DOConvModel', model_type=T, doconv=..., **kw)``  ->  ``dict(type=T, **kw)``
+* ``conv_cfg=dict(type='DOConv' | 'DOConv2d', ...)``            ->  ``conv_cfg=None`` (plain conv)
+* any other ``*_cfg=dict(type='DOConv', ...)`` (e.g. a predictor)  ->  ``dict(type='Conv2d', ...)``
+* ``'do_conv_mm'`` leaves ``custom_imports`` (dropped when nothing else is imported).
+
+The whole config is walked (nested dicts, lists and tuples), so top-level variables such as
+``conv_cfg = dict(type='DOConv')`` are cleaned too.
+"""
+import copy
+import os
+from typing import Any, List, Union
+
+from mmengine.config import Config
+
+__all__ = ['make_deploy_config', 'doconv_references', 'is_doconv_layer_type']
+
+_LAYER_TYPES = ('DOConv', 'DOConv2d')
+_MODEL_TYPE = 'DOConvModel'
+_PACKAGE = 'do_conv_mm'
+_LAYER_ONLY_KEYS = ('D_mul', )  # DOConv2d-only constructor arguments
+
+
+def _short_type(value: Any) -> Any:
+    """'mmdet.DOConv' -> 'DOConv'; a class -> its name; anything else unchanged."""
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, str):
+        return value.rpartition('.')[2]
+    return value
+
+
+def is_doconv_layer_type(value: Any) -> bool:
+    """True for ``'DOConv'``, ``'DOConv2d'``, a scoped ``'x.DOConv'`` or the DOConv2d class."""
+    return _short_type(value) in _LAYER_TYPES
+
+
+def _is_model_type(value: Any) -> bool:
+    return _short_type(value) == _MODEL_TYPE
+
+
+def _undo(node: Any, key: str = '') -> Any:
+    """A copy of ``node`` with every DO-Conv opt-in replaced by its plain equivalent."""
+    if isinstance(node, dict):
+        node_type = node.get('type')
+        if is_doconv_layer_type(node_type):
+            if key == 'conv_cfg':
+                return None
+            rest = {k: _undo(v, k) for k, v in node.items()
+                    if k != 'type' and k not in _LAYER_ONLY_KEYS}
+            return dict(type='Conv2d', **rest)
+        if _is_model_type(node_type):
+            if 'model_type' not in node:
+                raise ValueError(f"make_deploy_config: a 'DOConvModel' entry ({key or 'model'}) "
+                                 f"has no 'model_type'; set model_type to the model it wraps, "
+                                 f"e.g. model_type='FasterRCNN'.")
+            rest = {k: _undo(v, k) for k, v in node.items()
+                    if k not in ('type', 'model_type', 'doconv')}
+            return dict(type=node['model_type'], **rest)
+        return {k: _undo(v, k) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_undo(v, key) for v in node)
+    return copy.deepcopy(node)
+
+
+def _without_package(custom_imports: Any) -> Any:
+    """custom_imports minus do_conv_mm (and its submodules); None when nothing is left."""
+    if not isinstance(custom_imports, dict):
+        return custom_imports
+    imports = custom_imports.get('imports', [])
+    if isinstance(imports, str):
+        imports = [imports]
+    kept = [m for m in imports if m != _PACKAGE and not str(m).startswith(_PACKAGE + '.')]
+    if not kept:
+        return None
+    return dict(custom_imports, imports=kept)
+
+
+def doconv_references(node: Any, path: str = 'cfg') -> List[str]:
+    """Config paths that still opt into DO-Conv (empty for a deploy config)."""
+    found = []
+    if isinstance(node, dict):
+        if is_doconv_layer_type(node.get('type')) or _is_model_type(node.get('type')):
+            found.append(path)
+        if path.endswith('.custom_imports') or path == 'cfg.custom_imports':
+            imports = node.get('imports', [])
+            imports = [imports] if isinstance(imports, str) else imports
+            if any(m == _PACKAGE or str(m).startswith(_PACKAGE + '.') for m in imports):
+                found.append(path + '.imports')
+        for k, v in node.items():
+            found += doconv_references(v, f'{path}.{k}')
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            found += doconv_references(v, f'{path}[{i}]')
+    return found
+
+
+def make_deploy_config(cfg: Union[Config, str, os.PathLike]) -> Config:
+    """The deploy config of a DO-Conv training config (a new Config; ``cfg`` is not modified).
+
+    ``cfg`` is a Config or a config path (``_base_`` already resolved by ``Config.fromfile``, so
+    the result is self-contained and ``Config.dump`` writes a file that loads on its own).
+    """
+    if not isinstance(cfg, Config):
+        cfg = Config.fromfile(os.fspath(cfg))
+    plain = _undo(cfg.to_dict())
+    if 'custom_imports' in plain:
+        custom_imports = _without_package(plain['custom_imports'])
+        if custom_imports is None:
+            del plain['custom_imports']
+        else:
+            plain['custom_imports'] = custom_imports
+    return Config(plain)

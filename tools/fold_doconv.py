@@ -1,0 +1,89 @@
+"""Fold a DO-Conv training checkpoint into a plain-conv checkpoint plus its deploy config.
+
+    python tools/fold_doconv.py CONFIG CHECKPOINT OUT [--verify]
+    python tools/fold_doconv.py CONFIG CKPT1 CKPT2 ... OUT_DIR [--verify]
+
+OUT gets ``{meta, state_dict}`` with every DOConv folded into its plain Conv2d kernel (optimizer
+and other training state dropped; EMA weights folded and kept, or deployed with --use-ema); it
+loads with ``torch.load(weights_only=True)``. The deploy config (the training config with DO-Conv
+removed) goes next to OUT as ``<CONFIG stem>_deploy.py`` unless --out-config is given; the pair
+works with mmdet's ``init_detector`` / mmseg's ``init_model`` and tools/test.py. Writes are atomic:
+on any error nothing is written and the inputs are untouched.
+"""
+import argparse
+import os
+import sys
+
+from mmengine.config import DictAction
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from do_conv_mm.deploy import (DEFAULT_ATOL, DEFAULT_RTOL, FoldError,  # noqa: E402
+                               fold_checkpoint, fold_checkpoints)
+
+TOLERANCE_HELP = (
+    'An output passes --verify when max|folded - DO-Conv| <= ATOL + RTOL * max|DO-Conv output|. '
+    'Defaults fit fp32: the fold composes each kernel in float64 and rounds once, the DO-Conv '
+    'model composes in fp32, so outputs differ by accumulated rounding only (~1e-6 relative on '
+    'R50 detectors/segmentors with random D and BN statistics); a wrong fold differs by O(|D|).')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Fold DO-Conv checkpoints into plain-conv deploy checkpoints and write the '
+        'deploy config.', epilog=TOLERANCE_HELP)
+    parser.add_argument('config', help='the DO-Conv training config of the checkpoint(s)')
+    parser.add_argument('checkpoint', nargs='+', help='DO-Conv checkpoint(s) (.pth): mmengine '
+                        'training or slim checkpoints, bare state dicts, EMA checkpoints')
+    parser.add_argument('out', help='output checkpoint file; a directory when several '
+                        'checkpoints are given (each keeps its file name) or when OUT is an '
+                        'existing directory or ends with "/"')
+    parser.add_argument('--out-config', help='where to write the deploy config (default: '
+                        '<CONFIG stem>_deploy.py next to OUT)')
+    parser.add_argument('--use-ema', action='store_true', help='deploy the EMA weights '
+                        '(ema_state_dict) as state_dict; without it EMA weights are folded and '
+                        'kept as ema_state_dict')
+    parser.add_argument('--verify', action='store_true', help='build the DO-Conv model and the '
+                        'deploy model, run the same input through both and compare every output; '
+                        'exit non-zero (and write nothing) beyond tolerance')
+    parser.add_argument('--image', help='verify on this image through the config\'s test '
+                        'pipeline (default: a seeded random image of --shape)')
+    parser.add_argument('--shape', type=int, nargs=2, default=[128, 128], metavar=('H', 'W'),
+                        help='random verify input size (default 128 128)')
+    parser.add_argument('--atol', type=float, default=DEFAULT_ATOL,
+                        help=f'absolute tolerance for --verify (default {DEFAULT_ATOL:g})')
+    parser.add_argument('--rtol', type=float, default=DEFAULT_RTOL,
+                        help=f'tolerance relative to each output\'s max |value| for --verify '
+                        f'(default {DEFAULT_RTOL:g})')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of CONFIG, key=value (as in tools/train.py)')
+    args = parser.parse_args(argv)
+    if args.image is not None and not args.verify:
+        parser.error('--image only applies with --verify')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    kwargs = dict(out_config=args.out_config, use_ema=args.use_ema, verify=args.verify,
+                  image=args.image, verify_size=tuple(args.shape), atol=args.atol,
+                  rtol=args.rtol, cfg_options=args.cfg_options)
+    to_dir = (len(args.checkpoint) > 1 or os.path.isdir(args.out)
+              or args.out.endswith(('/', os.sep)))
+    try:
+        if to_dir:
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise FoldError(f'OUT {args.out!r} is a file; with several checkpoints OUT must '
+                                f'be a directory (each output keeps its checkpoint\'s file name).')
+            fold_checkpoints(args.config, args.checkpoint, args.out,
+                             progress=len(args.checkpoint) > 1, **kwargs)
+        else:
+            fold_checkpoint(args.config, args.checkpoint[0], args.out, **kwargs)
+    except FoldError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
