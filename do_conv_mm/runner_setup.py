@@ -9,14 +9,17 @@ import importlib
 import logging
 import os
 import os.path as osp
+import time
 from typing import Optional
 
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
-__all__ = ['ToolError', 'build_runner', 'load_config', 'prepare_cpu_distributed',
-           'set_work_dir']
+from .checkpoint import CheckpointError, load_checkpoint_file
+
+__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'prepare_cpu_distributed',
+           'prepare_toy_data', 'set_work_dir']
 
 # The packages that own each default_scope, for the "not installed" message.
 _SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2'}
@@ -53,6 +56,18 @@ def _check_scope(cfg: Config) -> None:
         raise ToolError(f'the config\'s default_scope is {scope!r} but {scope} cannot be imported '
                         f'({error}); install it (pip install {package}, or bash '
                         f'tools/install.sh).') from None
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail early, in one line, on a missing, damaged or unsafe local checkpoint."""
+    if '://' in path:  # http(s)://, s3://, open-mmlab:// ... are mmengine's to fetch
+        return
+    checkpoint = load_checkpoint_file(path)
+    if not any(k in checkpoint for k in ('state_dict', 'model', 'module')) and not all(
+            hasattr(v, 'shape') for v in checkpoint.values()):
+        raise CheckpointError(f'Checkpoint {path!r} holds neither a state_dict nor tensors '
+                              f'(keys: {", ".join(list(checkpoint)[:5])}); pass a model '
+                              f'checkpoint.')
 
 
 def set_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> None:
@@ -100,9 +115,32 @@ def prepare_cpu_distributed(cfg: Config) -> None:
         torch.distributed.init_process_group(backend='gloo', **kwargs)
 
 
+def prepare_toy_data(cfg: Config, wait_s: float = 600) -> None:
+    """Generate the bundled toy data a toy config trains on, if missing (other configs: no-op).
+
+    Under a distributed launch only local rank 0 generates; the other ranks wait for it.
+    """
+    from .toy_data import ensure_toy_data_for_config, is_complete
+    root = cfg.get('toy_data_root')
+    if not root:
+        return
+    if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+        ensure_toy_data_for_config(cfg)
+        return
+    deadline = time.monotonic() + wait_s
+    while not is_complete(osp.normpath(root)):
+        if time.monotonic() > deadline:
+            raise ToolError(f'toy data in {root!r} did not appear within {wait_s:.0f} s; run '
+                            f'python tools/make_toy_data.py first.')
+        time.sleep(1)
+
+
 def build_runner(cfg: Config):
     """``Runner.from_cfg`` or, when ``runner_type`` is set, the scope's RUNNERS registry."""
     from mmengine.runner import Runner
+    if cfg.get('default_scope') == 'mmdet':
+        from mmdet.utils import setup_cache_size_limit_of_dynamo
+        setup_cache_size_limit_of_dynamo()  # as mmdet's own tools do
     if 'runner_type' not in cfg:
         return Runner.from_cfg(cfg)
     scope = cfg.get('default_scope')

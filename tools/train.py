@@ -22,7 +22,9 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
 
 import do_conv_mm  # noqa: E402,F401  (DOConv registry entries + safe checkpoint globals)
-from do_conv_mm.runner_setup import ToolError, build_runner, load_config, set_work_dir  # noqa: E402
+from do_conv_mm.checkpoint import CheckpointError  # noqa: E402
+from do_conv_mm.runner_setup import (ToolError, build_runner, check_checkpoint,  # noqa: E402
+                                     load_config, prepare_toy_data, set_work_dir)
 
 
 def parse_args(argv=None):
@@ -99,8 +101,11 @@ def main(argv=None):
         elif args.resume is not None:
             cfg.resume = True
             cfg.load_from = args.resume
+        if cfg.get('load_from'):
+            check_checkpoint(cfg.load_from)
+        prepare_toy_data(cfg)
         runner = build_runner(cfg)
-    except ToolError as error:
+    except (ToolError, CheckpointError) as error:
         sys.exit(f'error: {error}')
     runner.train()
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Distributed testing through torchrun and mmengine's distributed Runner.
+# Usage: bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [tools/test.py options]
+#   Multi-node: NNODES, NODE_RANK, MASTER_ADDR, PORT, as for dist_train.sh.
+set -euo pipefail
+if [ $# -lt 3 ]; then
+  echo "usage: bash $0 CONFIG CHECKPOINT GPUS [test.py options]" >&2
+  exit 2
+fi
+CONFIG=$1
+CHECKPOINT=$2
+GPUS=$3
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+PORT=${PORT:-29500}
+MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
+
+PYTHONPATH="$(dirname "$0")/..${PYTHONPATH:+:$PYTHONPATH}" \
+python -m torch.distributed.run \
+    --nnodes="$NNODES" \
+    --node_rank="$NODE_RANK" \
+    --master_addr="$MASTER_ADDR" \
+    --nproc_per_node="$GPUS" \
+    --master_port="$PORT" \
+    "$(dirname "$0")/test.py" \
+    "$CONFIG" \
+    "$CHECKPOINT" \
+    --launcher pytorch "${@:4}"

@@ -1,0 +1,134 @@
+"""Test (and evaluate) a detector or segmentor checkpoint from an mmdet / mmseg config.
+
+Usage (the OpenMMLab command line):
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out PATH] [--show] [--show-dir DIR]
+                         [--wait-time S] [--tta] [--cfg-options KEY=VALUE ...]
+                         [--launcher {none,pytorch,slurm,mpi}] [--local_rank N]
+    bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [same options]
+
+``--out``: mmdet configs dump predictions to a .pkl file (DumpDetResults), mmseg configs write
+prediction maps into that directory (IoUMetric output_dir), as the upstream tools do. The metrics
+are printed by mmengine's logger and also written to ``<work_dir>/test_metrics.json``.
+
+The checkpoint is loaded with torch's safe unpickler (``import do_conv_mm`` allow-lists the types
+of mmengine training checkpoints); a damaged or unsafe file is reported in one line.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a bare checkout
+
+from mmengine.config import DictAction  # noqa: E402
+from mmengine.dist import is_main_process  # noqa: E402
+
+import do_conv_mm  # noqa: E402,F401  (DOConv registry entries + safe checkpoint globals)
+from do_conv_mm.checkpoint import CheckpointError  # noqa: E402
+from do_conv_mm.runner_setup import (ToolError, build_runner, check_checkpoint,  # noqa: E402
+                                     load_config, prepare_toy_data, set_work_dir)
+
+METRICS_FILE = 'test_metrics.json'
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test (and eval) a detector / segmentor')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='the directory to save the evaluation metrics')
+    parser.add_argument(
+        '--out', type=str,
+        help='mmdet: dump predictions to this .pkl file; mmseg: save prediction maps in this '
+        'directory')
+    parser.add_argument('--show', action='store_true', help='show prediction results')
+    parser.add_argument('--show-dir', help='directory where painted images will be saved')
+    parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override settings of the config, key=value pairs')
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+        help='job launcher')
+    parser.add_argument('--tta', action='store_true',
+                        help='test-time augmentation (needs tta_model and tta_pipeline in the '
+                        'config)')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def enable_visualization(cfg, args) -> None:
+    """Turn the config's visualization hook on, as mmdet's / mmseg's test tools do."""
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise ToolError('--show / --show-dir need a visualization hook in default_hooks (e.g. '
+                        "visualization=dict(type='DetVisualizationHook')).")
+    hook['draw'] = True
+    if args.show:
+        hook['show'] = True
+        hook['wait_time'] = args.wait_time
+    if args.show_dir:
+        if cfg.get('default_scope') == 'mmseg':
+            cfg.visualizer['save_dir'] = args.show_dir
+        else:
+            hook['test_out_dir'] = args.show_dir
+
+
+def enable_tta(cfg) -> None:
+    if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+        raise ToolError('--tta needs tta_model and tta_pipeline in the config; add them or drop '
+                        '--tta.')
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    cfg.tta_model.module = cfg.model
+    cfg.model = cfg.tta_model
+
+
+def add_output(cfg, runner_or_none, out: str):
+    """--out as upstream: a DumpDetResults metric (mmdet) or IoUMetric's output_dir (mmseg)."""
+    if cfg.get('default_scope') == 'mmseg':
+        if runner_or_none is None:
+            cfg.test_evaluator['output_dir'] = out
+            cfg.test_evaluator['keep_results'] = True
+        return
+    if runner_or_none is None:
+        if not out.endswith(('.pkl', '.pickle')):
+            raise ToolError(f'--out {out!r}: the dump file must end in .pkl or .pickle.')
+        return
+    from mmdet.evaluation import DumpDetResults
+    runner_or_none.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options, args.launcher)
+        set_work_dir(cfg, args.config, args.work_dir)
+        check_checkpoint(args.checkpoint)
+        cfg.load_from = args.checkpoint
+        if args.show or args.show_dir:
+            enable_visualization(cfg, args)
+        if args.tta:
+            enable_tta(cfg)
+        if args.out is not None:
+            add_output(cfg, None, args.out)
+        prepare_toy_data(cfg)
+        runner = build_runner(cfg)
+    except (ToolError, CheckpointError) as error:
+        sys.exit(f'error: {error}')
+    if args.out is not None:
+        add_output(cfg, runner, args.out)
+    metrics = runner.test()
+    if is_main_process():
+        path = osp.join(runner.work_dir, METRICS_FILE)
+        with open(path, 'w') as f:
+            json.dump(dict(config=args.config, checkpoint=args.checkpoint,
+                           metrics={k: float(v) if hasattr(v, '__float__') else v
+                                    for k, v in metrics.items()}), f, indent=2)
+    return metrics
+
+
+if __name__ == '__main__':
+    main()
