@@ -1,0 +1,200 @@
+"""DOConv2d inside the OpenMMLab ecosystem: registry, ConvModule, init, fuse, backbones, export."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+from mmcv.cnn import ConvModule, build_conv_layer, fuse_conv_bn
+from mmengine.model import BaseModule
+from mmengine.registry import DefaultScope
+
+import do_conv_mm
+from do_conv_mm import DOConv2d, count_doconv, fold_doconv
+
+# A deep fp32 network: eval outputs of the DO-Conv model and its fold differ only by the float64
+# -> float32 rounding of each folded kernel entry (rel. 6e-8) accumulated through ~50 layers and
+# BN rescaling; 1e-4 relative to the output's scale is ~1000x that unit round-off.
+DEEP_RTOL = 1e-4
+
+
+def randomise_doconv_and_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-zero D / extra columns everywhere and non-trivial BN statistics and affine."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, DOConv2d) and m.D is not None:
+                m.D.copy_(0.2 * torch.randn(m.D.shape, generator=g))
+                if m.weight_extra is not None:
+                    m.weight_extra.copy_(0.1 * torch.randn(m.weight_extra.shape, generator=g))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    return model
+
+
+def assert_close_rel(actual, expected, rtol=DEEP_RTOL):
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rtol, f'max abs diff / max |expected| = {err:.3g} > {rtol}'
+
+
+@pytest.mark.parametrize('scope', [None, 'mmdet', 'mmseg'])
+@pytest.mark.parametrize('name', ['DOConv', 'DOConv2d'])
+def test_build_conv_layer_in_every_scope(scope, name):
+    with DefaultScope.overwrite_default_scope(scope):
+        layer = build_conv_layer(dict(type=name, D_mul=12), 4, 8, 3, stride=2, padding=1)
+        assert DefaultScope.get_current_instance() is None or (
+            DefaultScope.get_current_instance().scope_name == scope)
+    assert isinstance(layer, DOConv2d)
+    assert layer.stride == (2, 2) and layer.D_mul == 12
+
+
+def test_conv_module_with_doconv_bn_act():
+    module = ConvModule(8, 16, 3, padding=1, conv_cfg=dict(type='DOConv'),
+                        norm_cfg=dict(type='BN'), act_cfg=dict(type='ReLU'))
+    module.init_weights()  # kaiming_init on the conv: must leave D at identity
+    assert isinstance(module.conv, DOConv2d)
+    assert torch.count_nonzero(module.conv.D) == 0
+    y = module(torch.randn(2, 8, 10, 10))
+    assert y.shape == (2, 16, 10, 10) and (y >= 0).all()
+
+
+def test_conv_module_padding_mode_reflect():
+    module = ConvModule(4, 4, 3, padding=1, conv_cfg=dict(type='DOConv'), padding_mode='reflect')
+    assert isinstance(module.conv, DOConv2d)
+    assert module(torch.randn(1, 4, 6, 6)).shape == (1, 4, 6, 6)
+
+
+def test_init_cfg_layer_conv2d_reaches_doconv():
+
+    class Net(BaseModule):
+
+        def __init__(self):
+            super().__init__(init_cfg=dict(type='Constant', layer='Conv2d', val=0.5, bias=0.25))
+            self.conv = DOConv2d(4, 4, 3)
+
+    net = Net()
+    net.init_weights()
+    assert torch.all(net.conv.weight == 0.5) and torch.all(net.conv.bias == 0.25)
+    assert torch.count_nonzero(net.conv.D) == 0
+
+
+def _conv_bn(D_mul=None, efficient=False):
+    module = ConvModule(6, 8, 3, padding=1, groups=2, conv_cfg=dict(type='DOConv', D_mul=D_mul),
+                        norm_cfg=dict(type='BN'), act_cfg=None, efficient_conv_bn_eval=efficient)
+    return randomise_doconv_and_bn(module).eval()
+
+
+def test_fold_conv_module_with_bn():
+    module = _conv_bn(D_mul=12)
+    x = torch.randn(2, 6, 9, 9)
+    folded = fold_doconv(module)
+    assert type(folded.conv) is nn.Conv2d and count_doconv(folded) == 0
+    # single layer fp32: rounding of the folded kernel only; 1e-5 relative
+    assert_close_rel(folded(x), module(x), rtol=1e-5)
+
+
+def test_fuse_conv_bn_on_unfolded_doconv():
+    module = _conv_bn()
+    x = torch.randn(2, 6, 9, 9)
+    expected = module(x)
+    fused = fuse_conv_bn(module)
+    assert isinstance(fused.bn, nn.Identity)
+    assert_close_rel(fused(x), expected, rtol=1e-5)
+
+
+def test_efficient_conv_bn_eval():
+    module = _conv_bn(efficient=True)
+    reference = _conv_bn(efficient=False)
+    reference.load_state_dict(module.state_dict())
+    x = torch.randn(2, 6, 9, 9)
+    assert_close_rel(module(x), reference(x), rtol=1e-5)
+    with pytest.raises(NotImplementedError, match='D_mul > kh\\*kw'):
+        _conv_bn(D_mul=12, efficient=True)(x)
+
+
+def _mmdet_resnet50(conv_cfg):
+    from mmdet.models.backbones import ResNet
+    return ResNet(depth=50, conv_cfg=conv_cfg, norm_cfg=dict(type='BN'), out_indices=(0, 1, 2, 3))
+
+
+def _mmseg_resnetv1c(conv_cfg):
+    from mmseg.models.backbones import ResNetV1c
+    return ResNetV1c(depth=50, conv_cfg=conv_cfg, norm_cfg=dict(type='BN'),
+                     dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), out_indices=(0, 1, 2, 3))
+
+
+@pytest.mark.parametrize('build,expected_doconv_kxk', [(_mmdet_resnet50, 17),
+                                                       (_mmseg_resnetv1c, 19)])
+def test_fold_whole_backbone(build, expected_doconv_kxk):
+    torch.manual_seed(0)
+    model = build(dict(type='DOConv'))
+    model.init_weights()
+    kxk = [m for m in model.modules() if isinstance(m, DOConv2d) and m.D is not None]
+    assert len(kxk) == expected_doconv_kxk  # every 3x3/7x7 conv of the backbone is DO-Conv
+    randomise_doconv_and_bn(model)
+    model.eval()
+    folded = fold_doconv(model)
+    assert count_doconv(folded) == 0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for y, z in zip(model(x), folded(x)):
+            assert_close_rel(z, y)
+
+
+def test_warm_start_resnet50_from_plain_weights():
+    torch.manual_seed(0)
+    plain = _mmdet_resnet50(None)
+    plain.init_weights()
+    randomise_doconv_and_bn(plain, seed=1)
+    plain.eval()
+    model = _mmdet_resnet50(dict(type='DOConv'))
+    randomise_doconv_and_bn(model, seed=2)  # D non-zero before loading: loading must reset it
+    result = model.load_state_dict(plain.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for y, z in zip(plain(x), model(x)):
+            assert torch.equal(y, z)  # D = 0 composes to the very same kernel bits
+
+
+def test_folded_state_dict_loads_into_plain_architecture():
+    # ResNetV1c has only 3x3 k×k convs (deep stem), so D_mul=12 adds extra W columns everywhere
+    model = randomise_doconv_and_bn(_mmseg_resnetv1c(dict(type='DOConv', D_mul=12))).eval()
+    plain = _mmseg_resnetv1c(None).eval()
+    plain.load_state_dict(do_conv_mm.fold_state_dict(model.state_dict()), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for y, z in zip(model(x), plain(x)):
+            assert_close_rel(z, y)
+
+
+def test_folded_model_exports_onnx_opset11_without_einsum():
+    onnx = pytest.importorskip('onnx')
+    model = nn.Sequential(
+        ConvModule(3, 8, 3, padding=1, conv_cfg=dict(type='DOConv'), norm_cfg=dict(type='BN')),
+        ConvModule(8, 8, 3, padding=1, groups=8, conv_cfg=dict(type='DOConv')),
+        ConvModule(8, 4, 1, conv_cfg=dict(type='DOConv')))
+    folded = fold_doconv(randomise_doconv_and_bn(model)).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(folded, torch.randn(1, 3, 16, 16), buffer, opset_version=11, dynamo=False)
+    graph = onnx.load_from_string(buffer.getvalue()).graph
+    ops = {node.op_type for node in graph.node}
+    assert 'Einsum' not in ops and 'MatMul' not in ops
+    assert sum(node.op_type == 'Conv' for node in graph.node) == 3
+
+
+def test_flops_and_params_of_folded_model_equal_plain():
+    from mmengine.analysis import get_model_complexity_info
+    doconv = fold_doconv(randomise_doconv_and_bn(_mmdet_resnet50(dict(type='DOConv')))).eval()
+    plain = _mmdet_resnet50(None).eval()
+    a = get_model_complexity_info(doconv, input_shape=(3, 64, 64), show_table=False,
+                                  show_arch=False)
+    b = get_model_complexity_info(plain, input_shape=(3, 64, 64), show_table=False,
+                                  show_arch=False)
+    assert a['flops'] == b['flops'] and a['params'] == b['params']
+    assert a['flops'] > 0
