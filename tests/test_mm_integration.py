@@ -35,6 +35,12 @@ def randomise_doconv_and_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def in_eval(model: nn.Module) -> nn.Module:
+    """model.eval() that also works where train() returns None (mmdet's ResNet)."""
+    model.eval()
+    return model
+
+
 def assert_close_rel(actual, expected, rtol=DEEP_RTOL):
     scale = expected.abs().max().clamp_min(1e-6)
     err = (actual - expected).abs().max() / scale
@@ -164,8 +170,8 @@ def test_warm_start_resnet50_from_plain_weights():
 
 def test_folded_state_dict_loads_into_plain_architecture():
     # ResNetV1c has only 3x3 k×k convs (deep stem), so D_mul=12 adds extra W columns everywhere
-    model = randomise_doconv_and_bn(_mmseg_resnetv1c(dict(type='DOConv', D_mul=12))).eval()
-    plain = _mmseg_resnetv1c(None).eval()
+    model = in_eval(randomise_doconv_and_bn(_mmseg_resnetv1c(dict(type='DOConv', D_mul=12))))
+    plain = in_eval(_mmseg_resnetv1c(None))
     plain.load_state_dict(do_conv_mm.fold_state_dict(model.state_dict()), strict=True)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -190,8 +196,8 @@ def test_folded_model_exports_onnx_opset11_without_einsum():
 
 def test_flops_and_params_of_folded_model_equal_plain():
     from mmengine.analysis import get_model_complexity_info
-    doconv = fold_doconv(randomise_doconv_and_bn(_mmdet_resnet50(dict(type='DOConv')))).eval()
-    plain = _mmdet_resnet50(None).eval()
+    doconv = in_eval(fold_doconv(randomise_doconv_and_bn(_mmdet_resnet50(dict(type='DOConv')))))
+    plain = in_eval(_mmdet_resnet50(None))
     a = get_model_complexity_info(doconv, input_shape=(3, 64, 64), show_table=False,
                                   show_arch=False)
     b = get_model_complexity_info(plain, input_shape=(3, 64, 64), show_table=False,
