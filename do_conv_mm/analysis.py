@@ -20,17 +20,20 @@ import torch.nn as nn
 from .convert import _is_conv_like, _why_not_convertible
 from .doconv import DOConv2d
 
-__all__ = ['ConvStats', 'ComponentCoverage', 'conv_flops_by_module', 'doconv_coverage']
+__all__ = ['ComponentCoverage', 'conv_flops_by_module', 'doconv_coverage']
 
 
 @dataclass
 class ComponentCoverage:
     """Coverage of one top-level component (``backbone``, ``neck``, ``rpn_head``, ...)."""
     doconv_kxk: int = 0
+    frozen_doconv_kxk: int = 0  # DOConv k×k whose D does not train (e.g. ResNet frozen_stages)
     doconv_1x1: int = 0
     plain_kxk: List[str] = field(default_factory=list)
+    conv_flops: int = 0  # all convs, 1×1 included
     kxk_flops: int = 0
     doconv_kxk_flops: int = 0
+    trainable_doconv_kxk_flops: int = 0
     extra_params: int = 0
     params: int = 0
 
@@ -38,29 +41,31 @@ class ComponentCoverage:
     def doconv_flop_share(self) -> Optional[float]:
         return self.doconv_kxk_flops / self.kxk_flops if self.kxk_flops else None
 
+    @property
+    def trainable_doconv_flop_share(self) -> Optional[float]:
+        return self.trainable_doconv_kxk_flops / self.kxk_flops if self.kxk_flops else None
+
     def add(self, other: 'ComponentCoverage') -> None:
         self.doconv_kxk += other.doconv_kxk
+        self.frozen_doconv_kxk += other.frozen_doconv_kxk
         self.doconv_1x1 += other.doconv_1x1
         self.plain_kxk += other.plain_kxk
+        self.conv_flops += other.conv_flops
         self.kxk_flops += other.kxk_flops
         self.doconv_kxk_flops += other.doconv_kxk_flops
+        self.trainable_doconv_kxk_flops += other.trainable_doconv_kxk_flops
         self.extra_params += other.extra_params
         self.params += other.params
 
     def to_dict(self) -> Dict:
-        return dict(doconv_kxk=self.doconv_kxk, doconv_1x1=self.doconv_1x1,
-                    plain_kxk=list(self.plain_kxk), kxk_flops=self.kxk_flops,
+        return dict(doconv_kxk=self.doconv_kxk, frozen_doconv_kxk=self.frozen_doconv_kxk,
+                    doconv_1x1=self.doconv_1x1, plain_kxk=list(self.plain_kxk),
+                    conv_flops=self.conv_flops, kxk_flops=self.kxk_flops,
                     doconv_kxk_flops=self.doconv_kxk_flops,
-                    doconv_flop_share=self.doconv_flop_share, extra_params=self.extra_params,
-                    params=self.params)
-
-
-@dataclass
-class ConvStats:
-    """What one forward pass did with the model's convolutions."""
-    flops: Dict[str, int]           # module name -> conv MACs in the pass (0 if never run)
-    not_run: List[str]              # conv-like modules the pass never called
-    plain_reasons: Dict[str, str]   # plain k×k name -> why it is plain
+                    trainable_doconv_kxk_flops=self.trainable_doconv_kxk_flops,
+                    doconv_flop_share=self.doconv_flop_share,
+                    trainable_doconv_flop_share=self.trainable_doconv_flop_share,
+                    extra_params=self.extra_params, params=self.params)
 
 
 def _kernel_taps(module: nn.Module) -> int:
@@ -120,12 +125,17 @@ def doconv_coverage(model: nn.Module, flops: Dict[str, int]) -> Dict:
         if name in flops:
             cov = components.setdefault(_component(name), ComponentCoverage())
             is_kxk = _kernel_taps(module) > 1
+            cov.conv_flops += flops[name]
             if isinstance(module, DOConv2d):
                 if module.D is None:
                     cov.doconv_1x1 += 1
                 else:
                     cov.doconv_kxk += 1
                     cov.doconv_kxk_flops += flops[name]
+                    if module.D.requires_grad:
+                        cov.trainable_doconv_kxk_flops += flops[name]
+                    else:
+                        cov.frozen_doconv_kxk += 1
             elif is_kxk:
                 cov.plain_kxk.append(name)
                 plain_reasons[name] = _plain_reason(module)

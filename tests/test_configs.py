@@ -4,10 +4,9 @@ Outputs of converted models are compared with torch.equal: with D = 0 the compos
 weight + bmm(0, W) = weight bit for bit, and the same conv kernel runs on the same input, so a
 converted model computes the identical tensor (no tolerance needed).
 """
+import importlib.util
 import json
 import os.path as osp
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -195,3 +194,184 @@ def test_conv_flops_and_coverage_match_hand_count():
     assert total.extra_params == 270 + 12 + 360 + 12
     assert total.params == sum(p.numel() for p in TinyNet(4, True).parameters())
     assert coverage['not_run'] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped model-zoo configs (mmdet / mmseg)
+# ----------------------------------------------------------------------------------------------
+# (config, DOConv k×k layers, plain k×k convs left): the numbers tools/analyze_doconv.py prints
+# and the README states. Plain k×k left: Mask R-CNN's 2×2 transposed mask upsampling conv.
+SHIPPED = [
+    ('mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py', 22, 0),
+    ('mmdet/retinanet_r50-doconv_fpn_1x_coco.py', 32, 0),
+    ('mmdet/mask-rcnn_r50-doconv_fpn_1x_coco.py', 26, 1),
+    ('mmdet/fcos_r50-caffe-doconv_fpn_gn-head_1x_coco.py', 33, 0),
+    ('mmdet/cascade-rcnn_r50-doconv_fpn_1x_coco.py', 22, 0),
+    ('mmseg/fcn_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 23, 0),
+    ('mmseg/pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 21, 0),
+    ('mmseg/deeplabv3_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 24, 0),
+    ('mmseg/deeplabv3plus_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 26, 0),
+    ('mmseg/upernet_r50-doconv_4xb2-80k_cityscapes-512x1024.py', 25, 0),
+]
+# A ResNet-18 RetinaNet with 16-channel FPN/head: the same config code path at a tiny size.
+TINY_RETINANET = {
+    'model.backbone.depth': 18, 'model.backbone.init_cfg': None,
+    'model.neck.in_channels': [64, 128, 256, 512], 'model.neck.out_channels': 16,
+    'model.bbox_head.in_channels': 16, 'model.bbox_head.feat_channels': 16,
+    'model.bbox_head.stacked_convs': 1, 'model.bbox_head.num_classes': 3,
+}
+
+
+def _config_path(name):
+    return osp.join(REPO, 'configs', name)
+
+
+def _base_config_path(name):
+    """Installed model-zoo file that a shipped config names in ``_base_ = 'pkg::path'``."""
+    from mmengine.utils import get_installed_path
+    with open(_config_path(name)) as f:
+        base = next(line for line in f if line.startswith('_base_'))
+    package, rel = base.split("'")[1].split('::')
+    package = {'mmseg': 'mmsegmentation'}.get(package, package)
+    path = osp.join(get_installed_path(package), '.mim', 'configs', rel)
+    return path if osp.exists(path) else osp.join(get_installed_path(package), 'configs', rel)
+
+
+def _build(cfg):
+    from mmengine.model import revert_sync_batchnorm
+    init_default_scope(cfg.default_scope)
+    return revert_sync_batchnorm(MODELS.build(cfg.model))
+
+
+def _kxk_convs(model):
+    """(DOConv k×k names, plain k×k conv names) of a model."""
+    doconv, plain = [], []
+    for name, m in model.named_modules():
+        weight = getattr(m, 'weight', None)
+        if isinstance(m, DOConv2d) and m.D is not None:
+            doconv.append(name)
+        elif (isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, DOConv2d)
+              and weight.dim() == 4 and weight.shape[2] * weight.shape[3] > 1):
+            plain.append(name)
+    return doconv, plain
+
+
+@pytest.mark.parametrize('name,n_doconv,n_plain', SHIPPED, ids=[s[0] for s in SHIPPED])
+def test_shipped_config_builds_in_its_scope_with_stated_doconv(name, n_doconv, n_plain):
+    cfg = Config.fromfile(_config_path(name))
+    assert cfg.custom_imports == dict(imports=['do_conv_mm'], allow_failed_imports=False)
+    assert cfg.default_scope == name.split('/')[0]
+    model = _build(cfg)
+    doconv, plain = _kxk_convs(model)
+    assert len(doconv) == n_doconv, doconv
+    assert len(plain) == n_plain, plain
+    # Every backbone 3×3 / stem conv is DO-Conv, and DOConvModel returned the bare model.
+    assert all(isinstance(m, DOConv2d) for n, m in model.backbone.named_modules()
+               if n.endswith(('conv2', 'stem.0', 'stem.3', 'stem.6')) or n == 'conv1')
+    assert type(model).__name__ == cfg.model.get('model_type', cfg.model.type)
+
+
+def test_shipped_config_equals_base_model_and_loads_base_checkpoint(tmp_path):
+    from mmdet.apis import init_detector
+    name = 'mmdet/retinanet_r50-doconv_fpn_1x_coco.py'
+    base_cfg = Config.fromfile(_base_config_path(name))
+    base_cfg.merge_from_dict(TINY_RETINANET)
+    torch.manual_seed(0)
+    base = _build(base_cfg).eval()
+    cfg = Config.fromfile(_config_path(name))
+    cfg.merge_from_dict(TINY_RETINANET)
+    torch.manual_seed(0)
+    model = _build(cfg).eval()
+    # stem + 2 per BasicBlock x 8 = 17, FPN 3 + 2 extra = 5, head 2 stacked + retina_cls/reg = 4.
+    assert len(_kxk_convs(model)[0]) == 26 and not _kxk_convs(base)[0]
+    assert _plain_keys(model.state_dict()) == list(base.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    expected = base(x, mode='tensor')
+    for got, want in zip(model(x, mode='tensor'), expected):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # mmdet's init_detector builds the DOConvModel config and loads a plain checkpoint into it.
+    checkpoint = str(tmp_path / 'plain.pth')
+    torch.save(dict(state_dict=base.state_dict(), meta=dict(dataset_meta=dict(
+        classes=('a', 'b', 'c')))), checkpoint)
+    detector = init_detector(_config_path(name), checkpoint, device='cpu',
+                             cfg_options=TINY_RETINANET).eval()
+    assert detector.dataset_meta['classes'] == ('a', 'b', 'c')
+    assert all(torch.count_nonzero(m.D) == 0 for m in detector.modules()
+               if isinstance(m, DOConv2d) and m.D is not None)
+    for got, want in zip(detector(x, mode='tensor'), expected):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_mmseg_init_model_builds_doconv_model_config():
+    from mmseg.apis import init_model
+    name = 'mmseg/deeplabv3plus_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py'
+    model = init_model(_config_path(name), device='cpu')
+    doconv, _ = _kxk_convs(model)
+    assert type(model).__name__ == 'EncoderDecoder' and len(doconv) == 26
+    # The separable ASPP branches' depthwise 3×3 convs (built without conv_cfg) are DO-Conv.
+    assert 'decode_head.aspp_modules.1.depthwise_conv.conv' in doconv
+
+
+def test_dcn_backbone_with_doconv_conv_cfg_gives_clear_error():
+    cfg = Config.fromfile(_config_path('mmdet/retinanet_r50-doconv_fpn_1x_coco.py'))
+    cfg.model.backbone.update(dcn=dict(type='DCNv2', deform_groups=1, fallback_on_stride=False),
+                              stage_with_dcn=(False, True, True, True))
+    with pytest.raises(DOConvNotApplicableError,
+                       match=r'model\.backbone \(ResNet\).*deformable.*remove conv_cfg'):
+        _build(cfg)
+
+
+def test_conv_cfg_on_a_head_that_rejects_it_gives_clear_error():
+    cfg = Config.fromfile(_config_path('mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py'))
+    cfg.model.rpn_head.conv_cfg = dict(type='DOConv')
+    with pytest.raises(DOConvNotApplicableError, match=r'model\.rpn_head \(RPNHead\)'):
+        _build(cfg)
+
+
+def test_convert_names_unconvertible_mmcv_and_mmdet_layers():
+    init_default_scope('mmdet')
+    backbone = MODELS.build(dict(
+        type='ResNet', depth=50, dcn=dict(type='DCNv2', deform_groups=1,
+                                          fallback_on_stride=False),
+        stage_with_dcn=(False, True, False, False)))
+    with pytest.raises(DOConvNotApplicableError,
+                       match=r"'layer2\.0\.conv2'.*deformable.*exclude=\['layer2\.0\.conv2'\]"):
+        convert_to_doconv(backbone, include=['layer2'])
+    assert convert_to_doconv(backbone, include=['layer2'], exclude=['layer2.*.conv2']) == []
+    assert len(convert_to_doconv(backbone, exclude=['layer2'])) == 1 + 3 + 6 + 3
+    cfg = Config.fromfile(_config_path('mmdet/mask-rcnn_r50-doconv_fpn_1x_coco.py'))
+    cfg.model.doconv = dict(include=['roi_head'])
+    with pytest.raises(DOConvNotApplicableError,
+                       match=r"roi_head\.mask_head\.upsample.*transposed"):
+        _build(cfg)
+
+
+def test_analyze_tool_matches_direct_count(capsys):
+    from torch.utils.flop_counter import FlopCounterMode
+    name = 'mmseg/fcn_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py'
+    # The CLI's own main(), in process (a subprocess would re-import torch and mmseg).
+    spec = importlib.util.spec_from_file_location(
+        'analyze_doconv', osp.join(REPO, 'tools', 'analyze_doconv.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    capsys.readouterr()
+    tool.main([_config_path(name), '--shape', '64', '64', '--mode', 'tensor', '--json'])
+    result = json.loads(capsys.readouterr().out)
+    total = result['total']
+
+    cfg = Config.fromfile(_config_path(name))
+    model = _build(cfg).eval()
+    doconv, plain = _kxk_convs(model)
+    n_stated = next(n for cfg_name, n, _ in SHIPPED if cfg_name == name)
+    assert total['doconv_kxk'] == len(doconv) == n_stated
+    assert total['plain_kxk'] == plain == []
+    extra = sum(p.numel() for n, p in model.named_parameters() if n.endswith(EXTRA_SUFFIXES))
+    assert total['extra_params'] == extra
+    assert total['params'] == sum(p.numel() for p in model.parameters()) - extra
+    # FLOPs: torch's own counter (2 FLOPs per multiply-accumulate) on the same forward pass.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 64, 64), mode='tensor')
+    conv_flops = sum(v for op, v in counter.get_flop_counts()['Global'].items()
+                     if 'convolution' in str(op))
+    assert 2 * total['conv_flops'] == conv_flops
+    assert total['doconv_flop_share'] == 1.0 and total['kxk_flops'] > 0

@@ -1,0 +1,14 @@
+# Cascade R-CNN R50-FPN 1x COCO with DO-Conv: every k×k conv of backbone, neck and RPN.
+# The three Shared2FCBBoxHead stages have no convs (their list is kept from the base as is).
+_base_ = 'mmdet::cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['do_conv_mm'], allow_failed_imports=False)
+
+conv_cfg = dict(type='DOConv')
+model = dict(
+    # RPNHead builds its 3×3 rpn_conv as a plain nn.Conv2d and takes no conv_cfg:
+    # DOConvModel converts it by name (state_dict keys unchanged).
+    type='DOConvModel',
+    model_type='CascadeRCNN',
+    doconv=dict(include=['rpn_head.rpn_conv']),
+    backbone=dict(conv_cfg=conv_cfg),
+    neck=dict(conv_cfg=conv_cfg))

@@ -1,0 +1,189 @@
+"""DO-Conv coverage of an mmdet / mmseg config: per component, which k×k convs are DO-Conv and
+which stay plain, the share of k×k conv FLOPs that is DO-Conv, and the extra training parameters.
+
+    python tools/analyze_doconv.py CONFIG [--shape H W] [--mode loss|tensor] [--json]
+                                   [--cfg-options KEY=VALUE ...]
+
+The model is built on CPU with random weights (no checkpoint, no download); SyncBN becomes BN.
+FLOPs come from forward hooks on one dummy image of --shape (default: 800x1344 for detectors,
+the config's crop_size for segmentors). ``--mode loss`` (default) runs the training forward pass
+(RPN proposals and RoI sampling as in training, auxiliary heads included) on a synthetic
+annotation; ``--mode tensor`` runs the plain forward pass.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from mmengine.config import Config, DictAction
+from mmengine.model import revert_sync_batchnorm
+from mmengine.registry import MODELS, init_default_scope
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage  # noqa: E402
+
+DEFAULT_DET_SHAPE = (800, 1344)
+DEFAULT_SEG_SHAPE = (512, 1024)
+# Synthetic objects (x1, y1, x2, y2 as fractions of the image) for the training forward pass.
+DUMMY_BOXES = ((0.10, 0.10, 0.45, 0.55), (0.50, 0.30, 0.90, 0.90), (0.30, 0.60, 0.42, 0.74))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='DO-Conv coverage of a model config')
+    parser.add_argument('config', help='config file path')
+    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+                        help='dummy input height and width (multiples of 32)')
+    parser.add_argument('--mode', choices=['loss', 'tensor'], default='loss',
+                        help='forward pass to count FLOPs on (default: loss = training pass)')
+    parser.add_argument('--json', action='store_true', help='print the result as JSON only')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of the config, xxx=yyy format')
+    return parser.parse_args(argv)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The config's model on CPU, random weights (seed 0), SyncBN reverted to BN, eval mode."""
+    init_default_scope(cfg.get('default_scope', None) or 'mmengine')
+    torch.manual_seed(0)
+    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    model.eval()
+    return model
+
+
+def _task(model) -> str:
+    try:
+        from mmdet.models.detectors import BaseDetector
+        if isinstance(model, BaseDetector):
+            return 'det'
+    except ImportError:
+        pass
+    try:
+        from mmseg.models.segmentors import BaseSegmentor
+        if isinstance(model, BaseSegmentor):
+            return 'seg'
+    except ImportError:
+        pass
+    raise ValueError(f'analyze_doconv: {type(model).__name__} is neither an mmdet detector nor an '
+                     f'mmseg segmentor; only those get a dummy batch.')
+
+
+def default_shape(cfg: Config, task: str) -> Tuple[int, int]:
+    if task == 'seg' and cfg.get('crop_size'):
+        return tuple(int(s) for s in cfg.crop_size)
+    return DEFAULT_DET_SHAPE if task == 'det' else DEFAULT_SEG_SHAPE
+
+
+def _det_batch(model, h: int, w: int):
+    from mmengine.structures import InstanceData
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    shape = (h, w)
+    sample = DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape,
+                                         batch_input_shape=shape, scale_factor=(1.0, 1.0),
+                                         flip=False, img_id=0))
+    boxes = torch.tensor(DUMMY_BOXES) * torch.tensor([w, h, w, h])
+    masks = np.zeros((len(boxes), h, w), dtype=np.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.round().int().tolist()):
+        mask[y1:y2, x1:x2] = 1
+    # Plain tensors, as DetDataPreprocessor(boxtype2tensor=True) hands them to the model.
+    sample.gt_instances = InstanceData(bboxes=boxes,
+                                       labels=torch.arange(len(boxes)),
+                                       masks=BitmapMasks(masks, h, w))
+    sample.ignored_instances = InstanceData(bboxes=torch.zeros(0, 4),
+                                            labels=torch.zeros(0, dtype=torch.long))
+    return [sample]
+
+
+def _seg_batch(model, h: int, w: int):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    shape = (h, w)
+    sample = SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape))
+    generator = torch.Generator().manual_seed(0)
+    num_classes = model.decode_head.num_classes
+    sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, h, w),
+                                                     generator=generator))
+    return [sample]
+
+
+def analyze(cfg: Config, shape=None, mode: str = 'loss') -> Dict:
+    """Build the model of ``cfg``, run one dummy pass, return the coverage as plain data."""
+    model = build_model(cfg)
+    task = _task(model)
+    h, w = shape or default_shape(cfg, task)
+    inputs = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    samples = _det_batch(model, h, w) if task == 'det' else _seg_batch(model, h, w)
+    flops = conv_flops_by_module(model, lambda: model(inputs, samples, mode=mode))
+    coverage = doconv_coverage(model, flops)
+    total = coverage['total']
+    return dict(
+        model=type(model).__name__, task=task, shape=[h, w], mode=mode,
+        components={k: v.to_dict() for k, v in coverage['components'].items()},
+        total=dict(total.to_dict(), extra_params_ratio=total.extra_params / total.params),
+        plain_reasons=coverage['plain_reasons'], not_run=coverage['not_run'])
+
+
+def _pct(x) -> str:
+    return '-' if x is None else f'{100 * x:.1f}%'
+
+
+def _count(n: int) -> str:
+    return f'{n / 1e6:.3f} M' if n >= 1e5 else f'{n / 1e3:.1f} K' if n >= 1e3 else str(n)
+
+
+def print_report(result: Dict, config: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(width=max(Console().width, 132))
+    table = Table(title=f'DO-Conv coverage: {osp.basename(config)} ({result["model"]}, '
+                  f'{result["mode"]} pass on {result["shape"][0]}x{result["shape"][1]})')
+    columns = ('component', 'DOConv k×k', 'frozen', 'DOConv 1×1', 'plain k×k', 'k×k GMACs',
+               'DO share', 'trainable', 'extra params', 'params')
+    for column in columns:
+        table.add_column(column, justify='left' if column == 'component' else 'right',
+                         no_wrap=True)
+    rows: List = list(result['components'].items()) + [('total', result['total'])]
+    for name, cov in rows:
+        table.add_row(name, str(cov['doconv_kxk']), str(cov['frozen_doconv_kxk']),
+                      str(cov['doconv_1x1']), str(len(cov['plain_kxk'])),
+                      f'{cov["kxk_flops"] / 1e9:.2f}', _pct(cov['doconv_flop_share']),
+                      _pct(cov['trainable_doconv_flop_share']), _count(cov['extra_params']),
+                      _count(cov['params']), end_section=name == rows[-2][0])
+    console.print(table)
+    console.print('DO share: share of k×k conv FLOPs run by DOConv layers; trainable: the same '
+                  'without frozen ones.')
+    total = result['total']
+    console.print(f'Extra training parameters (D + weight_extra): {total["extra_params"]:,} '
+                  f'= +{100 * total["extra_params_ratio"]:.2f}% of the plain model '
+                  f'({total["params"]:,}); they fold away for deployment.')
+    if total['frozen_doconv_kxk']:
+        console.print(f'{total["frozen_doconv_kxk"]} DOConv k×k layers are frozen (their D has '
+                      f'requires_grad=False, e.g. ResNet frozen_stages): they train as plain '
+                      f'convs; "trainable share" leaves them out.')
+    if result['plain_reasons']:
+        console.print('Plain k×k convs left:')
+        for name, why in result['plain_reasons'].items():
+            console.print(f'  {name}: {why}', highlight=False)
+    if result['not_run']:
+        console.print(f'Conv layers not called by the {result["mode"]} pass (0 FLOPs): '
+                      f'{", ".join(result["not_run"])}', highlight=False)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    result = analyze(cfg, args.shape, args.mode)
+    result['config'] = args.config
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_report(result, args.config)
+
+
+if __name__ == '__main__':
+    main()
