@@ -233,14 +233,16 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model') -> None:
         stages = _dcn_stages(component)
         if stages:
             kind = component.get('type', 'this component')
+            name = path.split('.', 1)[-1]
+            exclude = [f'{name}.layer{stage}.*.conv2' for stage in stages]
             raise DOConvNotApplicableError(
                 f'{path} ({kind}) sets conv_cfg=dict(type={component["conv_cfg"]["type"]!r}) and '
-                f'dcn={component["dcn"]} on stages {stages}: DO-Conv cannot apply to deformable '
-                f'convolutions (their kernel runs inside mmcv\'s deformable op), and the ResNet '
-                f'blocks assert conv_cfg is None when dcn is set. Fix: remove conv_cfg from '
-                f'{path}, and convert its non-deformable k×k convs by name instead, e.g. '
-                f'model=dict(type=\'DOConvModel\', model_type=..., doconv=dict(include='
-                f'[\'{path.split(".", 1)[-1]}\'], exclude=[<the deformable conv2 layers>])).')
+                f'dcn={dict(component["dcn"])} on stages {stages}: DO-Conv cannot apply to '
+                f'deformable convolutions (their kernel runs inside mmcv\'s deformable op), and '
+                f'the ResNet blocks assert conv_cfg is None when dcn is set. Fix: remove conv_cfg '
+                f'from {path} and convert its other k×k convs by name instead: '
+                f"model=dict(type='DOConvModel', model_type=..., doconv=dict(include=['{name}'], "
+                f'exclude={exclude})).')
 
 
 def _explain_build_error(model_cfg: Dict, exc: BaseException) -> Optional[str]:

@@ -319,6 +319,13 @@ def test_dcn_backbone_with_doconv_conv_cfg_gives_clear_error():
     with pytest.raises(DOConvNotApplicableError,
                        match=r'model\.backbone \(ResNet\).*deformable.*remove conv_cfg'):
         _build(cfg)
+    # The fix the message gives: no conv_cfg there, convert the non-deformable convs by name.
+    cfg.model.backbone.conv_cfg = None
+    cfg.model.doconv.include.append('backbone')
+    cfg.model.doconv.exclude = [f'backbone.layer{i}.*.conv2' for i in (2, 3, 4)]
+    model = _build(cfg)
+    doconv = [n for n in _kxk_convs(model)[0] if n.startswith('backbone.')]
+    assert doconv == ['backbone.conv1'] + [f'backbone.layer1.{i}.conv2' for i in range(3)]
 
 
 def test_conv_cfg_on_a_head_that_rejects_it_gives_clear_error():
