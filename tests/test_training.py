@@ -1,0 +1,360 @@
+"""End-to-end training through mmengine's Runner and our tools, on the bundled toy data.
+
+Tiny settings throughout (4 training images, batch 2, a handful of iterations; constant LR so a
+few steps visibly lower the loss). One trained work dir per task is shared by the resume and test
+checks (module-scoped fixtures). Tools run as subprocesses, as a user runs them.
+"""
+import math
+import os.path as osp
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('mmdet')
+pytest.importorskip('mmseg')
+
+import do_conv_mm  # noqa: E402,F401
+from do_conv_mm import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file  # noqa: E402
+from training_helpers import (REPO, free_port, logged_scalars, run, run_tool,  # noqa: E402
+                              train_losses)
+
+DET_CFG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18-tiny-doconv_fpn_toy.py')
+SEG_CFG = osp.join(REPO, 'configs', 'toy', 'fcn_r18-tiny-doconv-d8_toy.py')
+
+# Overrides that make each toy config a seconds-long run: 4 images, batch 2, no warm-up, raw
+# per-iteration losses in the log (window 1). Evaluation uses 4 val images.
+TINY_COMMON = """
+train_dataloader = dict(batch_size=2, dataset=dict(indices=4))
+val_dataloader = dict(batch_size=2, dataset=dict(indices=4))
+test_dataloader = dict(batch_size=2, dataset=dict(indices=4))
+param_scheduler = []
+log_processor = dict(window_size=1)
+"""
+TINY_DET = f"""_base_ = {DET_CFG!r}
+{TINY_COMMON}
+# 2 iterations per epoch: 4 epochs = 8 iterations, checkpoints at epochs 2 and 4.
+train_cfg = dict(max_epochs=4, val_interval=4)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
+"""
+TINY_SEG = f"""_base_ = {SEG_CFG!r}
+{TINY_COMMON}
+train_cfg = dict(max_iters=8, val_interval=8)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=4))
+"""
+
+
+def _write_config(directory, name, text):
+    path = osp.join(str(directory), name)
+    with open(path, 'w') as f:
+        f.write(text)
+    return path
+
+
+@pytest.fixture(scope='module')
+def toy_configs(tmp_path_factory):
+    from mmengine.config import Config
+    from do_conv_mm.toy_data import ensure_toy_data_for_config
+    directory = tmp_path_factory.mktemp('configs')
+    det = _write_config(directory, 'tiny_det.py', TINY_DET)
+    seg = _write_config(directory, 'tiny_seg.py', TINY_SEG)
+    ensure_toy_data_for_config(Config.fromfile(det))  # generated once, before any subprocess
+    return dict(det=det, seg=seg)
+
+
+@pytest.fixture(scope='module')
+def det_run(toy_configs, tmp_path_factory):
+    work_dir = str(tmp_path_factory.mktemp('det') / 'work')
+    run_tool('train.py', toy_configs['det'], '--work-dir', work_dir)
+    return work_dir
+
+
+@pytest.fixture(scope='module')
+def seg_run(toy_configs, tmp_path_factory):
+    work_dir = str(tmp_path_factory.mktemp('seg') / 'work')
+    run_tool('train.py', toy_configs['seg'], '--work-dir', work_dir)
+    return work_dir
+
+
+def _assert_loss_decreases(work_dir, iters):
+    losses = train_losses(work_dir)
+    assert [i for i, _ in losses] == list(range(1, iters + 1))
+    assert all(math.isfinite(v) for _, v in losses)
+    first, last = losses[0][1], losses[-1][1]
+    # Same 4 images every epoch, constant LR: 8 AdamW steps lower the loss clearly (> 5 %).
+    assert last < 0.95 * first, losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection (mmdet RetinaNet, DO-Conv backbone/neck/head convs)
+# ----------------------------------------------------------------------------------------------
+def test_detection_trains_and_writes_checkpoints(det_run):
+    _assert_loss_decreases(det_run, iters=8)
+    for name in ('epoch_2.pth', 'epoch_4.pth'):
+        assert osp.isfile(osp.join(det_run, name))
+    checkpoint = load_checkpoint_file(osp.join(det_run, 'epoch_4.pth'))
+    assert checkpoint['meta']['epoch'] == 4 and checkpoint['meta']['iter'] == 8
+    assert any(k.endswith('.D') for k in checkpoint['state_dict'])
+    val = [r for r in logged_scalars(det_run) if 'coco/bbox_mAP' in r]
+    assert len(val) == 1 and 0.0 <= val[0]['coco/bbox_mAP'] <= 1.0
+
+
+def test_detection_resume_continues(det_run, toy_configs, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    shutil.copytree(det_run, work_dir)
+    proc = run_tool('train.py', toy_configs['det'], '--work-dir', work_dir, '--resume',
+                    '--cfg-options', 'train_cfg.max_epochs=6')
+    assert 'resumed epoch: 4, iter: 8' in proc.stdout + proc.stderr
+    checkpoint = load_checkpoint_file(osp.join(work_dir, 'epoch_6.pth'))
+    assert checkpoint['meta']['epoch'] == 6 and checkpoint['meta']['iter'] == 12
+    # The resumed run logged iterations 9..12 only: the counter continued.
+    resumed = [i for i, _ in train_losses(work_dir)][8:]
+    assert resumed == [9, 10, 11, 12]
+
+
+def test_detection_test_tool_reports_metric(det_run, toy_configs, tmp_path):
+    work_dir = str(tmp_path / 'test')
+    out = str(tmp_path / 'preds.pkl')
+    run_tool('test.py', toy_configs['det'], osp.join(det_run, 'epoch_4.pth'),
+             '--work-dir', work_dir, '--out', out)
+    with open(osp.join(work_dir, 'test_metrics.json')) as f:
+        import json
+        metrics = json.load(f)['metrics']
+    assert 0.0 <= metrics['coco/bbox_mAP'] <= 1.0
+    with open(out, 'rb') as f:
+        predictions = pickle.load(f)
+    assert len(predictions) == 4 and 'pred_instances' in predictions[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Segmentation (mmseg FCN, DO-Conv backbone and head convs)
+# ----------------------------------------------------------------------------------------------
+def test_segmentation_trains_and_writes_checkpoints(seg_run):
+    _assert_loss_decreases(seg_run, iters=8)
+    checkpoint = load_checkpoint_file(osp.join(seg_run, 'iter_8.pth'))
+    assert checkpoint['meta']['iter'] == 8
+    assert osp.isfile(osp.join(seg_run, 'iter_4.pth'))
+    val = [r for r in logged_scalars(seg_run) if 'mIoU' in r]
+    assert len(val) == 1 and 0.0 <= val[0]['mIoU'] <= 100.0
+
+
+def test_segmentation_resume_from_given_checkpoint(seg_run, toy_configs, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    proc = run_tool('train.py', toy_configs['seg'], '--work-dir', work_dir,
+                    '--resume', osp.join(seg_run, 'iter_8.pth'),
+                    '--cfg-options', 'train_cfg.max_iters=10')
+    assert 'resumed epoch: 0, iter: 8' in proc.stdout + proc.stderr
+    assert [i for i, _ in train_losses(work_dir)] == [9, 10]
+    assert load_checkpoint_file(osp.join(work_dir, 'iter_10.pth'))['meta']['iter'] == 10
+
+
+def test_segmentation_test_tool_reports_metric(seg_run, toy_configs, tmp_path):
+    import json
+    work_dir = str(tmp_path / 'test')
+    run_tool('test.py', toy_configs['seg'], osp.join(seg_run, 'iter_8.pth'),
+             '--work-dir', work_dir)
+    with open(osp.join(work_dir, 'test_metrics.json')) as f:
+        metrics = json.load(f)['metrics']
+    assert 0.0 <= metrics['mIoU'] <= 100.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed (2 CPU processes, gloo, through tools/dist_train.sh and mmengine's Runner)
+# ----------------------------------------------------------------------------------------------
+def test_distributed_two_processes_keep_doconv_parameters_identical(toy_configs, tmp_path):
+    config = _write_config(tmp_path, 'dist_seg.py', f"""_base_ = {toy_configs['seg']!r}
+custom_imports = dict(imports=['do_conv_mm', 'training_helpers'], allow_failed_imports=False)
+custom_hooks = [dict(type='DOConvParamDumpHook')]
+train_cfg = dict(max_iters=3, val_interval=100)
+val_cfg = None
+val_dataloader = None
+val_evaluator = None
+default_hooks = dict(checkpoint=dict(interval=3))
+""")
+    work_dir = str(tmp_path / 'work')
+    run(['bash', 'tools/dist_train.sh', config, '2', '--work-dir', work_dir], threads=1,
+        env_extra=dict(PORT=str(free_port())))
+    load = lambda rank, tag: torch.load(  # noqa: E731
+        osp.join(work_dir, f'doconv_params_rank{rank}_{tag}.pth'), weights_only=True)
+    final0, final1, init0 = load(0, 'final'), load(1, 'final'), load(0, 'init')
+    assert len(final0) >= 2 * 20  # D and weight of every k×k DOConv (ResNetV1c-18 + FCN head)
+    assert final0.keys() == final1.keys() == init0.keys()
+    for name in final0:
+        # DDP all-reduces gradients and both ranks step the same optimizer: bit-identical.
+        assert torch.equal(final0[name], final1[name]), name
+        assert not torch.equal(final0[name], init0[name]), f'{name} did not train'
+    assert all(init0[n].abs().max() == 0 for n in init0 if n.endswith('.D'))  # D starts at 0
+    assert osp.isfile(osp.join(work_dir, 'iter_3.pth'))
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed precision (bfloat16 autocast on CPU)
+# ----------------------------------------------------------------------------------------------
+def test_bf16_optim_wrapper_runs_forward_in_bfloat16_and_keeps_fp32_params():
+    from do_conv_mm import BF16AmpOptimWrapper, DOConv2d
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DOConv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                DOConv2d(4, 2, 3, padding=1))
+    wrapper = BF16AmpOptimWrapper(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    with wrapper.optim_context(model):
+        out = model(torch.randn(2, 3, 8, 8))
+        assert torch.is_autocast_enabled('cpu')
+    assert out.dtype == torch.bfloat16
+    wrapper.update_params(out.float().square().mean())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_amp_flag_trains_detector_with_bf16_on_cpu(toy_configs, tmp_path):
+    work_dir = str(tmp_path / 'work')
+    proc = run_tool('train.py', toy_configs['det'], '--amp', '--work-dir', work_dir,
+                    '--cfg-options', 'train_cfg.max_epochs=1', 'default_hooks.checkpoint.interval=1',
+                    'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None')
+    assert 'bfloat16 CPU autocast' in proc.stdout + proc.stderr
+    losses = train_losses(work_dir)
+    assert len(losses) == 2 and all(math.isfinite(v) for _, v in losses)
+    checkpoint = load_checkpoint_file(osp.join(work_dir, 'epoch_1.pth'))
+    assert all(v.dtype == torch.float32 for k, v in checkpoint['state_dict'].items()
+               if k.endswith(('.D', '.weight')))
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm start from a plain checkpoint through init_cfg=Pretrained
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('scope, backbone', [
+    ('mmdet', dict(type='ResNet', depth=18, stem_channels=16, base_channels=16)),
+    ('mmseg', dict(type='ResNetV1c', depth=18, stem_channels=16, base_channels=16,
+                   dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=True)),
+])
+def test_warm_start_backbone_from_plain_checkpoint_via_init_cfg(scope, backbone, tmp_path):
+    import importlib
+    from mmengine.registry import DefaultScope
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        _check_warm_start(models, backbone, str(tmp_path / 'plain_backbone.pth'))
+
+
+def _check_warm_start(models, backbone, path):
+    from do_conv_mm import DOConv2d, count_doconv
+    torch.manual_seed(0)
+    plain = models.build(dict(backbone))
+    plain.init_weights()
+    for m in plain.modules():  # non-trivial BN statistics, so they must load too
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save({'state_dict': plain.state_dict()}, path)
+
+    doconv = models.build(dict(backbone, conv_cfg=dict(type='DOConv'),
+                               init_cfg=dict(type='Pretrained', checkpoint=path)))
+    doconv.init_weights()
+    assert count_doconv(doconv) >= 17  # stem + basic blocks' 3×3 convs
+    assert all(m.D is None or m.D.abs().max() == 0
+               for m in doconv.modules() if isinstance(m, DOConv2d))
+    plain.eval()
+    doconv.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected, actual = plain(x), doconv(x)
+    # D = 0 composes to exactly the plain kernel (weight + 0), so outputs are bit-identical.
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected))
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe checkpoint loading
+# ----------------------------------------------------------------------------------------------
+def test_full_training_checkpoint_needs_the_allow_list(det_run):
+    path = osp.join(det_run, 'epoch_2.pth')
+    bare = subprocess.run(
+        [sys.executable, '-c', f'import torch; torch.load({path!r})'],
+        capture_output=True, text=True, timeout=120)
+    assert bare.returncode != 0 and 'Weights only load failed' in bare.stderr
+    checkpoint = torch.load(path, weights_only=True)  # this process imported do_conv_mm
+    history = checkpoint['message_hub']['log_scalars']['train/loss']
+    assert history.mean() > 0  # HistoryBuffer restored with its statistics methods
+
+
+def test_allow_list_is_idempotent():
+    allow_mmengine_checkpoint_types()
+    count = len(torch.serialization.get_safe_globals())
+    allow_mmengine_checkpoint_types()
+    assert len(torch.serialization.get_safe_globals()) == count
+
+
+class _RunsCode:
+    """Unpickling this would run code (it creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f'open({self.marker!r}, "w").close()',))
+
+
+class _Foreign:
+    pass
+
+
+def _history_getattr_exploit():
+    from mmengine.logging import HistoryBuffer
+
+    class Exploit:
+        def __reduce__(self):
+            return (getattr, (HistoryBuffer, '__init__'))
+    return Exploit()
+
+
+def test_load_checkpoint_file_good_and_bad_inputs(det_run, tmp_path):
+    good = osp.join(det_run, 'epoch_2.pth')
+    assert {'meta', 'state_dict', 'message_hub', 'optimizer'} <= set(load_checkpoint_file(good))
+
+    def error(path):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint_file(path)
+        return str(info.value)
+
+    assert 'does not exist' in error(tmp_path / 'missing.pth')
+    message = error(det_run)
+    assert 'is a directory' in message and 'epoch_2.pth' in message and 'pass the .pth' in message
+    text = tmp_path / 'notes.txt'
+    text.write_text('not a checkpoint\n')
+    assert 'is not a torch checkpoint' in error(text)
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    assert 'is empty' in error(empty)
+    truncated = tmp_path / 'truncated.pth'
+    with open(good, 'rb') as f:
+        truncated.write_bytes(f.read()[:4096])
+    assert 'truncated or corrupt' in error(truncated)
+    tensor = tmp_path / 'tensor.pth'
+    torch.save(torch.ones(2), tensor)
+    assert 'holds a Tensor, not a dict' in error(tensor)
+
+    marker = tmp_path / 'code_ran'
+    unsafe = tmp_path / 'unsafe.pth'
+    torch.save({'state_dict': {}, 'x': _RunsCode(str(marker))}, unsafe)
+    message = error(unsafe)
+    assert 'Refused' in message and 'the global exec' in message
+    assert 'nothing from the file was executed' in message
+    assert not marker.exists()
+    foreign = tmp_path / 'foreign.pth'
+    torch.save({'x': _Foreign()}, foreign)
+    assert f'{__name__}._Foreign' in error(foreign)
+    exploit = tmp_path / 'getattr.pth'
+    torch.save({'x': _history_getattr_exploit()}, exploit)
+    assert "getattr(HistoryBuffer, '__init__')" in error(exploit)
+
+
+def test_test_tool_reports_bad_checkpoint_in_one_line(toy_configs, tmp_path):
+    text = tmp_path / 'notes.txt'
+    text.write_text('hello')
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'test.py'),
+                           toy_configs['seg'], str(text)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: ')
+    assert 'is not a torch checkpoint' in proc.stderr and 'Traceback' not in proc.stderr
