@@ -222,6 +222,16 @@ TINY_RETINANET = {
 }
 
 
+@pytest.fixture(scope='module')
+def analyze_tool():
+    """tools/analyze_doconv.py as a module (its main() is the CLI)."""
+    spec = importlib.util.spec_from_file_location(
+        'analyze_doconv', osp.join(REPO, 'tools', 'analyze_doconv.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 def _config_path(name):
     return osp.join(REPO, 'configs', name)
 
@@ -271,7 +281,7 @@ def test_shipped_config_builds_in_its_scope_with_stated_doconv(name, n_doconv, n
     assert type(model).__name__ == cfg.model.get('model_type', cfg.model.type)
 
 
-def test_shipped_config_equals_base_model_and_loads_base_checkpoint(tmp_path):
+def test_shipped_config_equals_base_model_and_loads_base_checkpoint(tmp_path, analyze_tool):
     from mmdet.apis import init_detector
     name = 'mmdet/retinanet_r50-doconv_fpn_1x_coco.py'
     base_cfg = Config.fromfile(_base_config_path(name))
@@ -289,6 +299,12 @@ def test_shipped_config_equals_base_model_and_loads_base_checkpoint(tmp_path):
     expected = base(x, mode='tensor')
     for got, want in zip(model(x, mode='tensor'), expected):
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # Training reaches the converted predictors: D of retina_cls gets a non-zero gradient.
+    model.train()
+    losses = model(x, analyze_tool._det_batch(model, 64, 96), mode='loss')
+    sum(v if torch.is_tensor(v) else sum(v) for v in losses.values()).backward()
+    assert torch.count_nonzero(model.bbox_head.retina_cls.D.grad) > 0
+    model.zero_grad()
     # mmdet's init_detector builds the DOConvModel config and loads a plain checkpoint into it.
     checkpoint = str(tmp_path / 'plain.pth')
     torch.save(dict(state_dict=base.state_dict(), meta=dict(dataset_meta=dict(
@@ -353,16 +369,12 @@ def test_convert_names_unconvertible_mmcv_and_mmdet_layers():
         _build(cfg)
 
 
-def test_analyze_tool_matches_direct_count(capsys):
+def test_analyze_tool_matches_direct_count(capsys, analyze_tool):
     from torch.utils.flop_counter import FlopCounterMode
     name = 'mmseg/fcn_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py'
     # The CLI's own main(), in process (a subprocess would re-import torch and mmseg).
-    spec = importlib.util.spec_from_file_location(
-        'analyze_doconv', osp.join(REPO, 'tools', 'analyze_doconv.py'))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     capsys.readouterr()
-    tool.main([_config_path(name), '--shape', '64', '64', '--mode', 'tensor', '--json'])
+    analyze_tool.main([_config_path(name), '--shape', '64', '64', '--mode', 'tensor', '--json'])
     result = json.loads(capsys.readouterr().out)
     total = result['total']
 
