@@ -98,7 +98,7 @@ def build_model(cfg: Config) -> nn.Module:
     from mmengine.registry import MODELS, DefaultScope
     try:
         with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-            model = MODELS.build(cfg.model)
+            model = MODELS.build(deepcopy(cfg.model))  # some builders edit their cfg
     except Exception as error:
         raise FoldError(f'CONFIG {cfg.filename or "<Config>"} could not build its model '
                         f'({type(error).__name__}: {_first_line(error)}); check that the '
@@ -200,10 +200,10 @@ def _fold_weights(model: nn.Module, state_dict) -> 'Dict[str, torch.Tensor]':
 
 def _plain(value: Any) -> Any:
     """``value`` reduced to types torch's weights_only unpickler accepts by default."""
+    if isinstance(value, np.generic):  # first: np.float64 is also a float
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor)):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, dict):

@@ -1,0 +1,495 @@
+"""tools/fold_doconv.py and do_conv_mm.deploy: fold, verify, deploy config, batch, bad input.
+
+Tolerances: folded vs DO-Conv outputs are compared with the tool's own criterion
+max|folded - ref| <= atol + rtol * max|ref| at its fp32 defaults (atol 1e-5, rtol 1e-4; see
+do_conv_mm/deploy_verify.py): measured differences are ~1e-6 relative, a wrong fold is O(|D|) =
+O(0.1). Everything else (keys, shapes, parameter counts, metrics, file bytes) is compared exactly.
+"""
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+
+import do_conv_mm
+from do_conv_mm import deploy
+from do_conv_mm.deploy import FoldError, FoldVerificationError, build_model, fold_checkpoint
+from do_conv_mm.deploy_config import doconv_references, make_deploy_config
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / 'tools' / 'fold_doconv.py'
+TOY_DET = REPO / 'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py'
+TOY_DET_PLAIN = REPO / 'configs/toy/retinanet_r18-tiny_fpn_toy.py'
+TOY_SEG = REPO / 'configs/toy/fcn_r18-tiny-doconv-d8_toy.py'
+FRCNN = REPO / 'configs/mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py'
+PSPNET = REPO / 'configs/mmseg/pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py'
+
+sys.path.insert(0, str(REPO / 'tools'))
+import fold_doconv as fold_cli  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Random non-zero D everywhere, random BN statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, do_conv_mm.DOConv2d) and m.D is not None:
+                m.D.normal_(0, 0.1, generator=g)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+    return model
+
+
+def training_checkpoint(model: nn.Module, cfg: Config, ema_seed=None) -> dict:
+    """What mmengine's Runner saves: meta, state_dict, optimizer, message_hub, schedulers
+    (numpy scalars and HistoryBuffers included), optionally EMAHook's ema_state_dict."""
+    from mmengine.logging import MessageHub
+    hub = MessageHub.get_instance('fold_tool_test')
+    hub.update_scalar('train/loss', np.float64(0.5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ckpt = dict(
+        meta=dict(cfg=cfg.pretty_text, epoch=3, iter=30, seed=0, best_score=np.float64(0.25),
+                  dataset_meta=dict(classes=('a', 'b'), palette=[(1, 2, 3), (4, 5, 6)])),
+        state_dict=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        message_hub=hub.state_dict(),
+        param_schedulers=[dict(base_values=[0.01], last_step=30)])
+    if ema_seed is not None:
+        ema = randomise(build_model(cfg), ema_seed).state_dict()
+        ckpt['ema_state_dict'] = dict({f'module.{k}': v for k, v in ema.items()},
+                                      steps=torch.tensor(30))
+    return ckpt
+
+
+def new_checkpoint(config: Path, path: Path, seed: int = 0, ema_seed=None) -> Path:
+    return save_new_checkpoint(config, path, seed, ema_seed)[0]
+
+
+def save_new_checkpoint(config: Path, path: Path, seed: int = 0, ema_seed=None):
+    """A randomised DO-Conv training checkpoint of ``config``; returns (path, model)."""
+    cfg = Config.fromfile(str(config))
+    model = randomise(build_model(cfg), seed)
+    torch.save(training_checkpoint(model, cfg, ema_seed), path)
+    return path, model
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def plain_model(base: str) -> nn.Module:
+    """The stock model-zoo model (no DO-Conv anywhere) of an mmdet:: / mmseg:: config."""
+    return build_model(Config.fromstring(f"_base_ = '{base}'\n", '.py'))
+
+
+def assert_loads_plain(path: Path) -> dict:
+    """torch.load(weights_only=True) in a fresh interpreter without do_conv_mm's allow-list."""
+    code = ('import sys, torch; c = torch.load(sys.argv[1], weights_only=True); '
+            'print(sorted(c))')
+    done = subprocess.run([sys.executable, '-c', code, str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(path, weights_only=True)
+
+
+def fold_and_check(config: Path, tmp_path: Path, init_api, stock_base: str):
+    """Fold + verify a randomised full model; strict-load checks; returns the result."""
+    ckpt, doconv_model = save_new_checkpoint(config, tmp_path / 'train.pth', seed=1)
+    out = tmp_path / 'deploy' / 'folded.pth'
+    result = fold_checkpoint(str(config), str(ckpt), str(out), verify=True,
+                             verify_size=(64, 64), log=print)
+    # Outputs match within the stated tolerance, every one of them.
+    assert result.verify and all(d.ok for d in result.verify), result.verify
+    assert max(d.max_rel for d in result.verify) < deploy.DEFAULT_RTOL
+    folded = assert_loads_plain(out)
+    assert set(folded) == {'meta', 'state_dict'}
+    assert folded['meta']['doconv_folded'] is True
+    assert not any(k.endswith(('.D', '.weight_extra')) for k in folded['state_dict'])
+    assert doconv_references(Config.fromfile(result.out_config).to_dict()) == []
+    # The official inference API builds the deploy config and then holds exactly the folded
+    # weights under exactly the folded keys: a strict load.
+    api_model = init_api(result.out_config, str(out), device='cpu')
+    api_state = api_model.state_dict()
+    assert set(api_state) == set(folded['state_dict'])
+    assert all(torch.equal(api_state[k], v) for k, v in folded['state_dict'].items())
+    # The folded weights strict-load into the *stock* model-zoo model (no DO-Conv anywhere), and
+    # the deploy model has exactly its parameter count: inference costs what the plain one does.
+    stock = plain_model(stock_base)
+    stock.load_state_dict(folded['state_dict'], strict=True)
+    assert param_count(api_model) == param_count(stock)
+    assert param_count(api_model) < param_count(doconv_model)
+    return result
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# deploy config
+# ------------------------------------------------------------------------------------------------
+def test_make_deploy_config_removes_every_doconv_opt_in():
+    cfg = Config(dict(
+        custom_imports=dict(imports=['do_conv_mm', 'my_pkg'], allow_failed_imports=False),
+        conv_cfg=dict(type='DOConv'),
+        model=dict(type='DOConvModel', model_type='MaskRCNN', doconv=dict(include=['rpn_head']),
+                   backbone=dict(type='ResNet', conv_cfg=dict(type='DOConv2d', D_mul=12)),
+                   heads=[dict(type='H', conv_cfg=dict(type='mmdet.DOConv')),
+                          dict(type='H', conv_cfg=None)],
+                   mask_head=dict(predictor_cfg=dict(type='DOConv', D_mul=9, bias=True)))))
+    before = cfg.to_dict()
+    out = make_deploy_config(cfg).to_dict()
+    assert cfg.to_dict() == before  # the input config is not modified
+    assert out['model'] == dict(
+        type='MaskRCNN', backbone=dict(type='ResNet', conv_cfg=None),
+        heads=[dict(type='H', conv_cfg=None), dict(type='H', conv_cfg=None)],
+        mask_head=dict(predictor_cfg=dict(type='Conv2d', bias=True)))
+    assert out['conv_cfg'] is None
+    assert out['custom_imports'] == dict(imports=['my_pkg'], allow_failed_imports=False)
+    assert doconv_references(out) == []
+    only_ours = make_deploy_config(Config(dict(custom_imports=dict(imports=['do_conv_mm']),
+                                               model=dict(type='X')))).to_dict()
+    assert 'custom_imports' not in only_ours
+
+
+@pytest.mark.parametrize('config', sorted((REPO / 'configs').glob('*/*doconv*.py')),
+                         ids=lambda p: p.name)
+def test_deploy_config_of_every_shipped_config_dumps_and_reloads(config, tmp_path):
+    cfg = Config.fromfile(str(config))
+    assert doconv_references(cfg.to_dict())  # it is a DO-Conv config
+    deploy_cfg = make_deploy_config(cfg)
+    path = tmp_path / 'deploy.py'
+    deploy_cfg.dump(str(path))
+    reloaded = Config.fromfile(str(path)).to_dict()
+    assert reloaded == deploy_cfg.to_dict()
+    assert doconv_references(reloaded) == []
+    assert 'do_conv_mm' not in path.read_text()
+
+
+def _without_none_conv_cfg(node):
+    if isinstance(node, dict):
+        return {k: _without_none_conv_cfg(v) for k, v in node.items()
+                if not (k == 'conv_cfg' and v is None)}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_without_none_conv_cfg(v) for v in node)
+    return node
+
+
+@pytest.mark.parametrize('doconv, plain', [
+    (TOY_DET, TOY_DET_PLAIN), (TOY_SEG, REPO / 'configs/toy/fcn_r18-tiny-d8_toy.py')])
+def test_deploy_config_of_toy_twin_equals_the_plain_twin(doconv, plain):
+    deploy_cfg = make_deploy_config(Config.fromfile(str(doconv))).to_dict()
+    plain_cfg = Config.fromfile(str(plain)).to_dict()
+    deploy_cfg.pop('conv_cfg')  # the DO-Conv twin's top-level helper variable, now None
+    assert _without_none_conv_cfg(deploy_cfg) == _without_none_conv_cfg(plain_cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# full models
+# ------------------------------------------------------------------------------------------------
+def test_fold_and_verify_faster_rcnn(tmp_path):
+    from mmdet.apis import init_detector
+    result = fold_and_check(FRCNN, tmp_path, init_detector,
+                            'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
+    assert result.num_folded == 22  # stem + 16 bottleneck 3x3 + 4 FPN 3x3 + rpn_conv
+    names = [d.name for d in result.verify]
+    assert any(n.startswith('roi_head') for n in names)
+    assert any(n.startswith('rpn_head') for n in names)
+
+
+def test_fold_and_verify_pspnet(tmp_path):
+    from mmseg.apis import init_model
+    result = fold_and_check(PSPNET, tmp_path, init_model,
+                            'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py')
+    names = [d.name for d in result.verify]
+    assert 'decode_head' in names and 'auxiliary_head[0]' in names
+
+
+def test_verify_fails_on_a_wrong_fold_and_writes_nothing(tmp_path, monkeypatch):
+    ckpt = new_checkpoint(TOY_DET, tmp_path / 'train.pth')
+
+    def fold_ignoring_D(model, inplace=False):
+        model = copy.deepcopy(model)
+        for m in model.modules():
+            if isinstance(m, do_conv_mm.DOConv2d) and m.D is not None:
+                m.D.data.zero_()
+        return do_conv_mm.fold_doconv(model, inplace=True)
+
+    monkeypatch.setattr(deploy, 'fold_doconv', fold_ignoring_D)
+    with pytest.raises(FoldVerificationError, match='verify failed') as info:
+        fold_checkpoint(str(TOY_DET), str(ckpt), str(tmp_path / 'out.pth'), verify=True,
+                        log=lambda s: None)
+    assert max(d.max_rel for d in info.value.diffs) > 1e-2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['train.pth']
+
+
+def test_ema_folded_kept_or_deployed(tmp_path):
+    ckpt = new_checkpoint(TOY_DET, tmp_path / 'train.pth', seed=3, ema_seed=4)
+    raw = torch.load(ckpt, weights_only=False)
+    ema_plain = {k[len('module.'):]: v for k, v in raw['ema_state_dict'].items() if k != 'steps'}
+    model = build_model(Config.fromfile(str(TOY_DET)))
+    model.load_state_dict(ema_plain)
+    expected_ema = do_conv_mm.fold_doconv(model).state_dict()
+
+    kept = fold_checkpoint(str(TOY_DET), str(ckpt), str(tmp_path / 'kept.pth'), log=print)
+    assert kept.kept_ema and kept.deployed_weights == 'state_dict'
+    out = torch.load(tmp_path / 'kept.pth', weights_only=True)
+    assert out['ema_state_dict']['steps'] == 30
+    assert all(torch.equal(out['ema_state_dict'][f'module.{k}'], v)
+               for k, v in expected_ema.items())
+    assert not torch.equal(out['state_dict']['backbone.conv1.weight'],
+                           expected_ema['backbone.conv1.weight'])
+
+    used = fold_checkpoint(str(TOY_DET), str(ckpt), str(tmp_path / 'ema.pth'), use_ema=True,
+                           verify=True, log=print)
+    assert used.deployed_weights == 'ema_state_dict' and all(d.ok for d in used.verify)
+    out = torch.load(tmp_path / 'ema.pth', weights_only=True)
+    assert set(out) == {'meta', 'state_dict'}
+    assert all(torch.equal(out['state_dict'][k], v) for k, v in expected_ema.items())
+
+
+def test_slim_and_bare_checkpoints_fold_identically(tmp_path):
+    ckpt = new_checkpoint(TOY_DET, tmp_path / 'train.pth', seed=5)
+    state = torch.load(ckpt, weights_only=False)['state_dict']
+    torch.save(dict(meta=dict(epoch=1), state_dict=state), tmp_path / 'slim.pth')
+    torch.save({f'module.{k}': v for k, v in state.items()}, tmp_path / 'bare.pth')
+    outs = {}
+    for name in ('train', 'slim', 'bare'):
+        fold_checkpoint(str(TOY_DET), str(tmp_path / f'{name}.pth'),
+                        str(tmp_path / 'out' / f'{name}.pth'), log=lambda s: None)
+        outs[name] = torch.load(tmp_path / 'out' / f'{name}.pth', weights_only=True)
+    for name in ('slim', 'bare'):
+        assert list(outs[name]['state_dict']) == list(outs['train']['state_dict'])
+        assert all(torch.equal(outs[name]['state_dict'][k], v)
+                   for k, v in outs['train']['state_dict'].items())
+    assert outs['train']['meta']['best_score'] == 0.25  # numpy scalar made plain
+    assert outs['train']['meta']['dataset_meta']['classes'] == ('a', 'b')
+
+
+def test_cli_several_checkpoints_to_a_directory(tmp_path, capsys):
+    ckpts = [new_checkpoint(TOY_DET, tmp_path / f'epoch_{i}.pth', seed=i) for i in (1, 2)]
+    out_dir = tmp_path / 'deploy'
+    assert fold_cli.main([str(TOY_DET), *map(str, ckpts), str(out_dir), '--verify',
+                          '--shape', '64', '96']) == 0
+    written = sorted(p.name for p in out_dir.iterdir())
+    assert written == ['epoch_1.pth', 'epoch_2.pth', 'retinanet_r18-tiny-doconv_fpn_toy_deploy.py']
+    text = capsys.readouterr().out
+    assert text.count('verify PASS') == 2 and 'folded 24 DOConv layers' in text
+    a, b = (torch.load(out_dir / f'epoch_{i}.pth', weights_only=True)['state_dict']
+            for i in (1, 2))
+    assert not torch.equal(a['backbone.conv1.weight'], b['backbone.conv1.weight'])
+
+
+def test_cli_verify_with_an_image_through_the_test_pipeline(tmp_path, capsys):
+    from do_conv_mm.toy_data import ensure_toy_data
+    root = Path(ensure_toy_data(str(REPO / 'data' / 'toy')))
+    image = sorted((root / 'coco' / 'val').glob('*.png'))[0]
+    ckpt = new_checkpoint(TOY_DET, tmp_path / 'train.pth', seed=6)
+    assert fold_cli.main([str(TOY_DET), str(ckpt), str(tmp_path / 'f.pth'), '--verify',
+                          '--image', str(image)]) == 0
+    text = capsys.readouterr().out
+    assert 'verify PASS' in text and 'head[0][0]' in text
+
+
+# ------------------------------------------------------------------------------------------------
+# round trip through Runner training and tools/test.py on the toy data
+# ------------------------------------------------------------------------------------------------
+def _train_a_few_iterations(config: Path, work_dir: Path) -> Path:
+    """Two Runner iterations from a randomised start (random D, BN statistics): a real full
+    training checkpoint whose D are far from 0 and whose predictions are not all one class (a
+    few iterations from scratch predict only background, which any fold would reproduce)."""
+    from mmengine.runner import Runner
+    from do_conv_mm.toy_data import ensure_toy_data_for_config
+    cfg = Config.fromfile(str(config))
+    ensure_toy_data_for_config(cfg)
+    start = new_checkpoint(config, work_dir.parent / 'start.pth', seed=8)
+    cfg.load_from = str(start)
+    cfg.work_dir = str(work_dir)
+    cfg.train_dataloader.dataset.indices = 8
+    cfg.train_dataloader.batch_size = 4
+    cfg.param_scheduler = []
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=2, val_interval=100)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=2)
+    cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
+    Runner.from_cfg(cfg).train()
+    return work_dir / 'iter_2.pth'
+
+
+def _tools_test():
+    """tools/test.py as a module (its name clashes with the stdlib's ``test`` package)."""
+    spec = importlib.util.spec_from_file_location('do_conv_mm_tools_test', REPO / 'tools/test.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _test_py(config, checkpoint, work_dir: Path, *extra) -> dict:
+    metrics = _tools_test().main([str(config), str(checkpoint), '--work-dir', str(work_dir),
+                                  '--cfg-options', 'test_dataloader.dataset.indices=16', *extra])
+    saved = json.loads((work_dir / 'test_metrics.json').read_text())['metrics']
+    assert saved == pytest.approx({k: float(v) for k, v in metrics.items()})
+    return saved
+
+
+def test_round_trip_trained_toy_checkpoint_gives_identical_metrics(tmp_path):
+    """Runner-trained toy segmentor -> fold -> tools/test.py on both: identical mIoU and maps."""
+    config = TOY_SEG
+    ckpt = _train_a_few_iterations(config, tmp_path / 'train')
+    trained = torch.load(ckpt, weights_only=False)
+    assert {'optimizer', 'message_hub', 'param_schedulers'} <= set(trained)
+    d_max = max(v.abs().max().item() for k, v in trained['state_dict'].items()
+                if k.endswith('.D'))
+    assert d_max > 1e-2  # the D are not the identity: folding has work to do
+    out = tmp_path / 'folded.pth'
+    result = fold_checkpoint(str(config), str(ckpt), str(out), verify=True, log=print)
+    assert all(d.ok for d in result.verify)
+    before = _test_py(config, ckpt, tmp_path / 'before', '--out', str(tmp_path / 'maps_before'))
+    after = _test_py(result.out_config, out, tmp_path / 'after',
+                     '--out', str(tmp_path / 'maps_after'))
+    assert before == after
+    assert 0 < before['mIoU'] < 100 and before['mAcc'] != 25.0  # not a one-class prediction
+    maps = sorted((tmp_path / 'maps_before').rglob('*.png'))
+    assert len(maps) == 16
+    from PIL import Image
+    differing = total = 0
+    for path in maps:
+        a = np.asarray(Image.open(path))
+        b = np.asarray(Image.open(tmp_path / 'maps_after' / path.relative_to(
+            tmp_path / 'maps_before')))
+        differing += int((a != b).sum())
+        total += a.size
+    # Per-pixel argmax of logits that agree to ~1e-6: only exact near-ties may flip.
+    assert differing <= total * 1e-4, (differing, total)
+    assert len(np.unique(a)) > 1
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one-line error, non-zero exit, nothing written, input untouched
+# ------------------------------------------------------------------------------------------------
+def make_marker_dir(path):
+    """Called by unpickling an ``Evil``: a directory that proves code from the file ran."""
+    os.makedirs(path)
+
+
+class Evil:
+    """A meta entry whose unpickling runs code: ``via`` is called with ``marker``."""
+
+    def __init__(self, marker, via=make_marker_dir):
+        self.marker, self.via = marker, via
+
+    def __reduce__(self):
+        return self.via, (self.marker, )
+
+
+def _bad_cases(tmp: Path):
+    """name -> (config, checkpoint path, OUT, expected message fragment)."""
+    good = new_checkpoint(TOY_DET, tmp / 'good.pth', seed=7)
+    state = torch.load(good, weights_only=False)['state_dict']
+    cases = {}
+    cases['missing'] = (TOY_DET, tmp / 'nope.pth', tmp / 'o.pth', 'does not exist')
+    (tmp / 'adir').mkdir()
+    cases['directory'] = (TOY_DET, tmp / 'adir', tmp / 'o.pth', 'is a directory')
+    (tmp / 'text.pth').write_text('model weights go here\n')
+    cases['text'] = (TOY_DET, tmp / 'text.pth', tmp / 'o.pth', 'not a torch checkpoint')
+    data = good.read_bytes()
+    (tmp / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    cases['truncated'] = (TOY_DET, tmp / 'truncated.pth', tmp / 'o.pth', 'truncated or corrupt')
+    # Intact zip directory, garbage inside the pickle record (torch keeps no checksum of tensor
+    # bytes, so damage there is undetectable by any loader; the pickle stream is checked).
+    with zipfile.ZipFile(good) as archive:
+        record = next(i for i in archive.infolist() if i.filename.endswith('/data.pkl'))
+    local = record.header_offset
+    name_len, extra_len = struct.unpack('<HH', data[local + 26:local + 30])
+    start = local + 30 + name_len + extra_len
+    corrupt = bytearray(data)
+    corrupt[start + 2:start + 34] = b'\xff' * 32
+    (tmp / 'corrupt.pth').write_bytes(bytes(corrupt))
+    cases['corrupt'] = (TOY_DET, tmp / 'corrupt.pth', tmp / 'o.pth', 'corrupt')
+    missing = {k: v for k, v in state.items() if not k.startswith('bbox_head.retina_cls')}
+    torch.save(dict(state_dict=missing), tmp / 'missing_keys.pth')
+    cases['missing keys'] = (TOY_DET, tmp / 'missing_keys.pth', tmp / 'o.pth',
+                             'checkpoint does not match CONFIG: missing_keys.pth (state_dict) vs '
+                             'retinanet_r18-tiny-doconv_fpn_toy.py: 2 missing key(s) '
+                             '(bbox_head.retina_cls.weight')
+    misshaped = dict(state, **{'neck.fpn_convs.0.conv.D': torch.zeros(64, 9, 10)})
+    torch.save(dict(state_dict=misshaped), tmp / 'misshaped.pth')
+    cases['mis-shaped keys'] = (TOY_DET, tmp / 'misshaped.pth', tmp / 'o.pth',
+                                'mis-shaped key(s) (neck.fpn_convs.0.conv.D: checkpoint '
+                                '(64, 9, 10) vs CONFIG (64, 9, 9))')
+    cases['OUT is CHECKPOINT'] = (TOY_DET, good, good, 'is the same file as the input')
+    os.link(good, tmp / 'hardlink.pth')
+    cases['OUT is a hard link of CHECKPOINT'] = (TOY_DET, good, tmp / 'hardlink.pth',
+                                                 'is the same file as the input')
+    (tmp / 'afile').write_text('x')
+    cases['OUT under a file'] = (TOY_DET, good, tmp / 'afile' / 'o.pth', 'is a file, not a dir')
+    if os.geteuid() == 0:  # root writes anywhere chmod forbids; sysfs refuses even root
+        unwritable = Path('/sys/fold_doconv_test.pth')
+    else:
+        (tmp / 'ro').mkdir()
+        (tmp / 'ro').chmod(0o555)
+        unwritable = tmp / 'ro' / 'o.pth'
+    cases['unwritable OUT'] = (TOY_DET, good, unwritable, 'is not writable')
+    torch.save(dict(state_dict=state, meta=dict(hook=Evil(str(tmp / 'PWNED')))),
+               tmp / 'evil.pth')
+    cases['needs arbitrary code'] = (TOY_DET, tmp / 'evil.pth', tmp / 'o.pth',
+                                     'nothing from the file was executed')
+    # The same through a function of a module torch blocks outright (os): refused too. (The
+    # loader's message calls it corrupt for now; what matters here is that nothing runs.)
+    torch.save(dict(state_dict=state, meta=dict(hook=Evil(str(tmp / 'PWNED'), os.makedirs))),
+               tmp / 'evil_os.pth')
+    cases['needs os.makedirs'] = (TOY_DET, tmp / 'evil_os.pth', tmp / 'o.pth', 'evil_os.pth')
+    fold_checkpoint(str(TOY_DET), str(good), str(tmp / 'made' / 'folded.pth'), log=lambda s: None)
+    cases['already folded'] = (TOY_DET, tmp / 'made' / 'folded.pth', tmp / 'o.pth',
+                               'is already folded')
+    plain = {k: v for k, v in state.items() if not k.endswith('.D')}
+    torch.save(dict(state_dict=plain), tmp / 'plain.pth')
+    cases['plain checkpoint'] = (TOY_DET, tmp / 'plain.pth', tmp / 'o.pth',
+                                 'holds no DO-Conv parameters')
+    cases['config without DO-Conv'] = (TOY_DET_PLAIN, good, tmp / 'o.pth',
+                                       'builds no DO-Conv layer')
+    return cases
+
+
+def test_every_bad_input_is_refused_cleanly(tmp_path, capsys):
+    cases = _bad_cases(tmp_path)
+    for name, (config, ckpt, out, message) in cases.items():
+        inputs = {p: sha(p) for p in tmp_path.rglob('*') if p.is_file()}
+        listing = sorted(str(p) for p in tmp_path.rglob('*'))
+        code = fold_cli.main([str(config), str(ckpt), str(out)])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith('error:')]
+        assert code == 1, name
+        assert len(errors) == 1 and message in errors[0], (name, err)
+        assert 'Traceback' not in err, name
+        # nothing written (no OUT, no deploy config, no temporary file), inputs byte-identical
+        assert sorted(str(p) for p in tmp_path.rglob('*')) == listing, name
+        assert all(sha(p) == h for p, h in inputs.items()), name
+        assert not Path('/sys/fold_doconv_test.pth').exists()
+    assert not (tmp_path / 'PWNED').exists()
+
+
+def test_bad_input_from_the_command_line_exits_non_zero_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(TOOL), str(TOY_DET), str(tmp_path / 'x.pth'),
+                           str(tmp_path / 'o.pth')], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: Checkpoint '")
+    assert 'Traceback' not in done.stderr
+    assert list(tmp_path.iterdir()) == []
