@@ -358,3 +358,26 @@ def test_test_tool_reports_bad_checkpoint_in_one_line(toy_configs, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith('error: ')
     assert 'is not a torch checkpoint' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The README main command (tools/demo.py), on a tiny budget
+# ----------------------------------------------------------------------------------------------
+def test_demo_trains_evaluates_folds_and_compares(toy_configs, tmp_path):
+    import json
+    work_dir = tmp_path / 'demo'
+    # 4 images, 2 iterations, no score threshold: detections exist, so COCO metrics are computed.
+    proc = run_tool('demo.py', '--work-dir', work_dir, '--cfg-options',
+                    'train_cfg.max_epochs=1', 'train_dataloader.batch_size=2',
+                    'train_dataloader.dataset.indices=4', 'test_dataloader.dataset.indices=4',
+                    'model.test_cfg.score_thr=0.0', timeout=600)
+    with open(work_dir / 'demo_summary.json') as f:
+        summary = json.load(f)
+    assert 0.0 <= summary['doconv']['coco/bbox_mAP'] <= 1.0
+    assert 'fold tool not available' not in proc.stdout
+    # The folded model must score what the DO-Conv model scores: folding changes outputs by
+    # float rounding only (fold --verify bounds it), far below the 1e-3 resolution of COCO mAP.
+    assert summary['folded']['coco/bbox_mAP'] == pytest.approx(summary['doconv']['coco/bbox_mAP'],
+                                                              abs=1e-3)
+    assert summary['max_output_difference'] < 1e-4
+    assert 'DO-Conv' in proc.stdout and 'folded' in proc.stdout
