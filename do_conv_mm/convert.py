@@ -121,7 +121,7 @@ def convert_to_doconv(model: nn.Module,
     """Replace plain k×k ``nn.Conv2d`` layers of ``model`` by :class:`DOConv2d`, in place.
 
     Args:
-        model: any nn.Module; its direct ``nn.Conv2d`` children are reachable by name too.
+        model: any nn.Module (an mmdet detector, an mmseg segmentor, a backbone, ...).
         include: fnmatch glob(s) on ``model.named_modules()`` names; a module is selected when
             its name or an ancestor's name matches (so ``'rpn_head'`` selects the whole head).
             None selects every module.
