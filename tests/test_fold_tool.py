@@ -30,9 +30,23 @@ from do_conv_mm.deploy_config import doconv_references, make_deploy_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'fold_doconv.py'
-TOY_DET = REPO / 'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py'
-TOY_DET_PLAIN = REPO / 'configs/toy/retinanet_r18-tiny_fpn_toy.py'
-TOY_SEG = REPO / 'configs/toy/fcn_r18-tiny-doconv-d8_toy.py'
+
+
+def _toy_doconv_config(scope: str) -> Path:
+    """The DO-Conv toy config of a scope ('mmdet' / 'mmseg'); its plain twin drops '-doconv'."""
+    for path in sorted((REPO / 'configs' / 'toy').glob('*-doconv*.py')):
+        if Config.fromfile(str(path)).get('default_scope') == scope:
+            return path
+    raise FileNotFoundError(f'no DO-Conv toy config for {scope} in configs/toy')
+
+
+def _plain_twin(path: Path) -> Path:
+    return path.with_name(path.name.replace('-doconv', ''))
+
+
+TOY_DET = _toy_doconv_config('mmdet')
+TOY_DET_PLAIN = _plain_twin(TOY_DET)
+TOY_SEG = _toy_doconv_config('mmseg')
 FRCNN = REPO / 'configs/mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py'
 PSPNET = REPO / 'configs/mmseg/pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py'
 
@@ -193,9 +207,9 @@ def _without_none_conv_cfg(node):
     return node
 
 
-@pytest.mark.parametrize('doconv, plain', [
-    (TOY_DET, TOY_DET_PLAIN), (TOY_SEG, REPO / 'configs/toy/fcn_r18-tiny-d8_toy.py')])
-def test_deploy_config_of_toy_twin_equals_the_plain_twin(doconv, plain):
+@pytest.mark.parametrize('doconv', [TOY_DET, TOY_SEG], ids=['det', 'seg'])
+def test_deploy_config_of_toy_twin_equals_the_plain_twin(doconv):
+    plain = _plain_twin(doconv)
     deploy_cfg = make_deploy_config(Config.fromfile(str(doconv))).to_dict()
     plain_cfg = Config.fromfile(str(plain)).to_dict()
     deploy_cfg.pop('conv_cfg')  # the DO-Conv twin's top-level helper variable, now None
@@ -290,7 +304,7 @@ def test_cli_several_checkpoints_to_a_directory(tmp_path, capsys):
     assert fold_cli.main([str(TOY_DET), *map(str, ckpts), str(out_dir), '--verify',
                           '--shape', '64', '96']) == 0
     written = sorted(p.name for p in out_dir.iterdir())
-    assert written == ['epoch_1.pth', 'epoch_2.pth', 'retinanet_r18-tiny-doconv_fpn_toy_deploy.py']
+    assert written == ['epoch_1.pth', 'epoch_2.pth', TOY_DET.stem + '_deploy.py']
     text = capsys.readouterr().out
     assert text.count('verify PASS') == 2 and 'folded 24 DOConv layers' in text
     a, b = (torch.load(out_dir / f'epoch_{i}.pth', weights_only=True)['state_dict']
@@ -426,9 +440,8 @@ def _bad_cases(tmp: Path):
     missing = {k: v for k, v in state.items() if not k.startswith('bbox_head.retina_cls')}
     torch.save(dict(state_dict=missing), tmp / 'missing_keys.pth')
     cases['missing keys'] = (TOY_DET, tmp / 'missing_keys.pth', tmp / 'o.pth',
-                             'checkpoint does not match CONFIG: missing_keys.pth (state_dict) vs '
-                             'retinanet_r18-tiny-doconv_fpn_toy.py: 2 missing key(s) '
-                             '(bbox_head.retina_cls.weight')
+                             f'checkpoint does not match CONFIG: missing_keys.pth (state_dict) vs '
+                             f'{TOY_DET.name}: 2 missing key(s) (bbox_head.retina_cls.weight')
     misshaped = dict(state, **{'neck.fpn_convs.0.conv.D': torch.zeros(64, 9, 10)})
     torch.save(dict(state_dict=misshaped), tmp / 'misshaped.pth')
     cases['mis-shaped keys'] = (TOY_DET, tmp / 'misshaped.pth', tmp / 'o.pth',
