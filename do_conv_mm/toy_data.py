@@ -2,19 +2,23 @@
 
 One set of rendered scenes is written twice, in the two layouts OpenMMLab reads:
 
-    <root>/coco/{train,val}/NNNNNN.png                    RGB images (H, W, 3), uint8
-    <root>/coco/annotations/instances_{train,val}.json    COCO boxes + polygon masks (mmdet CocoDataset)
-    <root>/seg/img_dir/{train,val}/NNNNNN.png             the same images
-    <root>/seg/ann_dir/{train,val}/NNNNNN.png             label maps (H, W) uint8: 0 background, 1..3
-    <root>/toy_data.json                                  settings + file counts, written last
+    <root>/coco/{train,val}/NNNNNN.png                  RGB images (H, W, 3), uint8
+    <root>/coco/annotations/instances_{train,val}.json  COCO boxes + polygons (mmdet CocoDataset)
+    <root>/seg/img_dir/{train,val}/NNNNNN.png           the same images
+    <root>/seg/ann_dir/{train,val}/NNNNNN.png           label maps (H, W) uint8: 0 background, 1..3
+    <root>/toy_data.json                                settings + file counts, written last
+
+Shapes have saturated colours whose hue is centred on their class with overlapping ranges, so
+colour is a cue and shape (circle / square / triangle, rotated) resolves the overlap; backgrounds
+are desaturated.
 
 Invariants: each scene is drawn from its own RNG seeded by (seed, split, index), so generation is
-byte-identical on re-run and a smaller ``num_train`` yields a prefix of a larger one. Shapes are drawn
-in order; later shapes occlude earlier ones, and a placement is rejected when it would leave an
-earlier shape less than ``MIN_VISIBLE`` visible or punch a hole into it (COCO polygons cannot hold
-holes). Boxes and areas are those of the *visible* mask; label maps hold the visible class per pixel.
-Everything is written into a temporary sibling directory and renamed into place, so ``root`` is
-either absent or complete.
+byte-identical on re-run and a smaller ``num_train`` yields a prefix of a larger one. Shapes are
+drawn in order; later shapes occlude earlier ones, and a placement is rejected when it would leave
+an earlier shape less than ``MIN_VISIBLE`` visible or punch a hole into it (COCO polygons cannot
+hold holes). Boxes and areas are those of the *visible* mask; label maps hold the visible class per
+pixel. Everything is written into a temporary sibling directory and renamed into place, so ``root``
+is either absent or complete.
 """
 import json
 import os
@@ -32,11 +36,12 @@ __all__ = ['CLASSES', 'SEG_CLASSES', 'SEG_PALETTE', 'DEFAULT_ROOT', 'ensure_toy_
 CLASSES = ('circle', 'square', 'triangle')
 SEG_CLASSES = ('background', ) + CLASSES
 SEG_PALETTE = [[0, 0, 0], [220, 20, 60], [0, 128, 255], [255, 200, 0]]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = 'toy_data.json'
 # data/toy inside the repository checkout (the package lives at <repo>/do_conv_mm).
 DEFAULT_ROOT = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'data', 'toy')
 
+HUE_JITTER = 0.25  # shape hue = class / 3 ± this: colour hints at the class, shape must decide
 MIN_VISIBLE = 0.5  # an earlier shape must keep at least this share of its pixels visible
 MIN_AREA = 24  # pixels; smaller visible regions are rejected
 MAX_TRIES = 20  # placements tried per shape before the shape is skipped
@@ -59,10 +64,10 @@ def toy_settings(num_train: int = 200, num_val: int = 50, img_size: int = 128,
 # Rendering
 # --------------------------------------------------------------------------------------------
 def _hsv_colour(rng: np.random.Generator, sat: Tuple[float, float],
-                val: Tuple[float, float]) -> np.ndarray:
-    """A random RGB colour (3,) float in [0, 255] with saturation/value drawn from the ranges."""
+                val: Tuple[float, float], hue: Tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """A random RGB colour (3,) float in [0, 255]; hue (mod 1), saturation, value in the ranges."""
     import colorsys
-    h = rng.uniform(0, 1)
+    h = rng.uniform(*hue) % 1.0
     s = rng.uniform(*sat)
     v = rng.uniform(*val)
     return np.array(colorsys.hsv_to_rgb(h, s, v)) * 255.0
@@ -135,7 +140,10 @@ def render_scene(seed: int, split: str, index: int, img_size: int = 128
     classes: List[int] = []
     for _ in range(int(rng.integers(1, 6))):
         cls = int(rng.integers(len(CLASSES)))
-        colour = _hsv_colour(rng, (0.6, 1.0), (0.55, 1.0))
+        # Neighbouring classes' hue ranges overlap by a third: colour is a cue, not the answer.
+        centre = cls / len(CLASSES)
+        colour = _hsv_colour(rng, (0.6, 1.0), (0.55, 1.0),
+                             (centre - HUE_JITTER, centre + HUE_JITTER))
         for _try in range(MAX_TRIES):
             mask = _shape_mask(rng, cls, img_size)
             if mask.sum() < MIN_AREA:
@@ -244,6 +252,8 @@ def is_complete(root: str, settings: Optional[Dict] = None) -> bool:
     marker = _read_marker(root)
     if marker is None or (settings is not None and marker.get('settings') != settings):
         return False
+    if marker.get('settings', {}).get('format_version') != FORMAT_VERSION:
+        return False  # written by an older generator
     return all(osp.isfile(osp.join(root, f)) for f in _expected_files(marker['settings']))
 
 

@@ -12,7 +12,7 @@ from do_conv_mm.toy_data import (CLASSES, DEFAULT_ROOT, SEG_CLASSES, ensure_toy_
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY_CONFIGS = osp.join(REPO, 'configs', 'toy')
 DET_CONFIGS = ['retinanet_r18-tiny_fpn_toy.py', 'retinanet_r18-tiny-doconv_fpn_toy.py']
-SEG_CONFIGS = ['fcn_r18-tiny-d8_toy.py', 'fcn_r18-tiny-doconv-d8_toy.py']
+SEG_CONFIGS = ['fpn_r18-tiny_toy.py', 'fpn_r18-tiny-doconv_toy.py']
 SMALL = dict(num_train=12, num_val=4, img_size=96)
 
 
@@ -42,7 +42,8 @@ def small_root(tmp_path_factory):
 def test_generation_is_byte_identical_and_prefix_stable(tmp_path, small_root):
     again = generate_toy_data(str(tmp_path / 'again'), **SMALL)
     first, second = _tree(small_root), _tree(again)
-    assert len(first) == 3 * (SMALL['num_train'] + SMALL['num_val']) + 3  # 3 PNGs each + 2 jsons + marker
+    # 3 PNGs per scene + 2 COCO jsons + the marker.
+    assert len(first) == 3 * (SMALL['num_train'] + SMALL['num_val']) + 3
     assert first == second
     # Each scene has its own RNG: fewer images give a prefix of the same images.
     fewer = generate_toy_data(str(tmp_path / 'fewer'), num_train=5, num_val=2, img_size=96)

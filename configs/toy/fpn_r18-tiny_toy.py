@@ -1,6 +1,6 @@
-# Plain-conv FCN on the bundled toy shapes (128 px; background + 3 classes); trains on 2 CPU cores
-# in minutes. Twin of fcn_r18-tiny-doconv-d8_toy.py, which changes nothing but the convs.
-# Tiny = ResNetV1c-18 layout with 16 base channels (output stride 8), no pretrained weights.
+# Plain-conv Semantic FPN on the bundled toy shapes (128 px; background + 3 classes); trains on
+# 2 CPU cores in minutes. Twin of fpn_r18-tiny-doconv_toy.py, which changes nothing but the convs.
+# Tiny = ResNetV1c-18 layout with 16 base channels, 64-channel FPN + FPNHead, no pretrained weights.
 default_scope = 'mmseg'
 
 # Generated on demand by `python tools/make_toy_data.py` (or do_conv_mm.toy_data.ensure_toy_data).
@@ -29,19 +29,19 @@ model = dict(
         base_channels=16,
         num_stages=4,
         out_indices=(0, 1, 2, 3),
-        dilations=(1, 1, 2, 4),
-        strides=(1, 2, 1, 1),
+        dilations=(1, 1, 1, 1),
+        strides=(1, 2, 2, 2),
         norm_cfg=norm_cfg,
         norm_eval=False,
         style='pytorch',
         contract_dilation=True),
+    neck=dict(type='FPN', in_channels=[16, 32, 64, 128], out_channels=64, num_outs=4),
     decode_head=dict(
-        type='FCNHead',
-        in_channels=128,
-        in_index=3,
+        type='FPNHead',
+        in_channels=[64, 64, 64, 64],
+        in_index=[0, 1, 2, 3],
+        feature_strides=[4, 8, 16, 32],
         channels=64,
-        num_convs=2,
-        concat_input=True,
         dropout_ratio=0.1,
         num_classes=len(classes),
         norm_cfg=norm_cfg,
