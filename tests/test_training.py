@@ -4,6 +4,7 @@ Tiny settings throughout (4 training images, batch 2, a handful of iterations; c
 few steps visibly lower the loss). One trained work dir per task is shared by the resume and test
 checks (module-scoped fixtures). Tools run as subprocesses, as a user runs them.
 """
+import glob
 import math
 import os.path as osp
 import pickle
@@ -22,8 +23,19 @@ from do_conv_mm import CheckpointError, allow_mmengine_checkpoint_types, load_ch
 from training_helpers import (REPO, free_port, logged_scalars, run, run_tool,  # noqa: E402
                               train_losses)
 
-DET_CFG = osp.join(REPO, 'configs', 'toy', 'retinanet_r18-tiny-doconv_fpn_toy.py')
-SEG_CFG = osp.join(REPO, 'configs', 'toy', 'fcn_r18-tiny-doconv-d8_toy.py')
+
+
+def _toy_doconv_config(scope):
+    """The one DO-Conv toy config (configs/toy/*doconv*.py) of ``scope``."""
+    from mmengine.config import Config
+    found = [path for path in sorted(glob.glob(osp.join(REPO, 'configs', 'toy', '*doconv*.py')))
+             if Config.fromfile(path).get('default_scope') == scope]
+    assert len(found) == 1, f'expected one DO-Conv toy config for {scope}, found {found}'
+    return found[0]
+
+
+DET_CFG = _toy_doconv_config('mmdet')
+SEG_CFG = _toy_doconv_config('mmseg')
 
 # Overrides that make each toy config a seconds-long run: 4 images, batch 2, no warm-up, raw
 # per-iteration losses in the log (window 1). Evaluation uses 4 val images.
@@ -34,6 +46,7 @@ test_dataloader = dict(batch_size=2, dataset=dict(indices=4))
 param_scheduler = []
 log_processor = dict(window_size=1)
 """
+NO_VAL = ('val_cfg=None', 'val_dataloader=None', 'val_evaluator=None')  # --cfg-options: skip val
 TINY_DET = f"""_base_ = {DET_CFG!r}
 {TINY_COMMON}
 # 2 iterations per epoch: 4 epochs = 8 iterations, checkpoints at epochs 2 and 4.
@@ -106,7 +119,7 @@ def test_detection_resume_continues(det_run, toy_configs, tmp_path):
     work_dir = str(tmp_path / 'work')
     shutil.copytree(det_run, work_dir)
     proc = run_tool('train.py', toy_configs['det'], '--work-dir', work_dir, '--resume',
-                    '--cfg-options', 'train_cfg.max_epochs=6')
+                    '--cfg-options', 'train_cfg.max_epochs=6', *NO_VAL)
     assert 'resumed epoch: 4, iter: 8' in proc.stdout + proc.stderr
     checkpoint = load_checkpoint_file(osp.join(work_dir, 'epoch_6.pth'))
     assert checkpoint['meta']['epoch'] == 6 and checkpoint['meta']['iter'] == 12
@@ -130,7 +143,7 @@ def test_detection_test_tool_reports_metric(det_run, toy_configs, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Segmentation (mmseg FCN, DO-Conv backbone and head convs)
+# Segmentation (the mmseg toy segmentor, DO-Conv backbone/neck/head convs)
 # ----------------------------------------------------------------------------------------------
 def test_segmentation_trains_and_writes_checkpoints(seg_run):
     _assert_loss_decreases(seg_run, iters=8)
@@ -145,7 +158,7 @@ def test_segmentation_resume_from_given_checkpoint(seg_run, toy_configs, tmp_pat
     work_dir = str(tmp_path / 'work')
     proc = run_tool('train.py', toy_configs['seg'], '--work-dir', work_dir,
                     '--resume', osp.join(seg_run, 'iter_8.pth'),
-                    '--cfg-options', 'train_cfg.max_iters=10')
+                    '--cfg-options', 'train_cfg.max_iters=10', *NO_VAL)
     assert 'resumed epoch: 0, iter: 8' in proc.stdout + proc.stderr
     assert [i for i, _ in train_losses(work_dir)] == [9, 10]
     assert load_checkpoint_file(osp.join(work_dir, 'iter_10.pth'))['meta']['iter'] == 10
@@ -180,7 +193,7 @@ default_hooks = dict(checkpoint=dict(interval=3))
     load = lambda rank, tag: torch.load(  # noqa: E731
         osp.join(work_dir, f'doconv_params_rank{rank}_{tag}.pth'), weights_only=True)
     final0, final1, init0 = load(0, 'final'), load(1, 'final'), load(0, 'init')
-    assert len(final0) >= 2 * 20  # D and weight of every k×k DOConv (ResNetV1c-18 + FCN head)
+    assert len(final0) >= 2 * 20  # D and weight of every k×k DOConv (ResNetV1c-18 alone has 19)
     assert final0.keys() == final1.keys() == init0.keys()
     for name in final0:
         # DDP all-reduces gradients and both ranks step the same optimizer: bit-identical.
@@ -213,7 +226,7 @@ def test_amp_flag_trains_detector_with_bf16_on_cpu(toy_configs, tmp_path):
     work_dir = str(tmp_path / 'work')
     proc = run_tool('train.py', toy_configs['det'], '--amp', '--work-dir', work_dir,
                     '--cfg-options', 'train_cfg.max_epochs=1', 'default_hooks.checkpoint.interval=1',
-                    'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None')
+                    *NO_VAL)
     assert 'bfloat16 CPU autocast' in proc.stdout + proc.stderr
     losses = train_losses(work_dir)
     assert len(losses) == 2 and all(math.isfinite(v) for _, v in losses)

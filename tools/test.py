@@ -86,19 +86,24 @@ def enable_tta(cfg) -> None:
     cfg.model = cfg.tta_model
 
 
-def add_output(cfg, runner_or_none, out: str):
-    """--out as upstream: a DumpDetResults metric (mmdet) or IoUMetric's output_dir (mmseg)."""
-    if cfg.get('default_scope') == 'mmseg':
-        if runner_or_none is None:
-            cfg.test_evaluator['output_dir'] = out
-            cfg.test_evaluator['keep_results'] = True
-        return
-    if runner_or_none is None:
-        if not out.endswith(('.pkl', '.pickle')):
-            raise ToolError(f'--out {out!r}: the dump file must end in .pkl or .pickle.')
-        return
-    from mmdet.evaluation import DumpDetResults
-    runner_or_none.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
+def request_output(cfg, out: str) -> None:
+    """--out, config side: mmseg's IoUMetric writes prediction maps to ``out``."""
+    scope = cfg.get('default_scope')
+    if scope == 'mmseg':
+        cfg.test_evaluator['output_dir'] = out
+        cfg.test_evaluator['keep_results'] = True
+    elif scope != 'mmdet':
+        raise ToolError(f'--out supports mmdet and mmseg configs; this config\'s default_scope '
+                        f'is {scope!r}. Drop --out.')
+    elif not out.endswith(('.pkl', '.pickle')):
+        raise ToolError(f'--out {out!r}: the dump file must end in .pkl or .pickle.')
+
+
+def attach_output(cfg, runner, out: str) -> None:
+    """--out, runner side: mmdet dumps predictions through a DumpDetResults metric."""
+    if cfg.get('default_scope') == 'mmdet':
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
 
 
 def main(argv=None):
@@ -113,13 +118,13 @@ def main(argv=None):
         if args.tta:
             enable_tta(cfg)
         if args.out is not None:
-            add_output(cfg, None, args.out)
+            request_output(cfg, args.out)
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
     except (ToolError, CheckpointError) as error:
         sys.exit(f'error: {error}')
     if args.out is not None:
-        add_output(cfg, runner, args.out)
+        attach_output(cfg, runner, args.out)
     metrics = runner.test()
     if is_main_process():
         path = osp.join(runner.work_dir, METRICS_FILE)
