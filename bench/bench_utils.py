@@ -1,0 +1,192 @@
+"""Shared benchmark plumbing: device/thread setup, interleaved timing, robust stats, Markdown.
+
+Every benchmark in ``bench/`` compares variants *in one process, interleaved*: each repetition
+times every variant once, and the order alternates between repetitions (ABBA...), so slow drift
+of the machine (other processes, thermal state) hits all variants alike. Reported numbers are
+medians with the inter-quartile range (IQR) beside them; ratios are medians of the per-repetition
+ratios against the reference variant, so they pair measurements taken moments apart.
+
+Import this module before torch: it sets ``OMP_WAIT_POLICY=PASSIVE`` (unless already set) so idle
+OpenMP threads sleep instead of spinning. On a shared, oversubscribed CPU spinning threads steal
+the cores the working ones need (measured here: a small CNN step 14x slower with spinning); on a
+dedicated machine set ``OMP_WAIT_POLICY=ACTIVE`` to get the usual default back.
+"""
+import os
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import importlib.metadata as metadata  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Callable, Dict, List, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line and environment
+# ------------------------------------------------------------------------------------------------
+def add_common_args(parser: argparse.ArgumentParser,
+                    threads: int = 2) -> argparse.ArgumentParser:
+    """--device, --amp, --threads, --quick, --out-dir: the same shape in every benchmark."""
+    parser.add_argument('--device', default='cpu',
+                        help='torch device to run on, e.g. cpu (default), cuda, cuda:1')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision (fp16 autocast with loss scaling); needs --device cuda')
+    parser.add_argument('--threads', type=int, default=threads,
+                        help=f'torch intra-op threads (torch.set_num_threads); default {threads}')
+    parser.add_argument('--quick', action='store_true',
+                        help='fewer repetitions: a smoke run in a few minutes, noisier numbers')
+    parser.add_argument('--out-dir', default=RESULTS_DIR,
+                        help=f'where the Markdown/PNG results go (default {RESULTS_DIR})')
+    return parser
+
+
+def setup_run(args: argparse.Namespace) -> torch.device:
+    """Apply --threads, validate --device / --amp; returns the device."""
+    if args.threads < 1:
+        raise SystemExit(f'--threads must be >= 1, got {args.threads}.')
+    torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise SystemExit(f'--device {args.device!r} is not a torch device ({err}); '
+                         f'use cpu or cuda[:N].') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f'--device {args.device} asked for CUDA, but torch {torch.__version__} '
+                         f'sees no CUDA device here; run with --device cpu.')
+    if device.type not in ('cpu', 'cuda'):
+        raise SystemExit(f'--device {args.device}: only cpu and cuda are supported.')
+    if getattr(args, 'amp', False) and device.type != 'cuda':
+        raise SystemExit('--amp (fp16 autocast + loss scaling) is a CUDA measurement; '
+                         'add --device cuda or drop --amp.')
+    os.makedirs(args.out_dir, exist_ok=True)
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so wall-clock timings cover it (no-op on CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return 'not installed'
+
+
+def environment_lines(args: argparse.Namespace, device: torch.device) -> List[str]:
+    """Markdown bullet lines describing machine, software and run settings."""
+    if device.type == 'cuda':
+        hw = f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
+    else:
+        hw = f'{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs'
+    try:
+        load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
+    except OSError:
+        load = 'n/a'
+    precision = 'AMP (fp16 autocast, loss scaling)' if getattr(args, 'amp', False) else 'fp32'
+    pkgs = ', '.join(f'{d} {_version(d)}' for d in
+                     ('torch', 'mmengine', 'mmcv', 'mmdet', 'mmsegmentation', 'do_conv_mm',
+                      'scikit-learn'))
+    return [
+        f'- Date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M}',
+        f'- Machine: {platform.node()}, {platform.platform()}; {hw}',
+        f'- Python {platform.python_version()}; {pkgs}',
+        f'- Device: {device}; precision: {precision}; torch threads: {torch.get_num_threads()}; '
+        f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}',
+        f'- Load average (1/5/15 min) at the end of the run: {load}',
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Interleaved timing and statistics
+# ------------------------------------------------------------------------------------------------
+def interleaved_times(steps: Dict[str, Callable[[], None]], reps: int, warmup: int,
+                      device: torch.device, progress: bool = True):
+    """Time each callable ``reps`` times, interleaved, after ``warmup`` untimed rounds.
+
+    Round r runs the variants in insertion order when r is even and reversed when r is odd
+    (ABBA...), so a variant is never systematically first or last. Returns two dicts of seconds
+    per call, ``(wall, cpu)``: wall-clock time, and the CPU time of this process over the call
+    (``time.process_time``, all threads). On a shared machine the CPU time is the steadier one:
+    it does not count time the process waited for a core. On CUDA only wall time is meaningful.
+    """
+    names = list(steps)
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for r in range(warmup + reps):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steps[name]()
+            synchronize(device)
+            if r >= warmup:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        if progress:
+            tag = 'warm-up' if r < warmup else f'rep {r - warmup + 1}/{reps}'
+            last = ', '.join(f'{n} {wall[n][-1]:.3f}s (cpu {cpu[n][-1]:.3f}s)' for n in names
+                             if r >= warmup)
+            print(f'  [{tag}] {last}', flush=True)
+    return wall, cpu
+
+
+def quartiles(values: Sequence[float]):
+    """(q1, median, q3) with linear interpolation; a single value gives (v, v, v)."""
+    vals = sorted(values)
+    if len(vals) == 1:
+        return vals[0], vals[0], vals[0]
+    q1, q2, q3 = statistics.quantiles(vals, n=4, method='inclusive')
+    return q1, q2, q3
+
+
+def median_iqr(values: Sequence[float]):
+    """(median, IQR = q3 - q1)."""
+    q1, q2, q3 = quartiles(values)
+    return q2, q3 - q1
+
+
+def paired_ratios(times: Dict[str, List[float]], reference: str) -> Dict[str, List[float]]:
+    """Per-repetition ratios t_variant / t_reference (the pairs were timed moments apart)."""
+    ref = times[reference]
+    return {name: [a / b for a, b in zip(vals, ref)] for name, vals in times.items()}
+
+
+def fmt_med(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
+    """'median (IQR x)' formatted with ``digits`` decimals after multiplying by ``scale``."""
+    med, iqr = median_iqr([v * scale for v in values])
+    return f'{med:.{digits}f} (IQR {iqr:.{digits}f})'
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown output
+# ------------------------------------------------------------------------------------------------
+def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; cells are str()-ed."""
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def write_markdown(path: str, title: str, sections: Sequence[str]) -> None:
+    """Write ``# title`` and the sections, via a temporary file (no half-written results)."""
+    text = f'# {title}\n\n' + '\n\n'.join(s.strip('\n') for s in sections) + '\n'
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+    print(f'wrote {path}')
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command that produced a result file, as a Markdown code span."""
+    return '`python ' + ' '.join(argv) + '`'
