@@ -111,7 +111,8 @@ def build_model(cfg: Config) -> nn.Module:
 
 def _doconv_layers(model: nn.Module) -> List[str]:
     """Names of the DOConv2d layers that carry D (1x1 ones are plain convs already)."""
-    return [name for name, m in model.named_modules() if isinstance(m, DOConv2d) and m.D is not None]
+    return [name for name, m in model.named_modules()
+            if isinstance(m, DOConv2d) and m.D is not None]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,8 +168,8 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
     present = [layer for layer in layers if f'{layer}.D' in state_dict]
     if not present:
         if isinstance(meta, dict) and meta.get('doconv_folded'):
-            raise FoldError(f'{name} is already folded (meta["doconv_folded"] is set by this tool); '
-                            f'use it as is with its deploy config, there is nothing to fold.')
+            raise FoldError(f'{name} is already folded (its meta["doconv_folded"] is set by this '
+                            f'tool); use it as is with its deploy config, there is nothing to fold.')
         raise FoldError(f'{name} ({what}) holds no DO-Conv parameters (no ".D" for any of the '
                         f'{len(layers)} DOConv layers {config_name} builds): it is already '
                         f'folded or a plain-conv checkpoint, so there is nothing to fold; use it '
