@@ -169,7 +169,7 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
     if not present:
         if isinstance(meta, dict) and meta.get('doconv_folded'):
             raise FoldError(f'{name} is already folded (its meta["doconv_folded"] is set by this '
-                            f'tool); use it as is with its deploy config, there is nothing to fold.')
+                            f'tool); use it as is with its deploy config: nothing to fold.')
         raise FoldError(f'{name} ({what}) holds no DO-Conv parameters (no ".D" for any of the '
                         f'{len(layers)} DOConv layers {config_name} builds): it is already '
                         f'folded or a plain-conv checkpoint, so there is nothing to fold; use it '
