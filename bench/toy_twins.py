@@ -61,15 +61,29 @@ def run_one(config: str, seed: int, work_dir: str) -> None:
     if not keeper.metrics:
         raise RuntimeError(f'{config}: training finished without a validation result; the '
                            'toy configs validate at the last epoch/iteration (val_interval)')
-    result = dict(config=config, seed=seed, wall_s=wall,
-                  metrics={k: float(v) for k, v in keeper.metrics.items()
-                           if isinstance(v, (int, float))})
+    metrics = {}
+    for key, value in keeper.metrics.items():
+        try:  # CocoMetric gives floats, IoUMetric numpy scalars
+            metrics[key] = float(value)
+        except (TypeError, ValueError):
+            pass  # non-scalar entries (e.g. per-class tables)
+    result = dict(config=config, seed=seed, wall_s=wall, metrics=metrics)
     with open(osp.join(work_dir, 'result.json'), 'w') as f:
         json.dump(result, f, indent=2)
 
 
 def _run_dir(work_dir, task, variant, seed):
     return osp.join(work_dir, task, variant, f'seed{seed}')
+
+
+def _load_result(result_file, metric):
+    """A finished run's result dict, or None when missing or lacking ``metric``."""
+    try:
+        with open(result_file) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return result if metric in result.get('metrics', {}) else None
 
 
 def _mean_std(values):
@@ -148,7 +162,8 @@ def main(argv=None):
     for i, (task, variant, seed) in enumerate(plan, 1):
         run_dir = _run_dir(args.work_dir, task, variant, seed)
         result_file = osp.join(run_dir, 'result.json')
-        if args.rerun or not osp.isfile(result_file):
+        metric = TWINS[task]['metric']
+        if args.rerun or _load_result(result_file, metric) is None:
             os.makedirs(run_dir, exist_ok=True)
             config = osp.join(REPO, TWINS[task][variant])
             print(f'[{i}/{len(plan)}] {task} {variant} seed {seed}: training '
@@ -161,12 +176,11 @@ def main(argv=None):
             if proc.returncode != 0:
                 sys.exit(f'error: {task} {variant} seed {seed} failed (exit {proc.returncode});'
                          f' see {osp.join(run_dir, "stdout.log")}')
-        with open(result_file) as f:
-            results[(task, variant, seed)] = json.load(f)
-        r = results[(task, variant, seed)]
-        print(f'[{i}/{len(plan)}] {task} {variant} seed {seed}: '
-              f'{TWINS[task]["metric"]} = {r["metrics"][TWINS[task]["metric"]]:.4f}, '
-              f'{r["wall_s"]:.0f} s', flush=True)
+        r = results[(task, variant, seed)] = _load_result(result_file, metric)
+        if r is None:
+            sys.exit(f'error: {result_file} holds no {metric}; see the run log next to it')
+        print(f'[{i}/{len(plan)}] {task} {variant} seed {seed}: {metric} = '
+              f'{r["metrics"][metric]:.4f}, {r["wall_s"]:.0f} s', flush=True)
     write_report(results, args.seeds, args.tasks, args.out, args.threads)
     print(f'report written to {args.out}')
 
