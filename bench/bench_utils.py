@@ -187,6 +187,14 @@ def write_markdown(path: str, title: str, sections: Sequence[str]) -> None:
     print(f'wrote {path}')
 
 
+def results_name(stem: str, models: Sequence[str], default: Sequence[str]) -> str:
+    """``stem.md`` for the default model set, else ``stem_<model>_<model>.md`` (runs split by
+    model do not overwrite each other)."""
+    if list(models) == list(default):
+        return f'{stem}.md'
+    return f'{stem}_' + '_'.join(models) + '.md'
+
+
 def command_line(argv: Sequence[str]) -> str:
     """The command that produced a result file, as a Markdown code span."""
     return '`python ' + ' '.join(argv) + '`'

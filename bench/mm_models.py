@@ -86,7 +86,7 @@ def build_model(name: str, doconv: bool, device='cpu', seed: int = 0) -> nn.Modu
 
 @torch.no_grad()
 def randomize_D(model: nn.Module, std: float = 0.01, seed: int = 0) -> int:
-    """Fill every DO-Conv D with N(0, std²) draws (a trained-like, non-identity D).
+    """Fill every DO-Conv D with N(0, std²) draws (a trained-like, non-identity D; 0 resets).
 
     Returns the number of DO-Conv layers with a D (1×1 layers have none).
     """

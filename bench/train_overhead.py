@@ -22,7 +22,8 @@ Also profiles where the overhead goes (composition forward/backward per layer, c
 Writes bench/results/train_overhead.md.
 """
 from bench_utils import add_common_args, command_line, environment_lines, fmt_med, md_table, \
-    median_iqr, paired_ratios, setup_run, write_markdown, interleaved_times  # first: OMP policy
+    median_iqr, paired_ratios, setup_run, write_markdown, results_name, \
+    interleaved_times  # first: sets OMP_WAIT_POLICY before torch loads OpenMP
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -39,9 +40,12 @@ TARGET_TIME, TARGET_MEM = 1.02, 1.05
 PROBE_TAG = 'MEMORY_PROBE '
 
 
+DEFAULT_MODELS = ['faster_rcnn', 'pspnet']
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', default=['faster_rcnn', 'pspnet'],
+    parser.add_argument('--models', nargs='+', default=DEFAULT_MODELS,
                         choices=sorted(mm_models.MODEL_ZOO))
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--size', type=int, default=512, help='square image side (default 512)')
@@ -208,8 +212,9 @@ def main(argv=None):
                  for v, m in twins.items()}
         wall, cpu = interleaved_times(steps, args.reps, args.warmup, device)
         t_table, t_sum = time_section(name, wall, cpu, device)
-        body = [f'## {title}', f'{len(mm_models.doconv_layers(twins["doconv"]))} DO-Conv layers '
-                f'with D; D parameters: {sum(m.D.numel() for m in mm_models.doconv_layers(twins["doconv"]))}.',
+        layers = mm_models.doconv_layers(twins['doconv'])
+        body = [f'## {title}', f'{len(layers)} DO-Conv layers with D '
+                f'({sum(m.D.numel() for m in layers)} D parameters).',
                 '### Step time\n\n' + t_table]
         if not args.no_profile:
             print(f'== {title}: composition profile', flush=True)
@@ -233,8 +238,8 @@ def main(argv=None):
         ['model', 'step time (wall)', 'step time (CPU)', 'peak memory',
          'peak memory above start'], summary_rows)
         + f'\n\nTargets: time ≤ {TARGET_TIME}, memory ≤ {TARGET_MEM}.')
-    write_markdown(os.path.join(args.out_dir, 'train_overhead.md'),
-                   'Training overhead of DO-Conv', sections)
+    out = results_name('train_overhead', args.models, DEFAULT_MODELS)
+    write_markdown(os.path.join(args.out_dir, out), 'Training overhead of DO-Conv', sections)
 
 
 if __name__ == '__main__':
