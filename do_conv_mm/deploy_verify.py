@@ -193,10 +193,11 @@ def format_diffs(diffs: List[OutputDiff], atol: float, rtol: float) -> str:
         shape = 'x'.join(str(s) for s in d.shape)
         lines.append(f'{d.name:<{width}}  {shape:<20} {d.scale:10.3e} {d.max_abs:10.3e} '
                      f'{d.max_rel:10.3e}{"" if d.ok else "  FAIL"}')
-    worst = max(diffs, key=lambda d: d.max_rel)
+    worst_abs = max(diffs, key=lambda d: d.max_abs)
+    worst_rel = max(diffs, key=lambda d: d.max_rel)
     failed = sum(not d.ok for d in diffs)
     verdict = 'PASS' if not failed else f'FAIL ({failed} of {len(diffs)} outputs)'
-    lines.append(f'verify {verdict}: {len(diffs)} outputs, worst max abs {worst.max_abs:.3e}, '
-                 f'max rel {worst.max_rel:.3e} ({worst.name}); tolerance max abs <= '
-                 f'{atol:g} + {rtol:g} * max|ref|')
+    lines.append(f'verify {verdict}: {len(diffs)} outputs, worst max abs {worst_abs.max_abs:.3e} '
+                 f'({worst_abs.name}), worst max rel {worst_rel.max_rel:.3e} ({worst_rel.name}); '
+                 f'tolerance max abs <= {atol:g} + {rtol:g} * max|ref|')
     return '\n'.join(lines)
