@@ -356,16 +356,15 @@ def _tools_test():
 
 
 def _test_py(config, checkpoint, work_dir: Path, *extra) -> dict:
+    """tools/test.py CONFIG CHECKPOINT on the first 12 toy val images; the metrics it saved."""
     metrics = _tools_test().main([str(config), str(checkpoint), '--work-dir', str(work_dir),
-                                  '--cfg-options', 'test_dataloader.dataset.indices=16', *extra])
+                                  *extra, '--cfg-options', 'test_dataloader.dataset.indices=12'])
     saved = json.loads((work_dir / 'test_metrics.json').read_text())['metrics']
     assert saved == pytest.approx({k: float(v) for k, v in metrics.items()})
     return saved
 
 
-def test_round_trip_trained_toy_checkpoint_gives_identical_metrics(tmp_path):
-    """Runner-trained toy segmentor -> fold -> tools/test.py on both: identical mIoU and maps."""
-    config = TOY_SEG
+def _fold_trained(config: Path, tmp_path: Path):
     ckpt = _train_a_few_iterations(config, tmp_path / 'train')
     trained = torch.load(ckpt, weights_only=False)
     assert {'optimizer', 'message_hub', 'param_schedulers'} <= set(trained)
@@ -375,13 +374,18 @@ def test_round_trip_trained_toy_checkpoint_gives_identical_metrics(tmp_path):
     out = tmp_path / 'folded.pth'
     result = fold_checkpoint(str(config), str(ckpt), str(out), verify=True, log=print)
     assert all(d.ok for d in result.verify)
-    before = _test_py(config, ckpt, tmp_path / 'before', '--out', str(tmp_path / 'maps_before'))
-    after = _test_py(result.out_config, out, tmp_path / 'after',
-                     '--out', str(tmp_path / 'maps_after'))
+    return ckpt, out, result.out_config
+
+
+def test_round_trip_trained_toy_segmentor_gives_identical_metrics(tmp_path):
+    """Runner-trained toy segmentor -> fold -> tools/test.py on both: identical mIoU and maps."""
+    ckpt, out, deploy_config = _fold_trained(TOY_SEG, tmp_path)
+    before = _test_py(TOY_SEG, ckpt, tmp_path / 'before', '--out', str(tmp_path / 'maps_before'))
+    after = _test_py(deploy_config, out, tmp_path / 'after', '--out', str(tmp_path / 'maps_after'))
     assert before == after
     assert 0 < before['mIoU'] < 100 and before['mAcc'] != 25.0  # not a one-class prediction
     maps = sorted((tmp_path / 'maps_before').rglob('*.png'))
-    assert len(maps) == 16
+    assert len(maps) == 12
     from PIL import Image
     differing = total = 0
     for path in maps:
@@ -393,6 +397,30 @@ def test_round_trip_trained_toy_checkpoint_gives_identical_metrics(tmp_path):
     # Per-pixel argmax of logits that agree to ~1e-6: only exact near-ties may flip.
     assert differing <= total * 1e-4, (differing, total)
     assert len(np.unique(a)) > 1
+
+
+def test_round_trip_trained_toy_detector_gives_identical_metrics(tmp_path):
+    """Runner-trained toy detector -> fold -> tools/test.py on both: identical mAP, and the same
+    detections (score_thr 0 keeps the barely trained detector's low-confidence boxes)."""
+    ckpt, out, deploy_config = _fold_trained(TOY_DET, tmp_path)
+    keep_all = ['--cfg-options', 'model.test_cfg.score_thr=0.0']
+    before = _test_py(TOY_DET, ckpt, tmp_path / 'before', '--out', str(tmp_path / 'before.pkl'),
+                      *keep_all)
+    after = _test_py(deploy_config, out, tmp_path / 'after', '--out', str(tmp_path / 'after.pkl'),
+                     *keep_all)
+    assert before == after and 'coco/bbox_mAP' in before
+    preds = []
+    for name in ('before.pkl', 'after.pkl'):
+        with open(tmp_path / name, 'rb') as f:
+            preds.append(pickle.load(f))
+    assert len(preds[0]) == len(preds[1]) == 12
+    assert sum(len(p['pred_instances']['scores']) for p in preds[0]) > 100
+    for p, q in zip(*preds):
+        # Scores in [0, 1] from logits that agree to ~1e-6 (fp32 fold); the top-100 may swap a
+        # near-tie at the cut, so compare the 90 best.
+        a = np.sort(p['pred_instances']['scores'].numpy())[::-1][:90]
+        b = np.sort(q['pred_instances']['scores'].numpy())[::-1][:90]
+        assert np.allclose(a, b, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
