@@ -261,19 +261,28 @@ def generate_toy_data(root: str = DEFAULT_ROOT, num_train: int = 200, num_val: i
                       img_size: int = 128, seed: int = 0, force: bool = False) -> str:
     """Generate the toy dataset into ``root`` and return ``root``.
 
-    Skips work when ``root`` already holds a complete generation with the same settings. Refuses
-    (ValueError) to replace anything else unless ``force``; the new data is built in a temporary
-    sibling directory and only then swapped in, so an interrupted run leaves ``root`` untouched.
+    Skips work when ``root`` already holds a complete generation with the same settings. Replaces
+    an earlier generation (other settings, or incomplete) only with ``force``, and never replaces a
+    file or a non-empty directory without ``toy_data.json`` (ValueError). The new data is built in
+    a temporary sibling directory and only then swapped in, so an interrupted run leaves ``root``
+    untouched.
     """
     settings = toy_settings(num_train, num_val, img_size, seed)
     root = osp.abspath(root)
     if is_complete(root, settings) and not force:
         return root
-    if osp.exists(root) and not force:
-        if not osp.isdir(root) or os.listdir(root):
-            marker = _read_marker(root)
-            what = (f'toy data generated with other settings {marker.get("settings")}'
-                    if marker else 'files that are not a complete toy dataset')
+    if osp.exists(root):
+        marker = _read_marker(root)
+        if not osp.isdir(root):
+            raise ValueError(f'{root} is a file, not a directory; choose another output '
+                             'directory for the toy data')
+        if marker is None and os.listdir(root):
+            # Never replaced, even with force: it may be anything (a typo'd --out, the repo).
+            raise ValueError(f'{root} holds files that are not a toy dataset (no {MARKER}); '
+                             'choose another output directory, or empty it yourself')
+        if marker is not None and not force:
+            what = ('an incomplete toy dataset' if marker.get('settings') == settings else
+                    f'toy data generated with other settings {marker.get("settings")}')
             raise ValueError(f'{root} already holds {what}; pass force=True (CLI: --force) to '
                              f'regenerate it with {settings}, or choose another output directory')
     parent = osp.dirname(root)

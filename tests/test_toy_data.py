@@ -111,16 +111,23 @@ def test_idempotent_and_refuses_to_overwrite(tmp_path):
     assert is_complete(root) and os.stat(marker).st_mtime_ns == stamp
     generate_toy_data(root, num_train=3, num_val=1, img_size=64, force=True)
     assert is_complete(root, None) and osp.isfile(osp.join(root, 'coco', 'train', '000002.png'))
-    # A directory holding something else is never touched without force.
+    # A file, or a directory holding something else, is never touched, even with force.
     other = tmp_path / 'other'
     other.mkdir()
     (other / 'keep.txt').write_text('mine')
-    with pytest.raises(ValueError, match='not a complete toy dataset'):
-        ensure_toy_data(str(other))
-    assert os.listdir(other) == ['keep.txt']
-    # An interrupted generation (no marker) is detected as incomplete.
-    os.remove(marker)
+    for force in (False, True):
+        with pytest.raises(ValueError, match='not a toy dataset'):
+            generate_toy_data(str(other), force=force)
+        with pytest.raises(ValueError, match='is a file'):
+            generate_toy_data(str(other / 'keep.txt'), force=force)
+    assert os.listdir(other) == ['keep.txt'] and (other / 'keep.txt').read_text() == 'mine'
+    # Missing files are detected; regenerating then needs force.
+    os.remove(osp.join(root, 'seg', 'ann_dir', 'train', '000001.png'))
     assert not is_complete(root)
+    with pytest.raises(ValueError, match='incomplete toy dataset'):
+        ensure_toy_data(root, num_train=3, num_val=1, img_size=64)
+    generate_toy_data(root, num_train=3, num_val=1, img_size=64, force=True)
+    assert is_complete(root)
     # Bad settings are rejected before anything is written.
     with pytest.raises(ValueError, match='num_train must be a positive int'):
         generate_toy_data(str(tmp_path / 'bad'), num_train=0)
