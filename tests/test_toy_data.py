@@ -186,3 +186,21 @@ def test_seg_dataset_loads_through_config(name, split, small_root):
     label_hw = (size[1], size[0]) if split == 'train' else (SMALL['img_size'], ) * 2
     assert tuple(labels.shape) == (1, ) + label_hw
     assert set(labels.unique().tolist()) <= set(range(len(SEG_CLASSES)))
+
+
+@pytest.mark.parametrize('plain,doconv', [DET_CONFIGS, SEG_CONFIGS])
+def test_doconv_twin_differs_only_by_convs(plain, doconv):
+    """Same recipe: the DO-Conv config minus its DO-Conv keys equals the plain one."""
+    from mmengine import Config
+    plain_cfg = Config.fromfile(osp.join(TOY_CONFIGS, plain)).to_dict()
+    do_cfg = Config.fromfile(osp.join(TOY_CONFIGS, doconv)).to_dict()
+    assert do_cfg.pop('custom_imports') == dict(imports=['do_conv_mm'],
+                                                allow_failed_imports=False)
+    assert do_cfg.pop('conv_cfg') == dict(type='DOConv')
+    components = [k for k, v in do_cfg['model'].items()
+                  if isinstance(v, dict) and 'conv_cfg' in v]
+    assert len(components) == 3  # backbone, neck and head all opt in
+    for key in components:
+        assert do_cfg['model'][key].pop('conv_cfg') == dict(type='DOConv')
+        assert 'conv_cfg' not in plain_cfg['model'][key]
+    assert do_cfg == plain_cfg
