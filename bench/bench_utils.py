@@ -37,7 +37,7 @@ def add_common_args(parser: argparse.ArgumentParser,
     parser.add_argument('--device', default='cpu',
                         help='torch device to run on, e.g. cpu (default), cuda, cuda:1')
     parser.add_argument('--amp', action='store_true',
-                        help='mixed precision (fp16 autocast with loss scaling); needs --device cuda')
+                        help='mixed precision (fp16 autocast, loss scaling); needs --device cuda')
     parser.add_argument('--threads', type=int, default=threads,
                         help=f'torch intra-op threads (torch.set_num_threads); default {threads}')
     parser.add_argument('--quick', action='store_true',

@@ -56,10 +56,48 @@ def compose_strided_bmm(weight, D, weight_extra=None, groups=1):
     return weight + delta.transpose(0, 1).reshape(O, C, kh, kw)
 
 
+class _ComposeFunction(torch.autograd.Function):
+    """Prototype: composition with a hand-written backward, in the (C, K, O) layout.
+
+    Forward: one 2-D transpose of W (O, C·K) -> (C·K, O) (a blocked copy, cheaper than the 3-D
+    permute), W't = Wt + D @ Wt as one ``baddbmm``, and one 2-D transpose back. Backward: one
+    transpose of the incoming gradient, dD = g_t @ Wt^T and dWt = g_t + D^T @ g_t (``baddbmm``),
+    and one transpose back. Saves Wt and D only. groups == 1 and D_mul == kh*kw only.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, D):
+        O, C, kh, kw = weight.shape
+        K = kh * kw
+        Wt = weight.reshape(O, C * K).t().contiguous().view(C, K, O)
+        out = torch.baddbmm(Wt, D, Wt)  # (C, K, O)
+        ctx.save_for_backward(Wt, D)
+        ctx.shape = weight.shape
+        return out.view(C * K, O).t().contiguous().view(O, C, kh, kw)
+
+    @staticmethod
+    def backward(ctx, grad):
+        Wt, D = ctx.saved_tensors
+        C, K, O = Wt.shape
+        g = grad.reshape(O, C * K).t().contiguous().view(C, K, O)
+        grad_D = torch.bmm(g, Wt.transpose(1, 2))  # (C, K, K)
+        grad_Wt = torch.baddbmm(g, D.transpose(1, 2), g)  # (C, K, O)
+        grad_W = grad_Wt.view(C * K, O).t().contiguous().view(ctx.shape)
+        return grad_W, grad_D
+
+
+def compose_function(weight, D, weight_extra=None, groups=1):
+    """The autograd.Function prototype (groups == 1, D_mul == kh*kw)."""
+    if groups != 1 or weight_extra is not None:
+        raise NotImplementedError('compose_function prototype: groups == 1, D_mul == kh*kw')
+    return _ComposeFunction.apply(weight, D)
+
+
 CANDIDATES: Dict[str, Callable] = {
     'compose_kernel (do_conv_mm)': compose_kernel,
     'einsum (reference)': compose_einsum,
     'strided bmm (prototype)': compose_strided_bmm,
+    'autograd.Function, 2-D transposes (prototype)': compose_function,
 }
 
 
@@ -114,7 +152,7 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
     result = {c: dict(fwd=0.0, bwd=0.0, layers=[]) for c in candidates}
     for name, layer in layers:
         for cname, fn in candidates.items():
-            if layer.groups != 1 and fn is not compose_kernel:
+            if (layer.groups != 1 or layer.weight_extra is not None) and fn is not compose_kernel:
                 continue
             f, b = time_layer(fn, layer, reps, device)
             result[cname]['fwd'] += f

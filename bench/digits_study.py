@@ -259,10 +259,11 @@ def main(argv=None):
         f'One test image is {100 / n_test:.2f} accuracy points.',
         '## Setup\n\n' + '\n'.join([
             f'- Command: {command_line(sys.argv)}',
-            f'- Model: 4× conv3×3-BN-ReLU (32, 32, maxpool, 64, 64), global average pool, linear; '
-            f'DO-Conv with D_mul = 9 (default), D = 0 at init.',
+            '- Model: 4× conv3×3-BN-ReLU (32, 32, maxpool, 64, 64), global average pool, linear; '
+            'DO-Conv with D_mul = 9 (default), D = 0 at init.',
             f'- Recipe: {args.epochs} epochs on the full train split and {args.epochs} / fraction '
-            f'on a fraction (about the same number of SGD steps), batch {args.batch_size}, SGD lr {args.lr} momentum '
+            f'on a fraction (about the same number of SGD steps), batch {args.batch_size}, '
+            f'SGD lr {args.lr} momentum '
             f'0.9, weight decay {args.weight_decay} (all parameters, D included), cosine schedule '
             f'per step, no augmentation; seeds 0..{args.seeds - 1}.',
         ] + environment_lines(args, torch.device(args.device))),

@@ -120,9 +120,10 @@ def main(argv=None):
     fold = median_iqr([r['fold'] for r in runs])[0]
     sections = [
         'The fold tool (`tools/fold_doconv.py`, helper-4) on a Faster R-CNN R50-FPN DO-Conv '
-        f'training checkpoint ({facts["layers"]} DO-Conv layers with D, {facts["params"] / 1e6:.1f} '
-        f'M state-dict values, {facts["mib"]:.0f} MiB file with optimizer state). Each run is a '
-        'fresh `python tools/fold_doconv.py CONFIG CKPT OUT` process.',
+        f'training checkpoint ({facts["layers"]} DO-Conv layers with D, '
+        f'{facts["params"] / 1e6:.1f} M state-dict values, {facts["mib"]:.0f} MiB file with '
+        'optimizer state). Each run is a fresh `python tools/fold_doconv.py CONFIG CKPT OUT` '
+        'process.',
         '## Setup\n\n' + '\n'.join([f'- Command: {command_line(sys.argv)}',
                                    f'- Config: `{os.path.relpath(args.config, REPO)}`',
                                    f'- {args.reps} runs; median (range).']
@@ -132,9 +133,10 @@ def main(argv=None):
           f'(fold = {fold / (fold + io):.0%} of the two).',
     ]
     if verify:
-        sections.append(f'## With --verify\n\nOne run with `--verify` (builds the deploy model '
-                        f'and compares outputs on a 128×128 input): total {verify["total"]:.2f} s, '
-                        f'of which verify {verify.get("verify", float("nan")):.2f} s.')
+        sections.append(
+            f'## With --verify\n\nOne run with `--verify` (builds the deploy model and compares '
+            f'outputs on a 128×128 input): total {verify["total"]:.2f} s, of which verify '
+            f'{verify.get("verify", float("nan")):.2f} s.')
     write_markdown(os.path.join(args.out_dir, 'fold_timing.md'), 'Fold tool timing', sections)
 
 

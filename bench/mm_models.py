@@ -99,7 +99,8 @@ def randomize_D(model: nn.Module, std: float = 0.01, seed: int = 0) -> int:
     return n
 
 
-def build_twins(name: str, device='cpu', seed: int = 0, d_std: float = 0.01) -> Dict[str, nn.Module]:
+def build_twins(name: str, device='cpu', seed: int = 0,
+                d_std: float = 0.01) -> Dict[str, nn.Module]:
     """{'plain': model, 'doconv': model} with identical weights; DO-Conv D ~ N(0, d_std²)."""
     plain = build_model(name, False, device, seed)
     doconv = build_model(name, True, device, seed + 1)
