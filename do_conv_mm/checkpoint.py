@@ -174,6 +174,9 @@ def _unpickler_reason(message: str) -> str:
     match = re.search(r'GLOBAL (\S+) was not an allowed global', message)
     if match:
         return f'the global {match.group(1)}'
+    match = re.search(r'unsupported GLOBAL (\S+) whose module \S+ is blocked', message)
+    if match:
+        return f'the global {match.group(1)}'
     match = re.search(r'Refused (getattr\([^)]*\))', message)
     if match:
         return match.group(1)
