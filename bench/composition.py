@@ -57,33 +57,34 @@ def compose_strided_bmm(weight, D, weight_extra=None, groups=1):
 
 
 class _ComposeFunction(torch.autograd.Function):
-    """Prototype: composition with a hand-written backward, in the (C, K, O) layout.
+    """Prototype: composition with a hand-written backward, computed in the (C, K, O) layout.
 
-    Forward: one 2-D transpose of W (O, C·K) -> (C·K, O) (a blocked copy, cheaper than the 3-D
-    permute), W't = Wt + D @ Wt as one ``baddbmm``, and one 2-D transpose back. Backward: one
-    transpose of the incoming gradient, dD = g_t @ Wt^T and dWt = g_t + D^T @ g_t (``baddbmm``),
-    and one transpose back. Saves Wt and D only. groups == 1 and D_mul == kh*kw only.
+    ``weight.reshape(O, C·K).t().view(C, K, O)`` is a free strided view whose matrices a BLAS
+    reads as transposed operands, so W is never copied into a permuted layout. Forward:
+    W't = Wt + D @ Wt as one ``baddbmm`` into a fresh (C, K, O) buffer, then one 2-D transpose
+    to (O, C, kh, kw). Backward: one 2-D transpose of the incoming gradient g_t, dD = g_t @ Wt^T
+    (``bmm``), dWt = g_t + D^T @ g_t (``baddbmm``), one transpose back. Saves only ``weight`` and
+    ``D`` (the parameters themselves: no extra memory). groups == 1 and D_mul == kh*kw only.
     """
 
     @staticmethod
     def forward(ctx, weight, D):
         O, C, kh, kw = weight.shape
-        K = kh * kw
-        Wt = weight.reshape(O, C * K).t().contiguous().view(C, K, O)
+        Wt = weight.reshape(O, C * kh * kw).t().view(C, kh * kw, O)
         out = torch.baddbmm(Wt, D, Wt)  # (C, K, O)
-        ctx.save_for_backward(Wt, D)
-        ctx.shape = weight.shape
-        return out.view(C * K, O).t().contiguous().view(O, C, kh, kw)
+        ctx.save_for_backward(weight, D)
+        return out.view(C * kh * kw, O).t().contiguous().view(O, C, kh, kw)
 
     @staticmethod
     def backward(ctx, grad):
-        Wt, D = ctx.saved_tensors
-        C, K, O = Wt.shape
+        weight, D = ctx.saved_tensors
+        O, C, kh, kw = weight.shape
+        K = kh * kw
+        Wt = weight.reshape(O, C * K).t().view(C, K, O)
         g = grad.reshape(O, C * K).t().contiguous().view(C, K, O)
         grad_D = torch.bmm(g, Wt.transpose(1, 2))  # (C, K, K)
         grad_Wt = torch.baddbmm(g, D.transpose(1, 2), g)  # (C, K, O)
-        grad_W = grad_Wt.view(C * K, O).t().contiguous().view(ctx.shape)
-        return grad_W, grad_D
+        return grad_Wt.view(C * K, O).t().contiguous().view(O, C, kh, kw), grad_D
 
 
 def compose_function(weight, D, weight_extra=None, groups=1):
@@ -118,6 +119,25 @@ def _leaf(t: Optional[torch.Tensor]):
     return None if t is None else t.detach().clone().requires_grad_(True)
 
 
+def saved_bytes(fn: Callable, layer) -> int:
+    """Bytes the composition graph keeps for backward beyond its inputs (weight, D, extra)."""
+    inputs = [_leaf(layer.weight), _leaf(layer.D), _leaf(layer.weight_extra)]
+    own = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs, layer.groups)
+    return total
+
+
 def time_layer(fn: Callable, layer, reps: int, device: torch.device):
     """Median seconds of (forward, backward) of ``fn`` on fresh leaf copies of a layer's params."""
     weight, D, extra = _leaf(layer.weight), _leaf(layer.D), _leaf(layer.weight_extra)
@@ -149,7 +169,7 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
     """
     candidates = CANDIDATES if candidates is None else candidates
     layers = trained_layers(model)
-    result = {c: dict(fwd=0.0, bwd=0.0, layers=[]) for c in candidates}
+    result = {c: dict(fwd=0.0, bwd=0.0, saved=0, layers=[]) for c in candidates}
     for name, layer in layers:
         for cname, fn in candidates.items():
             if (layer.groups != 1 or layer.weight_extra is not None) and fn is not compose_kernel:
@@ -157,6 +177,7 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
             f, b = time_layer(fn, layer, reps, device)
             result[cname]['fwd'] += f
             result[cname]['bwd'] += b
+            result[cname]['saved'] += saved_bytes(fn, layer)
             result[cname]['layers'].append((name, tuple(layer.weight.shape), f, b))
     return result
 
@@ -193,11 +214,12 @@ def profile_tables(result: Dict[str, dict], step_seconds: Optional[float] = None
     for cname, r in result.items():
         total = r['fwd'] + r['bwd']
         row = [cname, len(r['layers']), f'{r["fwd"] * 1e3:.1f}', f'{r["bwd"] * 1e3:.1f}',
-               f'{total * 1e3:.1f}']
+               f'{total * 1e3:.1f}', f'{r["saved"] / 2**20:.0f}']
         if step_seconds:
             row.append(f'{1 + total / step_seconds:.4f}')
         rows.append(row)
-    header = ['composition', 'layers', 'forward ms/step', 'backward ms/step', 'total ms/step']
+    header = ['composition', 'layers', 'forward ms/step', 'backward ms/step', 'total ms/step',
+              'saved for backward, MiB']
     if step_seconds:
         header.append(f'implied step-time ratio (plain step {step_seconds:.2f} s)')
     out = [md_table(header, rows)]
