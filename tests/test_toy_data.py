@@ -145,14 +145,13 @@ def test_toy_configs_point_at_default_root(name):
 def _build_dataset(cfg_name, split, root, scope):
     """Build ``split``'s dataset of a toy config, re-rooted at ``root``, in registry ``scope``."""
     from mmengine import Config
-    from mmengine.registry import DATASETS, DefaultScope, init_default_scope
+    from mmengine.registry import DATASETS, DefaultScope
     cfg = Config.fromfile(osp.join(TOY_CONFIGS, cfg_name))
     assert ensure_toy_data_for_config(Config(dict(toy_data_root=root))) == root
     ds_cfg = cfg[f'{split}_dataloader'].dataset
     sub = 'coco' if scope == 'mmdet' else 'seg'
     ds_cfg.data_root = osp.join(root, sub) + '/'
-    init_default_scope(scope)
-    with DefaultScope.overwrite_default_scope(scope):
+    with DefaultScope.overwrite_default_scope(scope):  # scoped: leaves other tests' scope alone
         return DATASETS.build(ds_cfg), cfg
 
 
