@@ -44,6 +44,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = 5, 10
+    if args.amp:
+        parser.error('--amp does not apply to the digits study (8×8 inputs, fp32 recipe).')
     if args.seeds < 5:
         parser.error(f'--seeds must be >= 5 for a mean ± std to mean anything, got {args.seeds}.')
     for frac in args.train_fractions:

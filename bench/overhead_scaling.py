@@ -62,12 +62,17 @@ def backbone_twins(device):
     return twins
 
 
-def step_fn(model, x, opt):
+def step_fn(model, x, opt, amp: bool = False):
+    """One step; with ``amp`` (CUDA): fp16 autocast forward and a GradScaler, as AMP training."""
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp)
+
     def step():
-        loss = sum(out.mean() for out in model(x))
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
+            loss = sum(out.float().mean() for out in model(x))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return step
 
 
@@ -76,7 +81,7 @@ def measure(args, device, twins, batch, size):
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
     opts = {v: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4,
                                momentum=0.9) for v, m in twins.items()}
-    steps = {v: step_fn(m, x, opts[v]) for v, m in twins.items()}
+    steps = {v: step_fn(m, x, opts[v], args.amp) for v, m in twins.items()}
     print(f'== batch {batch}, {size}x{size}', flush=True)
     wall, _ = interleaved_times(steps, args.reps, args.warmup, device)
     ratio_q = quartiles(paired_ratios(wall, 'plain')['doconv'])
