@@ -13,12 +13,13 @@ weight decay on every parameter, no augmentation; a fraction of the data is trai
 proportionally more epochs). ``--threads`` defaults to 1 here: the
 tensors are tiny, and extra threads only add synchronisation. Only the parameterisation differs.
 
-Writes bench/results/digits_study.md and bench/results/digits_curves.png.
+Writes bench/results/digits_study.md, digits_curves.png and digits_study.json (raw curves).
 """
 from bench_utils import add_common_args, command_line, environment_lines, md_table, setup_run, \
     write_markdown  # first: sets OMP_WAIT_POLICY before torch loads OpenMP
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -187,19 +188,25 @@ def plot_curves(results, args, path):
         for row, key in enumerate(('loss', 'acc')):
             ax = axes[row][col]
             for variant in ('plain', 'doconv'):
-                runs = torch.tensor([r[key] for r in results[frac][variant]])
+                runs = torch.tensor([r[key] for r in results[frac][variant]], dtype=torch.float64)
                 epochs = range(1, runs.shape[1] + 1)
-                scale = 100.0 if key == 'acc' else 1.0
-                mean, std = runs.mean(0) * scale, runs.std(0) * scale
-                ax.plot(epochs, mean, color=colors[variant], label=labels[variant])
-                ax.fill_between(epochs, mean - std, mean + std, color=colors[variant], alpha=0.2)
+                if key == 'acc':  # arithmetic mean ± std
+                    mid, std = runs.mean(0) * 100, runs.std(0) * 100
+                    low, high = mid - std, mid + std
+                else:  # loss on a log axis: geometric mean ×/÷ geometric std
+                    logs = runs.clamp_min(1e-12).log()
+                    mid, spread = logs.mean(0).exp(), logs.std(0).exp()
+                    low, high = mid / spread, mid * spread
+                ax.plot(epochs, mid, color=colors[variant], label=labels[variant])
+                ax.fill_between(epochs, low, high, color=colors[variant], alpha=0.2)
             ax.set_xlabel('epoch')
             ax.set_ylabel('train loss' if key == 'loss' else 'test accuracy (%)')
             if key == 'loss':
                 ax.set_yscale('log')
             else:
                 ax.set_ylim(80, 100)
-            ax.set_title(f'digits, {frac:.0%} of train split, mean ± std over {args.seeds} seeds',
+            stat = 'mean ± std' if key == 'acc' else 'geometric mean ×/÷ geometric std'
+            ax.set_title(f'digits, {frac:.0%} of train split, {stat} over {args.seeds} seeds',
                          fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend()
@@ -251,6 +258,8 @@ def main(argv=None):
         for seed, (p, d) in enumerate(zip(final['plain'], final['doconv'])):
             seed_rows.append([f'{frac:.0%}', seed, f'{p:.2f}', f'{d:.2f}', f'{d - p:+.2f}'])
 
+    with open(os.path.join(args.out_dir, 'digits_study.json'), 'w') as f:
+        json.dump({f'{frac:g}': res for frac, res in results.items()}, f)  # raw curves
     png = os.path.join(args.out_dir, 'digits_curves.png')
     plot_curves(results, args, png)
     n_test = len(y_te)
@@ -275,8 +284,9 @@ def main(argv=None):
         + '\n\nBest-epoch accuracy peeks at the test set and is shown only as a curve summary; '
           'the final-epoch number is the result.',
         '## Paired comparison\n\n' + '\n'.join(tests),
-        '## Curves\n\n![training curves](digits_curves.png)\n\nMean ± std over seeds of the '
-        'training loss (log scale) and test accuracy per epoch.',
+        '## Curves\n\n![training curves](digits_curves.png)\n\nPer epoch: training loss '
+        '(log scale; geometric mean ×/÷ geometric std over seeds) and test accuracy '
+        '(mean ± std). Raw per-seed curves: [digits_study.json](digits_study.json).',
         '## Per seed (final-epoch accuracy, %)\n\n' + md_table(
             ['train data', 'seed', 'plain', 'DO-Conv', 'difference'], seed_rows),
     ]
