@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from do_conv_mm import DOConv2d, fold_doconv
+from do_conv_mm import DOConv2d, compose_kernel, fold_doconv
 
 # float64 checks: the layer and the reference perform the same arithmetic in a different order,
 # so they agree to a few ulps of the activations (|y| ~ 10): 1e-10 leaves five orders of margin.
@@ -295,3 +295,49 @@ def test_fold_doconv_model_copy_and_inplace():
     torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
     same = fold_doconv(model, inplace=True)
     assert same is model and type(model[0]) is nn.Conv2d
+
+
+@pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
+@pytest.mark.parametrize('padding_mode,d_extra', [('zeros', 0), ('reflect', 3), ('circular', 0)])
+def test_training_path_gradients_match_autograd_of_formula(cin, cout, groups, padding_mode,
+                                                           d_extra):
+    """The memory-saving training Function (hand-written backward) against autograd."""
+    torch.manual_seed(0)
+    layer = randomise(DOConv2d(cin, cout, (3, 5), 2, (1, 2), 1, groups, True, padding_mode,
+                               dtype=torch.float64, D_mul=15 + d_extra))
+    x = torch.randn(2, cin, 9, 10, dtype=torch.float64, requires_grad=True)
+    r = torch.randn_like(layer(x))
+    params = [p for p in (layer.weight, layer.D, layer.weight_extra, layer.bias) if p is not None]
+    got = torch.autograd.grad((layer(x) * r).sum(), [x] + params)
+    padded = x if padding_mode == 'zeros' else F.pad(x, (2, 2, 1, 1), mode=padding_mode)
+    expected_out = F.conv2d(padded, compose_kernel(layer.weight, layer.D, layer.weight_extra,
+                                                   groups), layer.bias, 2,
+                            (1, 2) if padding_mode == 'zeros' else 0, 1, groups)
+    expected = torch.autograd.grad((expected_out * r).sum(), [x] + params)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+def test_training_path_gradcheck():
+    """Finite differences through the module's own training forward, every parameter included."""
+    torch.manual_seed(0)
+    layer = randomise(DOConv2d(4, 6, 3, 1, 1, groups=2, dtype=torch.float64, D_mul=11))
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    names = ['weight', 'D', 'weight_extra', 'bias']
+    values = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
+
+    def forward(x, *tensors):
+        return torch.func.functional_call(layer, dict(zip(names, tensors)), (x, ))
+
+    assert torch.autograd.gradcheck(forward, (x, *values))
+
+
+def test_training_path_keeps_no_composed_kernel():
+    """Only inputs are saved for backward: nothing kernel-sized beyond the parameters."""
+    layer = randomise(DOConv2d(8, 8, 3, padding=1))
+    x = torch.randn(1, 8, 6, 6)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    assert len(saved) == 3  # x, weight, D (no weight_extra, no composed kernel)
+    assert any(t is layer.weight for t in saved) and any(t is layer.D for t in saved)
