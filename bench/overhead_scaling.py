@@ -8,7 +8,7 @@ ResNet, frozen stem + stage 1, norm_eval), plain vs ``conv_cfg=dict(type='DOConv
 weights, D ~ N(0, 0.01²). Step = forward, loss = sum of the four stage outputs' means,
 backward, SGD step. Every (batch, size) point is timed interleaved (ABBA) in one process.
 
-Writes bench/results/overhead_scaling.md and bench/results/overhead_scaling.png.
+Writes bench/results/overhead_scaling.md, overhead_scaling.png and overhead_scaling.json.
 """
 from bench_utils import add_common_args, command_line, environment_lines, md_table, median_iqr, \
     paired_ratios, quartiles, setup_run, write_markdown, \
@@ -16,6 +16,7 @@ from bench_utils import add_common_args, command_line, environment_lines, md_tab
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -95,6 +96,7 @@ def plot(points, composition_s, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for series, marker, label in (('size', 'o', 'resolution sweep'),
                                   ('batch', 's', 'batch sweep')):
@@ -116,6 +118,9 @@ def plot(points, composition_s, path):
     for ax in axes:
         ax.set_xlabel('pixels per step (batch × H × W), millions')
         ax.set_xscale('log')
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({round(p['pixels'] / 1e6, 2) for p in points}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle('DO-Conv training overhead vs work per step (ResNet-50 backbone, CPU)',
@@ -145,6 +150,8 @@ def main(argv=None):
             break
     prof = next(iter(profile_model(twins['doconv'], device, reps=3 if args.quick else 5).values()))
     composition_s = prof['fwd'] + prof['bwd']
+    with open(os.path.join(args.out_dir, 'overhead_scaling.json'), 'w') as f:
+        json.dump(dict(points=measured, composition_s=composition_s), f, indent=1)  # raw numbers
     png = os.path.join(args.out_dir, 'overhead_scaling.png')
     plot(points, composition_s, png)
     rows = [[p['batch'], f'{p["size"]}×{p["size"]}', f'{p["pixels"] / 1e6:.2f}',
