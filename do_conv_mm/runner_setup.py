@@ -40,9 +40,21 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     if cfg_options is not None:
         cfg.merge_from_dict(cfg_options)
     _check_scope(cfg)
+    _check_doconv(cfg)
     if launcher != 'none':
         prepare_cpu_distributed(cfg)
     return cfg
+
+
+def _check_doconv(cfg: Config) -> None:
+    """DO-Conv asked for where it cannot apply (e.g. DCN blocks): one clear line, no trace."""
+    from .convert import DOConvNotApplicableError, check_doconv_cfg
+    if 'model' not in cfg:
+        return
+    try:
+        check_doconv_cfg(cfg.model)
+    except DOConvNotApplicableError as error:
+        raise ToolError(str(error)) from None
 
 
 def _check_scope(cfg: Config) -> None:

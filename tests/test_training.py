@@ -373,6 +373,22 @@ def test_test_tool_reports_bad_checkpoint_in_one_line(toy_configs, tmp_path):
     assert 'is not a torch checkpoint' in proc.stderr and 'Traceback' not in proc.stderr
 
 
+def test_train_tool_reports_dcn_with_doconv_in_one_line(tmp_path):
+    """DO-Conv asked for on DCN blocks: the tool names the component and the fix, no trace."""
+    config = tmp_path / 'dcn.py'
+    config.write_text(
+        f"_base_ = {osp.join(REPO, 'configs', 'mmdet', 'faster-rcnn_r50-doconv_fpn_1x_coco.py')!r}\n"
+        "model = dict(backbone=dict(dcn=dict(type='DCNv2', deform_groups=1, "
+        "fallback_on_stride=False), stage_with_dcn=(False, True, True, True)))\n")
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), str(config),
+                           '--work-dir', str(tmp_path / 'work')], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: model.backbone (ResNet)') and 'exclude=' in last
+    assert not (tmp_path / 'work').exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # The README main command (tools/demo.py), on a tiny budget
 # ----------------------------------------------------------------------------------------------
