@@ -1,5 +1,6 @@
 """DOConv2d inside the OpenMMLab ecosystem: registry, ConvModule, init, fuse, backbones, export."""
 import io
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -49,11 +50,13 @@ def assert_close_rel(actual, expected, rtol=DEEP_RTOL):
 
 @pytest.mark.parametrize('scope', [None, 'mmdet', 'mmseg'])
 @pytest.mark.parametrize('name', ['DOConv', 'DOConv2d'])
-def test_build_conv_layer_in_every_scope(scope, name):
+def test_build_conv_layer_in_every_scope(scope, name, monkeypatch):
+    if scope is None:  # no default scope at all, whatever earlier tests created
+        monkeypatch.setattr(DefaultScope, '_instance_dict', OrderedDict())
     with DefaultScope.overwrite_default_scope(scope):
+        current = DefaultScope.get_current_instance()
+        assert (current is None) if scope is None else (current.scope_name == scope)
         layer = build_conv_layer(dict(type=name, D_mul=12), 4, 8, 3, stride=2, padding=1)
-        assert DefaultScope.get_current_instance() is None or (
-            DefaultScope.get_current_instance().scope_name == scope)
     assert isinstance(layer, DOConv2d)
     assert layer.stride == (2, 2) and layer.D_mul == 12
 
