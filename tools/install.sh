@@ -23,6 +23,8 @@ fi
 if ! have mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex pytest onnx scikit-learn matplotlib; then
   pip install mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex pytest onnx scikit-learn matplotlib
 fi
-if ! python -c 'import do_conv_mm, sys; sys.exit(not do_conv_mm.__file__.startswith(sys.argv[1]))' "$PWD" >/dev/null 2>&1; then
+# The package must import from this checkout from anywhere (checked outside the repo root, where
+# the current directory would shadow the installed package).
+if ! (cd / && python -c 'import do_conv_mm, os, sys; sys.exit(not os.path.realpath(do_conv_mm.__file__).startswith(sys.argv[1] + os.sep))' "$(pwd -P)") >/dev/null 2>&1; then
   pip install --no-build-isolation --no-deps -e .
 fi
