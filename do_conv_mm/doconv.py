@@ -50,8 +50,20 @@ def compose_kernel(weight: torch.Tensor,
     # Row block (gi, i) of the batch: the Og kernels of group gi that read input channel gi*Cg+i.
     W_by_channel = W.reshape(groups, Og, Cg, S).permute(0, 2, 3, 1).reshape(C, S, Og)
     delta = torch.bmm(D, W_by_channel)  # (C, K, Og)
-    delta = delta.reshape(groups, Cg, K, Og).permute(0, 3, 1, 2).reshape(O, Cg, kh, kw)
-    return weight + delta
+    return _to_kernel_layout(delta, groups).reshape(O, Cg, kh, kw).add_(weight)
+
+
+def _to_kernel_layout(by_channel: torch.Tensor, groups: int) -> torch.Tensor:
+    """(C, X, Og) per-input-channel blocks -> a new contiguous (O, Cg, X) tensor.
+
+    With groups == 1 this is a 2-D transpose of a (C·X, O) matrix, which torch copies block-wise;
+    reading the permuted view element-wise (as an add with it would) is ~2x slower on CPU.
+    """
+    C, X, Og = by_channel.shape
+    if groups == 1:
+        return by_channel.view(C * X, Og).t().contiguous().view(Og, C, X)
+    Cg = C // groups
+    return by_channel.reshape(groups, Cg, X, Og).permute(0, 3, 1, 2).reshape(groups * Og, Cg, X)
 
 
 def compose_kernel_backward(grad_kernel: torch.Tensor,
@@ -78,8 +90,7 @@ def compose_kernel_backward(grad_kernel: torch.Tensor,
         grad_D = torch.bmm(grad_by_channel, W_by_channel.transpose(1, 2))
     grad_weight = grad_extra = None
     if needs[0] or needs[2]:
-        grad_W = torch.bmm(D.transpose(1, 2), grad_by_channel)  # (C, S, Og)
-        grad_W = grad_W.reshape(groups, Cg, S, Og).permute(0, 3, 1, 2).reshape(O, Cg, S)
+        grad_W = _to_kernel_layout(torch.bmm(D.transpose(1, 2), grad_by_channel), groups)
         if needs[0]:
             grad_weight = grad_kernel + grad_W[..., :K].reshape(O, Cg, kh, kw)
         if needs[2] and weight_extra is not None:
