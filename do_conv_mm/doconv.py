@@ -17,7 +17,7 @@ Because D starts at zero, a fresh layer (or one warm-started from a plain checkp
 exactly the plain convolution ``conv2d(x, weight)``. 1×1 kernels carry no D: they are plain convs.
 """
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,52 +43,27 @@ def compose_kernel(weight: torch.Tensor,
     """
     O, Cg, kh, kw = weight.shape
     C, K, S = D.shape
-    W = _full_W(weight, weight_extra)
-    if groups == 1:
-        chunks = _channel_chunks(W)
-        delta = _kernel_layout([torch.bmm(D[c], W[:, c].permute(1, 2, 0)) for c in chunks])
-    else:
-        # Row block (gi, i) of the batch: the Og kernels of group gi that read channel gi*Cg+i.
-        Og = O // groups
-        W_by_channel = W.reshape(groups, Og, Cg, S).permute(0, 2, 3, 1).reshape(C, S, Og)
-        delta = torch.bmm(D, W_by_channel).reshape(groups, Cg, K, Og).permute(0, 3, 1, 2)
-    return delta.reshape(O, Cg, kh, kw).add_(weight)
+    Og = O // groups
+    W = weight.reshape(O, Cg, K)
+    if weight_extra is not None:
+        W = torch.cat([W, weight_extra], dim=2)
+    # Row block (gi, i) of the batch: the Og kernels of group gi that read input channel gi*Cg+i.
+    W_by_channel = W.reshape(groups, Og, Cg, S).permute(0, 2, 3, 1).reshape(C, S, Og)
+    delta = torch.bmm(D, W_by_channel)  # (C, K, Og)
+    return _to_kernel_layout(delta, groups).reshape(O, Cg, kh, kw).add_(weight)
 
 
-def _full_W(weight: torch.Tensor, weight_extra: Optional[torch.Tensor]) -> torch.Tensor:
-    """W = [weight | weight_extra] as (O, Cg, S)."""
-    O, Cg = weight.shape[:2]
-    W = weight.reshape(O, Cg, -1)
-    return W if weight_extra is None else torch.cat([W, weight_extra], dim=2)
+def _to_kernel_layout(by_channel: torch.Tensor, groups: int) -> torch.Tensor:
+    """(C, X, Og) per-input-channel blocks -> a new contiguous (O, Cg, X) tensor.
 
-
-# groups == 1 kernels above this many W elements (16 MiB in fp32) are composed in chunks of input
-# channels whose blocks (~1 MiB) stay in cache: 109 -> 64 ms for a 512x4096x3x3 kernel on 2 cores,
-# while smaller kernels are fastest in one piece.
-_CHUNKED_ABOVE = 1 << 22
-_CHUNK_ELEMENTS = 1 << 18
-
-
-def _channel_chunks(W: torch.Tensor) -> List[slice]:
-    """Slices of input channels to compose together (one slice unless W is large)."""
-    O, C, S = W.shape
-    if W.numel() <= _CHUNKED_ABOVE:
-        return [slice(0, C)]
-    step = max(1, _CHUNK_ELEMENTS // (O * S))
-    return [slice(c0, min(c0 + step, C)) for c0 in range(0, C, step)]
-
-
-def _kernel_layout(by_channel: List[torch.Tensor]) -> torch.Tensor:
-    """Per-channel blocks [(Cb, X, O), ...] -> one new contiguous (O, sum(Cb), X) tensor.
-
-    Each block is a 2-D transpose of a (Cb·X, O) matrix. A single one is copied with
-    ``contiguous()``, which torch does block-wise (reading the permuted view element by element,
-    as an add with it would, is ~2x slower on CPU); several are written side by side by ``cat``.
+    With groups == 1 this is a 2-D transpose of a (C·X, O) matrix, which torch copies block-wise;
+    reading the permuted view element-wise (as an add with it would) is ~2x slower on CPU.
     """
-    X, O = by_channel[0].shape[1:]
-    columns = [block.reshape(-1, O).t() for block in by_channel]
-    out = columns[0].contiguous() if len(columns) == 1 else torch.cat(columns, dim=1)
-    return out.view(O, -1, X)
+    C, X, Og = by_channel.shape
+    if groups == 1:
+        return by_channel.view(C * X, Og).t().contiguous().view(Og, C, X)
+    Cg = C // groups
+    return by_channel.reshape(groups, Cg, X, Og).permute(0, 3, 1, 2).reshape(groups * Og, Cg, X)
 
 
 def compose_kernel_backward(grad_kernel: torch.Tensor,
@@ -105,27 +80,17 @@ def compose_kernel_backward(grad_kernel: torch.Tensor,
     O, Cg, kh, kw = weight.shape
     C, K, S = D.shape
     Og = O // groups
-    W = _full_W(weight, weight_extra)
-    if groups == 1:
-        chunks = _channel_chunks(W)
-        grads = [grad_kernel.reshape(O, C, K)[:, c].permute(1, 2, 0) for c in chunks]  # (Cb, K, O)
-        W_blocks = [W[:, c].permute(1, 2, 0) for c in chunks]  # (Cb, S, O)
-        D_blocks = [D[c] for c in chunks]
-    else:
-        grads = [grad_kernel.reshape(groups, Og, Cg, K).permute(0, 2, 3, 1).reshape(C, K, Og)]
-        W_blocks = [W.reshape(groups, Og, Cg, S).permute(0, 2, 3, 1).reshape(C, S, Og)]
-        D_blocks = [D]
+    W = weight.reshape(O, Cg, K)
+    if weight_extra is not None:
+        W = torch.cat([W, weight_extra], dim=2)
+    grad_by_channel = grad_kernel.reshape(groups, Og, Cg, K).permute(0, 2, 3, 1).reshape(C, K, Og)
     grad_D = None
     if needs[1]:
-        parts = [torch.bmm(g, w.transpose(1, 2)) for g, w in zip(grads, W_blocks)]
-        grad_D = parts[0] if len(parts) == 1 else torch.cat(parts)
+        W_by_channel = W.reshape(groups, Og, Cg, S).permute(0, 2, 3, 1).reshape(C, S, Og)
+        grad_D = torch.bmm(grad_by_channel, W_by_channel.transpose(1, 2))
     grad_weight = grad_extra = None
     if needs[0] or needs[2]:
-        parts = [torch.bmm(d.transpose(1, 2), g) for d, g in zip(D_blocks, grads)]  # (Cb, S, Og)
-        if groups == 1:
-            grad_W = _kernel_layout(parts)
-        else:
-            grad_W = parts[0].reshape(groups, Cg, S, Og).permute(0, 3, 1, 2).reshape(O, Cg, S)
+        grad_W = _to_kernel_layout(torch.bmm(D.transpose(1, 2), grad_by_channel), groups)
         if needs[0]:
             grad_weight = grad_kernel + grad_W[..., :K].reshape(O, Cg, kh, kw)
         if needs[2] and weight_extra is not None:

@@ -341,23 +341,3 @@ def test_training_path_keeps_no_composed_kernel():
         layer(x)
     assert len(saved) == 3  # x, weight, D (no weight_extra, no composed kernel)
     assert any(t is layer.weight for t in saved) and any(t is layer.D for t in saved)
-
-
-@pytest.mark.parametrize('d_extra', [0, 3])
-def test_chunked_composition_of_large_kernels(monkeypatch, d_extra):
-    """Large groups==1 kernels are composed in channel chunks: same values and gradients."""
-    import do_conv_mm.doconv as doconv
-    torch.manual_seed(0)
-    layer = randomise(DOConv2d(6, 5, 3, padding=1, dtype=torch.float64, D_mul=9 + d_extra))
-    x = torch.randn(2, 6, 7, 7, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(2, 5, 7, 7, dtype=torch.float64)
-    params = [x, layer.weight, layer.D] + ([layer.weight_extra] if d_extra else [])
-    whole = torch.autograd.grad((layer(x) * r).sum(), params)
-    monkeypatch.setattr(doconv, '_CHUNKED_ABOVE', 0)
-    monkeypatch.setattr(doconv, '_CHUNK_ELEMENTS', 2 * 5 * (9 + d_extra))  # 2 channels a chunk
-    assert len(doconv._channel_chunks(doconv._full_W(layer.weight, layer.weight_extra))) == 3
-    torch.testing.assert_close(layer.composed_weight(), reference_kernel(layer), atol=ATOL64,
-                               rtol=0)
-    chunked = torch.autograd.grad((layer(x) * r).sum(), params)
-    for a, b in zip(chunked, whole):
-        torch.testing.assert_close(a, b, atol=ATOL64, rtol=0)
