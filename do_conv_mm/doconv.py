@@ -41,16 +41,22 @@ def compose_kernel(weight: torch.Tensor,
 
     Built from reshapes and one batched matmul (no einsum), so it traces and exports anywhere.
     """
-    O, Cg, kh, kw = weight.shape
-    C, K, S = D.shape
+    delta = torch.bmm(D, _by_channel(_full_W(weight, weight_extra), groups))  # (C, K, Og)
+    return _to_kernel_layout(delta, groups).reshape(weight.shape).add_(weight)
+
+
+def _full_W(weight: torch.Tensor, weight_extra: Optional[torch.Tensor]) -> torch.Tensor:
+    """W = [weight | weight_extra] as (O, Cg, S)."""
+    W = weight.reshape(weight.shape[0], weight.shape[1], -1)
+    return W if weight_extra is None else torch.cat([W, weight_extra], dim=2)
+
+
+def _by_channel(kernel_like: torch.Tensor, groups: int) -> torch.Tensor:
+    """(O, Cg, X) -> (C, X, Og): row block (gi, i) holds the Og kernels of group gi that read
+    input channel gi*Cg + i (a view when groups == 1)."""
+    O, Cg, X = kernel_like.shape
     Og = O // groups
-    W = weight.reshape(O, Cg, K)
-    if weight_extra is not None:
-        W = torch.cat([W, weight_extra], dim=2)
-    # Row block (gi, i) of the batch: the Og kernels of group gi that read input channel gi*Cg+i.
-    W_by_channel = W.reshape(groups, Og, Cg, S).permute(0, 2, 3, 1).reshape(C, S, Og)
-    delta = torch.bmm(D, W_by_channel)  # (C, K, Og)
-    return _to_kernel_layout(delta, groups).reshape(O, Cg, kh, kw).add_(weight)
+    return kernel_like.reshape(groups, Og, Cg, X).permute(0, 2, 3, 1).reshape(groups * Cg, X, Og)
 
 
 def _to_kernel_layout(by_channel: torch.Tensor, groups: int) -> torch.Tensor:
@@ -78,15 +84,11 @@ def compose_kernel_backward(grad_kernel: torch.Tensor,
     (K, Og) / (S, Og) blocks of input channel c. Entries of ``needs`` that are False return None.
     """
     O, Cg, kh, kw = weight.shape
-    C, K, S = D.shape
-    Og = O // groups
-    W = weight.reshape(O, Cg, K)
-    if weight_extra is not None:
-        W = torch.cat([W, weight_extra], dim=2)
-    grad_by_channel = grad_kernel.reshape(groups, Og, Cg, K).permute(0, 2, 3, 1).reshape(C, K, Og)
+    K = kh * kw
+    grad_by_channel = _by_channel(grad_kernel.reshape(O, Cg, K), groups)  # (C, K, Og)
     grad_D = None
     if needs[1]:
-        W_by_channel = W.reshape(groups, Og, Cg, S).permute(0, 2, 3, 1).reshape(C, S, Og)
+        W_by_channel = _by_channel(_full_W(weight, weight_extra), groups)  # (C, S, Og)
         grad_D = torch.bmm(grad_by_channel, W_by_channel.transpose(1, 2))
     grad_weight = grad_extra = None
     if needs[0] or needs[2]:
