@@ -27,12 +27,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 from mmengine.registry import MODELS
 
-from .doconv import DOConv2d
+from .doconv import DOConv2d, is_doconv_layer_type
 
 __all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError']
 
 Patterns = Union[None, str, Sequence[str]]
-_DOCONV_TYPES = ('DOConv', 'DOConv2d')
 _DEFORM_CLASS_NAMES = ('DeformConv2d', 'ModulatedDeformConv2d')
 
 
@@ -197,18 +196,18 @@ def _to_doconv(conv: nn.Conv2d, D_mul: Optional[int]) -> DOConv2d:
 # Config checks: components where conv_cfg=DOConv cannot apply
 # ----------------------------------------------------------------------------------------------
 def _is_doconv_cfg(conv_cfg: Any) -> bool:
-    return isinstance(conv_cfg, dict) and conv_cfg.get('type') in _DOCONV_TYPES
+    return isinstance(conv_cfg, dict) and is_doconv_layer_type(conv_cfg.get('type'))
 
 
-def _walk_cfg(node: Any, path: str):
+def walk_cfg(node: Any, path: str):
     """Yield (path, dict) for every dict in a nested config (dicts and lists)."""
     if isinstance(node, dict):
         yield path, node
         for key, value in node.items():
-            yield from _walk_cfg(value, f'{path}.{key}')
+            yield from walk_cfg(value, f'{path}.{key}')
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
-            yield from _walk_cfg(value, f'{path}[{i}]')
+            yield from walk_cfg(value, f'{path}[{i}]')
 
 
 def _dcn_stages(component: Dict) -> List[int]:
@@ -227,7 +226,7 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model') -> None:
     Detected: a ResNet-style component with ``dcn`` and ``conv_cfg=dict(type='DOConv')`` (mmdet
     and mmseg Bottleneck/BasicBlock assert ``conv_cfg is None`` for DCN blocks).
     """
-    for path, component in _walk_cfg(model_cfg, where):
+    for path, component in walk_cfg(model_cfg, where):
         if not _is_doconv_cfg(component.get('conv_cfg')):
             continue
         stages = _dcn_stages(component)
@@ -249,7 +248,7 @@ def _explain_build_error(model_cfg: Dict, exc: BaseException) -> Optional[str]:
     """A clear message for known DO-Conv build failures, or None."""
     text = str(exc)
     if 'conv_cfg' in text and ('unexpected keyword' in text or 'must be None' in text):
-        users = [(path, c.get('type', '?')) for path, c in _walk_cfg(model_cfg, 'model')
+        users = [(path, c.get('type', '?')) for path, c in walk_cfg(model_cfg, 'model')
                  if 'conv_cfg' in c and path != 'model']
         named = [(p, t) for p, t in users if isinstance(t, str) and t in text]
         culprits = named or users

@@ -17,9 +17,11 @@ from typing import Any, List, Union
 
 from mmengine.config import Config
 
-__all__ = ['make_deploy_config', 'doconv_references', 'is_doconv_layer_type']
+from .convert import walk_cfg
+from .doconv import is_doconv_layer_type
 
-_LAYER_TYPES = ('DOConv', 'DOConv2d')
+__all__ = ['make_deploy_config', 'doconv_references']
+
 _MODEL_TYPE = 'DOConvModel'
 _PACKAGE = 'do_conv_mm'
 _LAYER_ONLY_KEYS = ('D_mul', )  # DOConv2d-only constructor arguments
@@ -32,11 +34,6 @@ def _short_type(value: Any) -> Any:
     if isinstance(value, str):
         return value.rpartition('.')[2]
     return value
-
-
-def is_doconv_layer_type(value: Any) -> bool:
-    """True for ``'DOConv'``, ``'DOConv2d'``, a scoped ``'x.DOConv'`` or the DOConv2d class."""
-    return _short_type(value) in _LAYER_TYPES
 
 
 def _is_model_type(value: Any) -> bool:
@@ -83,19 +80,14 @@ def _without_package(custom_imports: Any) -> Any:
 def doconv_references(node: Any, path: str = 'cfg') -> List[str]:
     """Config paths that still opt into DO-Conv (empty for a deploy config)."""
     found = []
-    if isinstance(node, dict):
-        if is_doconv_layer_type(node.get('type')) or _is_model_type(node.get('type')):
-            found.append(path)
-        if path.endswith('.custom_imports') or path == 'cfg.custom_imports':
-            imports = node.get('imports', [])
+    for where, entry in walk_cfg(node, path):
+        if is_doconv_layer_type(entry.get('type')) or _is_model_type(entry.get('type')):
+            found.append(where)
+        if where.rpartition('.')[2] == 'custom_imports':
+            imports = entry.get('imports', [])
             imports = [imports] if isinstance(imports, str) else imports
             if any(m == _PACKAGE or str(m).startswith(_PACKAGE + '.') for m in imports):
-                found.append(path + '.imports')
-        for k, v in node.items():
-            found += doconv_references(v, f'{path}.{k}')
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            found += doconv_references(v, f'{path}[{i}]')
+                found.append(where + '.imports')
     return found
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ['DOConv2d', 'compose_kernel', 'compose_kernel_backward']
+__all__ = ['DOConv2d', 'compose_kernel', 'compose_kernel_backward', 'is_doconv_layer_type']
 
 
 def compose_kernel(weight: torch.Tensor,
@@ -371,10 +371,21 @@ def fold_kernel(weight: torch.Tensor,
     return folded.to(weight.dtype)
 
 
+LAYER_TYPE_NAMES = ('DOConv', 'DOConv2d')
+
+
+def is_doconv_layer_type(value) -> bool:
+    """True for a config ``type`` naming this layer: 'DOConv', 'DOConv2d', a scoped
+    'scope.DOConv', or the DOConv2d class itself."""
+    if isinstance(value, type):
+        return issubclass(value, DOConv2d)
+    return isinstance(value, str) and value.rpartition('.')[2] in LAYER_TYPE_NAMES
+
+
 def _register() -> None:
     """Register in mmengine's root MODELS, where mmcv's build_conv_layer looks conv types up."""
     from mmengine.registry import MODELS
-    MODELS.register_module(name=['DOConv', 'DOConv2d'], module=DOConv2d)
+    MODELS.register_module(name=list(LAYER_TYPE_NAMES), module=DOConv2d)
 
 
 _register()
