@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional  # noqa: E402
 import torch  # noqa: E402
 
 from do_conv_mm import compose_kernel  # noqa: E402
+from do_conv_mm.doconv import _KernelWorkspace, compose_kernel_backward_, \
+    compose_kernel_into  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,8 +96,37 @@ def compose_function(weight, D, weight_extra=None, groups=1):
     return _ComposeFunction.apply(weight, D)
 
 
+class _TrainingPathCompose(torch.autograd.Function):
+    """The composition half of DOConv2d's training Function: W' composed into a workspace that
+    persists across steps; backward turns dL/dW' into dL/dweight in place."""
+
+    @staticmethod
+    def forward(ctx, weight, D, weight_extra, groups, workspace):
+        ctx.save_for_backward(weight, D, weight_extra)
+        ctx.groups = groups
+        return compose_kernel_into(workspace.like(weight), weight, D, weight_extra, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, D, weight_extra = ctx.saved_tensors
+        return (*compose_kernel_backward_(grad, weight, D, weight_extra, ctx.groups,
+                                          ctx.needs_input_grad[:3]), None, None)
+
+
+_WORKSPACES: Dict[tuple, _KernelWorkspace] = {}
+
+
+def compose_training_path(weight, D, weight_extra=None, groups=1):
+    """What a training step runs (one workspace per kernel shape, as one per layer)."""
+    workspace = _WORKSPACES.setdefault((tuple(weight.shape), weight.dtype), _KernelWorkspace())
+    return _TrainingPathCompose.apply(weight, D, weight_extra, groups, workspace)
+
+
+GENERAL = (compose_kernel, compose_training_path)  # any groups / D_mul; the prototypes are not
+
 CANDIDATES: Dict[str, Callable] = {
-    'compose_kernel (do_conv_mm)': compose_kernel,
+    'training path: workspace + in-place backward (do_conv_mm)': compose_training_path,
+    'compose_kernel + autograd (do_conv_mm, compile/trace/autocast path)': compose_kernel,
     'einsum (reference)': compose_einsum,
     'strided bmm (prototype)': compose_strided_bmm,
     'autograd.Function, 2-D transposes (prototype)': compose_function,
@@ -148,8 +179,9 @@ def time_layer(fn: Callable, layer, reps: int, device: torch.device):
         t0 = time.perf_counter()
         out = fn(weight, D, extra, layer.groups)
         synchronize(device)
+        g = grad.clone()  # the in-place backward may overwrite its incoming gradient
         t1 = time.perf_counter()
-        out.backward(grad)
+        out.backward(g)
         synchronize(device)
         t2 = time.perf_counter()
         if r:
@@ -172,7 +204,7 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
     result = {c: dict(fwd=0.0, bwd=0.0, saved=0, layers=[]) for c in candidates}
     for name, layer in layers:
         for cname, fn in candidates.items():
-            if (layer.groups != 1 or layer.weight_extra is not None) and fn is not compose_kernel:
+            if (layer.groups != 1 or layer.weight_extra is not None) and fn not in GENERAL:
                 continue
             f, b = time_layer(fn, layer, reps, device)
             result[cname]['fwd'] += f
@@ -191,13 +223,15 @@ def check_exact(model: torch.nn.Module) -> List[str]:
             continue
         worst_out = worst_grad = 0.0
         for _, layer in layers:
+            if (layer.groups != 1 or layer.weight_extra is not None) and fn not in GENERAL:
+                continue
             ref_in = [_leaf(layer.weight), _leaf(layer.D), _leaf(layer.weight_extra)]
             new_in = [_leaf(layer.weight), _leaf(layer.D), _leaf(layer.weight_extra)]
             g = torch.randn(layer.weight.shape, device=layer.weight.device)
             ref = compose_kernel(*ref_in, layer.groups)
             new = fn(*new_in, layer.groups)
             ref.backward(g)
-            new.backward(g)
+            new.backward(g.clone())
             worst_out = max(worst_out, (ref - new).abs().max().item())
             for a, b in zip(ref_in, new_in):
                 if a is not None:

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ['DOConv2d', 'compose_kernel', 'compose_kernel_backward', 'is_doconv_layer_type']
+__all__ = ['DOConv2d', 'compose_kernel', 'compose_kernel_into', 'compose_kernel_backward',
+           'is_doconv_layer_type']
 
 
 def compose_kernel(weight: torch.Tensor,
@@ -100,22 +101,129 @@ def compose_kernel_backward(grad_kernel: torch.Tensor,
     return grad_weight, grad_D, grad_extra
 
 
+# Training path. Composing a large kernel into a *fresh* tensor costs more in page faults than in
+# arithmetic (glibc maps allocations over 32 MB straight from the OS, so every new W' of e.g.
+# PSPNet's 512x4096x3x3 head conv is faulted in page by page). The training Function therefore
+# composes into a per-layer workspace that lives across steps, in output-channel blocks small
+# enough to come from the allocator's heap, and turns dL/dW' into dL/dweight in place.
+_BLOCK_ELEMENTS = 1 << 21  # ~8 MB of fp32 per temporary block
+
+
+def _plus_identity(D: torch.Tensor) -> torch.Tensor:
+    """D + I as a new (C, K, S) tensor, I[m, m] = 1 for m < K."""
+    K = D.shape[1]
+    shifted = D.clone()
+    shifted[:, :, :K].diagonal(dim1=1, dim2=2).add_(1)
+    return shifted
+
+
+def compose_kernel_into(out: torch.Tensor,
+                        weight: torch.Tensor,
+                        D: torch.Tensor,
+                        weight_extra: Optional[torch.Tensor] = None,
+                        groups: int = 1) -> torch.Tensor:
+    """``out.copy_(compose_kernel(weight, D, weight_extra, groups))`` without kernel-sized temporaries
+    (groups == 1); ``out`` is a contiguous (O, Cg, kh, kw) tensor. No autograd; returns ``out``."""
+    if groups != 1:
+        return out.copy_(compose_kernel(weight, D, weight_extra, groups))
+    W_by_channel = _by_channel(_full_W(weight, weight_extra), 1)  # (C, S, O), a view if S == K
+    D_plus_I = _plus_identity(D)  # (C, K, S)
+    C, K, _ = D_plus_I.shape
+    rows = out.view(out.shape[0], C * K)
+    step = max(1, _BLOCK_ELEMENTS // (C * K))
+    for o0 in range(0, rows.shape[0], step):
+        block = torch.bmm(D_plus_I, W_by_channel[:, :, o0:o0 + step])  # (C, K, step)
+        rows[o0:o0 + step].copy_(block.view(C * K, -1).t())
+    return out
+
+
+def _weight_grad_in_place(grad_kernel: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """dL/dweight = per-channel (D + I)^T dL/dW', written over ``grad_kernel`` (O, C, kh, kw)
+    block by block (groups == 1, S == K). Returns ``grad_kernel``."""
+    D_plus_I_t = _plus_identity(D).transpose(1, 2)  # (C, S, K), S == K
+    C, K = D.shape[:2]
+    rows = grad_kernel.view(grad_kernel.shape[0], C * K)
+    grad_by_channel = _by_channel(grad_kernel.view(-1, C, K), 1)  # (C, K, O) view
+    step = max(1, _BLOCK_ELEMENTS // (C * K))
+    for o0 in range(0, rows.shape[0], step):
+        block = torch.bmm(D_plus_I_t, grad_by_channel[:, :, o0:o0 + step])  # reads rows o0..
+        rows[o0:o0 + step].copy_(block.view(C * K, -1).t())  # ... then overwrites them
+    return grad_kernel
+
+
+def _grad_D_blocked(grad_kernel: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """dL/dD (C, K, S) = Σ_o g[o, c]ᵀ W[o, c] for groups == 1, from g = dL/dW' (O, C, K) and
+    W (O, C, S); accumulated over blocks of output channels, each copied to the (C, block, ·)
+    layout a batched matmul reads fast (on the whole strided tensors bmm is several times slower)."""
+    O, C, K = grad_kernel.shape
+    S = W.shape[2]
+    grad_D = grad_kernel.new_zeros(C, K, S)
+    step = max(1, _BLOCK_ELEMENTS // (C * max(K, S)))
+    for o0 in range(0, O, step):
+        g_block = grad_kernel[o0:o0 + step].transpose(0, 1).contiguous()  # (C, step, K)
+        W_block = W[o0:o0 + step].transpose(0, 1).contiguous()  # (C, step, S)
+        grad_D.baddbmm_(g_block.transpose(1, 2), W_block)
+    return grad_D
+
+
+def compose_kernel_backward_(grad_kernel: torch.Tensor,
+                             weight: torch.Tensor,
+                             D: torch.Tensor,
+                             weight_extra: Optional[torch.Tensor] = None,
+                             groups: int = 1,
+                             needs: Tuple[bool, bool, bool] = (True, True, True)):
+    """``compose_kernel_backward`` that may overwrite ``grad_kernel`` and return it as the weight
+    gradient (groups == 1 and S == K, the case of every DO-Conv in the R50 models); blocked over
+    output channels for groups == 1, so no kernel-sized temporaries."""
+    if groups != 1:
+        return compose_kernel_backward(grad_kernel, weight, D, weight_extra, groups, needs)
+    O, C = weight.shape[:2]
+    grad_D = None
+    if needs[1]:  # before grad_kernel is overwritten
+        grad_D = _grad_D_blocked(grad_kernel.view(O, C, -1), _full_W(weight, weight_extra))
+    if weight_extra is not None:
+        grad_weight, _, grad_extra = compose_kernel_backward(
+            grad_kernel, weight, D, weight_extra, 1, (needs[0], False, needs[2]))
+        return grad_weight, grad_D, grad_extra
+    return (_weight_grad_in_place(grad_kernel, D) if needs[0] else None), grad_D, None
+
+
+class _KernelWorkspace:
+    """One layer's reusable buffer for its composed kernel on the training path.
+
+    Writes bump the buffer's version counter, which lets a backward pass tell whether the buffer
+    still holds the kernel its forward composed (it does not once a shared layer runs again).
+    """
+
+    def __init__(self):
+        self.buffer: Optional[torch.Tensor] = None
+
+    def like(self, weight: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffer
+        if (buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype
+                or buffer.device != weight.device):
+            buffer = self.buffer = torch.empty(weight.shape, dtype=weight.dtype,
+                                               device=weight.device)
+        return buffer
+
+
 class _ComposedConv2d(torch.autograd.Function):
     """``conv2d(x, compose_kernel(weight, D, weight_extra, groups), bias)`` for training.
 
-    Autograd on the plain expression would keep the composed kernel W' alive until backward (one
-    weight-sized tensor per layer, ~6% of a Faster R-CNN R50 training step's peak memory). This
-    Function saves only its inputs, which the layer holds anyway, and recomposes W' in backward
-    (a cost independent of batch size and resolution). Input must already be padded for
-    non-'zeros' padding modes; ``padding`` is numeric.
+    Saves only its inputs, which the layer holds anyway; W' lives in the layer's workspace (one
+    kernel per layer, not one per call) and is recomposed in backward only if the workspace was
+    overwritten meanwhile. Input must already be padded for non-'zeros' padding modes;
+    ``padding`` is numeric.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, D, weight_extra, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, D, weight_extra, bias, workspace, stride, padding, dilation,
+                groups):
         ctx.save_for_backward(x, weight, D, weight_extra)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
-        kernel = compose_kernel(weight, D, weight_extra, groups)
+        kernel = compose_kernel_into(workspace.like(weight), weight, D, weight_extra, groups)
+        ctx.workspace, ctx.kernel, ctx.kernel_version = workspace, kernel, kernel._version
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -124,15 +232,18 @@ class _ComposedConv2d(torch.autograd.Function):
         x, weight, D, weight_extra = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         needs_param = ctx.needs_input_grad[1:4]
-        kernel = compose_kernel(weight, D, weight_extra, groups)
+        kernel = ctx.kernel
+        if kernel._version != ctx.kernel_version:  # a later call of this layer reused the buffer
+            kernel = compose_kernel_into(ctx.workspace.like(weight), weight, D, weight_extra,
+                                         groups)
         grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, x, kernel, ctx.bias_shape, stride, padding, dilation, False, [0, 0],
             groups, [ctx.needs_input_grad[0], any(needs_param), ctx.needs_input_grad[4]])
         grad_weight = grad_D = grad_extra = None
         if any(needs_param):
-            grad_weight, grad_D, grad_extra = compose_kernel_backward(
+            grad_weight, grad_D, grad_extra = compose_kernel_backward_(
                 grad_kernel, weight, D, weight_extra, groups, needs_param)
-        return grad_x, grad_weight, grad_D, grad_extra, grad_bias, None, None, None, None
+        return grad_x, grad_weight, grad_D, grad_extra, grad_bias, None, None, None, None, None
 
 
 def _no_autocast(device_type: str):
@@ -209,6 +320,7 @@ class DOConv2d(nn.Conv2d):
             self._reset_doconv_parameters()
         self._cached_kernel = None
         self._cached_key = None
+        self._kernel_workspace = _KernelWorkspace()
 
     # ----------------------------------------------------------------------------------------
     # Initialisation and warm start
@@ -296,7 +408,8 @@ class DOConv2d(nn.Conv2d):
                 else:
                     padding = self.padding
                 return _ComposedConv2d.apply(input, self.weight, self.D, self.weight_extra, bias,
-                                             self.stride, padding, self.dilation, self.groups)
+                                             self._kernel_workspace, self.stride, padding,
+                                             self.dilation, self.groups)
             if weight is self.weight:
                 weight = self._kernel()
             elif self.weight_extra is not None:
@@ -311,13 +424,16 @@ class DOConv2d(nn.Conv2d):
         return super()._conv_forward(input, weight, bias)
 
     def train(self, mode: bool = True):
+        """Switching mode drops the eval cache and the training workspace (memory back)."""
         self._cached_kernel = self._cached_key = None
+        self._kernel_workspace.buffer = None
         return super().train(mode)
 
     def __getstate__(self):
         state = super().__getstate__()
         state = dict(state)
         state['_cached_kernel'] = state['_cached_key'] = None
+        state['_kernel_workspace'] = _KernelWorkspace()  # copies never share a buffer
         return state
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from do_conv_mm import DOConv2d, compose_kernel, fold_doconv
+from do_conv_mm import doconv as doconv_module
 
 # float64 checks: the layer and the reference perform the same arithmetic in a different order,
 # so they agree to a few ulps of the activations (|y| ~ 10): 1e-10 leaves five orders of margin.
@@ -332,12 +333,77 @@ def test_training_path_gradcheck():
     assert torch.autograd.gradcheck(forward, (x, *values))
 
 
-def test_training_path_keeps_no_composed_kernel():
-    """Only inputs are saved for backward: nothing kernel-sized beyond the parameters."""
+def test_training_path_keeps_one_composed_kernel_per_layer():
+    """Only inputs are saved for backward; W' lives in one per-layer workspace, reused by every
+    call and every step, and given back when the mode switches."""
     layer = randomise(DOConv2d(8, 8, 3, padding=1))
     x = torch.randn(1, 8, 6, 6)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        layer(x)
+        y = layer(x)
     assert len(saved) == 3  # x, weight, D (no weight_extra, no composed kernel)
     assert any(t is layer.weight for t in saved) and any(t is layer.D for t in saved)
+    workspace = layer._kernel_workspace.buffer
+    torch.testing.assert_close(workspace, reference_kernel(layer), atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    layer(x).sum().backward()
+    assert layer._kernel_workspace.buffer is workspace
+    layer.double()  # a new dtype gets a new buffer
+    layer(x.double()).sum().backward()
+    assert layer._kernel_workspace.buffer.dtype == torch.float64
+    layer.eval()
+    assert layer._kernel_workspace.buffer is None
+    assert deepcopy(layer.train())._kernel_workspace is not layer._kernel_workspace
+
+
+def formula_gradients(layer: DOConv2d, inputs, loss_fn):
+    """Autograd through the plain composition expression: the reference for the Function."""
+    kernel = compose_kernel(layer.weight, layer.D, layer.weight_extra, layer.groups)
+    outputs = [F.conv2d(x, kernel, layer.bias, layer.stride, layer.padding, layer.dilation,
+                        layer.groups) for x in inputs]
+    return torch.autograd.grad(loss_fn(outputs), list(layer.parameters()))
+
+
+@pytest.mark.parametrize('d_mul', [9, 12])
+def test_training_path_blocked_composition_matches_formula(monkeypatch, d_mul):
+    """Blocks of a few output channels (the path large kernels take) compose and back-propagate
+    exactly what one block does; 100 elements per block splits 24 channels into 12 blocks."""
+    monkeypatch.setattr(doconv_module, '_BLOCK_ELEMENTS', 100)
+    layer = randomise(DOConv2d(6, 24, 3, padding=1, dtype=torch.float64, D_mul=d_mul))
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    got = torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))
+    expected = formula_gradients(layer, [x], lambda ys: ys[0].square().sum())
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+    with torch.no_grad():
+        composed = doconv_module.compose_kernel_into(torch.empty_like(layer.weight), layer.weight,
+                                                     layer.D, layer.weight_extra)
+    torch.testing.assert_close(composed, reference_kernel(layer), atol=ATOL64, rtol=0)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_training_path_shared_layer_called_twice_before_backward(groups):
+    """A layer applied to several inputs (mmdet's shared heads) overwrites its workspace; the
+    earlier call's backward must notice and recompose."""
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.float64))
+    inputs = [torch.randn(1, 4, 5, 5, dtype=torch.float64) for _ in range(3)]
+
+    def loss(outputs):
+        return sum((i + 1) * y.square().sum() for i, y in enumerate(outputs))
+
+    got = torch.autograd.grad(loss([layer(x) for x in inputs]), list(layer.parameters()))
+    for g, e in zip(got, formula_gradients(layer, inputs, loss)):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+def test_training_path_follows_in_place_edits_between_steps():
+    """Every training forward recomposes: edits through .data (which do not bump the version
+    counter) and optimizer steps are both seen."""
+    layer = randomise(DOConv2d(4, 4, 3, padding=1, dtype=torch.float64))
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().mean().backward()
+    opt.step()
+    torch.testing.assert_close(layer(x), reference_forward(layer, x), atol=ATOL64, rtol=0)
+    layer.D.data.add_(0.5)
+    torch.testing.assert_close(layer(x), reference_forward(layer, x), atol=ATOL64, rtol=0)
