@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional  # noqa: E402
 import torch  # noqa: E402
 
 from do_conv_mm import compose_kernel  # noqa: E402
-from do_conv_mm.doconv import _KernelWorkspace, compose_kernel_backward_, \
+from do_conv_mm.doconv import _KEEP_MIN_BYTES, _KernelWorkspace, compose_kernel_backward_, \
     compose_kernel_into  # noqa: E402
 
 
@@ -97,18 +97,22 @@ def compose_function(weight, D, weight_extra=None, groups=1):
 
 
 class _TrainingPathCompose(torch.autograd.Function):
-    """The composition half of DOConv2d's training Function: W' composed into a workspace that
-    persists across steps; backward turns dL/dW' into dL/dweight in place."""
+    """The composition half of DOConv2d's training Function: W' composed into the layer's
+    workspace (kept across steps for kernels of 32 MiB or more, else fresh and recomposed in
+    backward); backward turns dL/dW' into dL/dweight in place."""
 
     @staticmethod
     def forward(ctx, weight, D, weight_extra, groups, workspace):
         ctx.save_for_backward(weight, D, weight_extra)
-        ctx.groups = groups
-        return compose_kernel_into(workspace.like(weight), weight, D, weight_extra, groups)
+        ctx.groups, ctx.workspace = groups, workspace
+        out, ctx.kept = workspace.take(weight)
+        return compose_kernel_into(out, weight, D, weight_extra, groups)
 
     @staticmethod
     def backward(ctx, grad):
         weight, D, weight_extra = ctx.saved_tensors
+        if not ctx.kept:  # as the layer does: a small kernel is recomposed for the conv backward
+            compose_kernel_into(ctx.workspace.take(weight)[0], weight, D, weight_extra, ctx.groups)
         return (*compose_kernel_backward_(grad, weight, D, weight_extra, ctx.groups,
                                           ctx.needs_input_grad[:3]), None, None)
 
@@ -125,7 +129,8 @@ def compose_training_path(weight, D, weight_extra=None, groups=1):
 GENERAL = (compose_kernel, compose_training_path)  # any groups / D_mul; the prototypes are not
 
 CANDIDATES: Dict[str, Callable] = {
-    'training path: workspace + in-place backward (do_conv_mm)': compose_training_path,
+    'training path (do_conv_mm): blocked, large W\' kept, in-place backward':
+        compose_training_path,
     'compose_kernel + autograd (do_conv_mm, compile/trace/autocast path)': compose_kernel,
     'einsum (reference)': compose_einsum,
     'strided bmm (prototype)': compose_strided_bmm,
@@ -201,7 +206,7 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
     """
     candidates = CANDIDATES if candidates is None else candidates
     layers = trained_layers(model)
-    result = {c: dict(fwd=0.0, bwd=0.0, saved=0, layers=[]) for c in candidates}
+    result = {c: dict(fwd=0.0, bwd=0.0, saved=0, kept=0, layers=[]) for c in candidates}
     for name, layer in layers:
         for cname, fn in candidates.items():
             if (layer.groups != 1 or layer.weight_extra is not None) and fn not in GENERAL:
@@ -210,6 +215,8 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
             result[cname]['fwd'] += f
             result[cname]['bwd'] += b
             result[cname]['saved'] += saved_bytes(fn, layer)
+            if fn is compose_training_path and layer.weight.nbytes >= _KEEP_MIN_BYTES:
+                result[cname]['kept'] += layer.weight.nbytes  # held from step to step
             result[cname]['layers'].append((name, tuple(layer.weight.shape), f, b))
     return result
 
@@ -248,12 +255,12 @@ def profile_tables(result: Dict[str, dict], step_seconds: Optional[float] = None
     for cname, r in result.items():
         total = r['fwd'] + r['bwd']
         row = [cname, len(r['layers']), f'{r["fwd"] * 1e3:.1f}', f'{r["bwd"] * 1e3:.1f}',
-               f'{total * 1e3:.1f}', f'{r["saved"] / 2**20:.0f}']
+               f'{total * 1e3:.1f}', f'{r["saved"] / 2**20:.0f}', f'{r["kept"] / 2**20:.0f}']
         if step_seconds:
             row.append(f'{1 + total / step_seconds:.4f}')
         rows.append(row)
     header = ['composition', 'layers', 'forward ms/step', 'backward ms/step', 'total ms/step',
-              'saved for backward, MiB']
+              'saved for backward, MiB', 'kept across steps, MiB']
     if step_seconds:
         header.append(f'implied step-time ratio (plain step {step_seconds:.2f} s)')
     out = [md_table(header, rows)]

@@ -104,9 +104,11 @@ def compose_kernel_backward(grad_kernel: torch.Tensor,
 # Training path. Composing a large kernel into a *fresh* tensor costs more in page faults than in
 # arithmetic (glibc maps allocations over 32 MB straight from the OS, so every new W' of e.g.
 # PSPNet's 512x4096x3x3 head conv is faulted in page by page). The training Function therefore
-# composes into a per-layer workspace that lives across steps, in output-channel blocks small
-# enough to come from the allocator's heap, and turns dL/dW' into dL/dweight in place.
+# keeps such kernels in a per-layer buffer that lives across steps, composes in output-channel
+# blocks small enough to come from the allocator's heap, accumulates dL/dD over the same blocks
+# and turns dL/dW' into dL/dweight in place.
 _BLOCK_ELEMENTS = 1 << 21  # ~8 MB of fp32 per temporary block
+_KEEP_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: bigger blocks always come fresh
 
 
 def _plus_identity(D: torch.Tensor) -> torch.Tensor:
@@ -122,8 +124,8 @@ def compose_kernel_into(out: torch.Tensor,
                         D: torch.Tensor,
                         weight_extra: Optional[torch.Tensor] = None,
                         groups: int = 1) -> torch.Tensor:
-    """``out.copy_(compose_kernel(weight, D, weight_extra, groups))`` without kernel-sized temporaries
-    (groups == 1); ``out`` is a contiguous (O, Cg, kh, kw) tensor. No autograd; returns ``out``."""
+    """``out.copy_(compose_kernel(weight, D, weight_extra, groups))``, with no kernel-sized
+    temporaries when groups == 1; ``out``: contiguous (O, Cg, kh, kw). No autograd; returns out."""
     if groups != 1:
         return out.copy_(compose_kernel(weight, D, weight_extra, groups))
     W_by_channel = _by_channel(_full_W(weight, weight_extra), 1)  # (C, S, O), a view if S == K
@@ -154,7 +156,7 @@ def _weight_grad_in_place(grad_kernel: torch.Tensor, D: torch.Tensor) -> torch.T
 def _grad_D_blocked(grad_kernel: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """dL/dD (C, K, S) = Σ_o g[o, c]ᵀ W[o, c] for groups == 1, from g = dL/dW' (O, C, K) and
     W (O, C, S); accumulated over blocks of output channels, each copied to the (C, block, ·)
-    layout a batched matmul reads fast (on the whole strided tensors bmm is several times slower)."""
+    layout a batched matmul reads fast (bmm on the whole strided views is several times slower)."""
     O, C, K = grad_kernel.shape
     S = W.shape[2]
     grad_D = grad_kernel.new_zeros(C, K, S)
@@ -189,31 +191,38 @@ def compose_kernel_backward_(grad_kernel: torch.Tensor,
 
 
 class _KernelWorkspace:
-    """One layer's reusable buffer for its composed kernel on the training path.
+    """Where one layer's training path composes its kernel W'.
 
-    Writes bump the buffer's version counter, which lets a backward pass tell whether the buffer
-    still holds the kernel its forward composed (it does not once a shared layer runs again).
+    A kernel of at least ``_KEEP_MIN_BYTES`` is composed into a buffer the layer keeps across
+    steps (a fresh tensor that size is page-faulted in on every allocation) and is reused by
+    backward. Smaller kernels get a fresh tensor that the allocator serves from memory it holds,
+    freed after the convolution and recomposed in backward, so they cost no training memory.
+    Writes bump the buffer's version counter, which tells a backward pass whether the buffer still
+    holds the kernel its forward composed (it does not once a shared layer has run again).
     """
 
     def __init__(self):
         self.buffer: Optional[torch.Tensor] = None
 
-    def like(self, weight: torch.Tensor) -> torch.Tensor:
+    def take(self, weight: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """(tensor to compose W' into, whether it is the kept buffer)."""
+        if weight.numel() * weight.element_size() < _KEEP_MIN_BYTES:
+            return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device), False
         buffer = self.buffer
         if (buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype
                 or buffer.device != weight.device):
             buffer = self.buffer = torch.empty(weight.shape, dtype=weight.dtype,
                                                device=weight.device)
-        return buffer
+        return buffer, True
 
 
 class _ComposedConv2d(torch.autograd.Function):
     """``conv2d(x, compose_kernel(weight, D, weight_extra, groups), bias)`` for training.
 
-    Saves only its inputs, which the layer holds anyway; W' lives in the layer's workspace (one
-    kernel per layer, not one per call) and is recomposed in backward only if the workspace was
-    overwritten meanwhile. Input must already be padded for non-'zeros' padding modes;
-    ``padding`` is numeric.
+    Saves only its inputs, which the layer holds anyway. W' is taken from the layer's
+    workspace: a large kernel stays in the kept buffer (one per layer, not one per call) and
+    backward reuses it unless a later call overwrote it; a small one is recomposed in backward.
+    Input must already be padded for non-'zeros' padding modes; ``padding`` is numeric.
     """
 
     @staticmethod
@@ -222,8 +231,10 @@ class _ComposedConv2d(torch.autograd.Function):
         ctx.save_for_backward(x, weight, D, weight_extra)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
-        kernel = compose_kernel_into(workspace.like(weight), weight, D, weight_extra, groups)
-        ctx.workspace, ctx.kernel, ctx.kernel_version = workspace, kernel, kernel._version
+        out, kept = workspace.take(weight)
+        kernel = compose_kernel_into(out, weight, D, weight_extra, groups)
+        ctx.workspace = workspace
+        ctx.kept = (kernel, kernel._version) if kept else None
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -232,9 +243,10 @@ class _ComposedConv2d(torch.autograd.Function):
         x, weight, D, weight_extra = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         needs_param = ctx.needs_input_grad[1:4]
-        kernel = ctx.kernel
-        if kernel._version != ctx.kernel_version:  # a later call of this layer reused the buffer
-            kernel = compose_kernel_into(ctx.workspace.like(weight), weight, D, weight_extra,
+        if ctx.kept is not None and ctx.kept[0]._version == ctx.kept[1]:
+            kernel = ctx.kept[0]
+        else:  # small kernel, or a later call of this layer overwrote the kept buffer
+            kernel = compose_kernel_into(ctx.workspace.take(weight)[0], weight, D, weight_extra,
                                          groups)
         grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, x, kernel, ctx.bias_shape, stride, padding, dilation, False, [0, 0],
@@ -270,9 +282,11 @@ class DOConv2d(nn.Conv2d):
     Conv2d, ``D`` (C, kh*kw, D_mul) zero-initialised, and ``weight_extra`` (O, Cg, D_mul - kh*kw)
     only when D_mul > kh*kw. For 1×1 kernels ``D`` and ``weight_extra`` are None (a plain conv).
 
-    The forward pass convolves with ``compose_kernel(weight, D, weight_extra, groups)``. When no
-    gradient is needed the composed kernel is cached and reused until a parameter changes
-    (tracked by tensor version and storage), so unfolded eval costs what a plain conv costs.
+    The forward pass convolves with ``compose_kernel(weight, D, weight_extra, groups)``. Training
+    keeps a kernel of 32 MiB or more in a per-layer buffer (reused by every step, freed on a
+    train/eval switch); smaller kernels cost no memory beyond the plain conv's. When no gradient is needed the composed kernel is cached and
+    reused until a parameter changes (tracked by tensor version and storage), so unfolded eval
+    costs what a plain conv costs.
     ``to_conv2d()`` / :func:`do_conv_mm.fold_doconv` fold it into a plain Conv2d for deployment.
     """
 

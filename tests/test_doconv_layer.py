@@ -333,9 +333,9 @@ def test_training_path_gradcheck():
     assert torch.autograd.gradcheck(forward, (x, *values))
 
 
-def test_training_path_keeps_one_composed_kernel_per_layer():
-    """Only inputs are saved for backward; W' lives in one per-layer workspace, reused by every
-    call and every step, and given back when the mode switches."""
+def test_training_path_saves_only_inputs_and_keeps_no_small_kernel():
+    """Only inputs are saved for backward, and a kernel under 32 MiB is not kept either: the
+    training path holds no kernel-sized tensor beyond the parameters."""
     layer = randomise(DOConv2d(8, 8, 3, padding=1))
     x = torch.randn(1, 8, 6, 6)
     saved = []
@@ -343,17 +343,29 @@ def test_training_path_keeps_one_composed_kernel_per_layer():
         y = layer(x)
     assert len(saved) == 3  # x, weight, D (no weight_extra, no composed kernel)
     assert any(t is layer.weight for t in saved) and any(t is layer.D for t in saved)
-    workspace = layer._kernel_workspace.buffer
-    torch.testing.assert_close(workspace, reference_kernel(layer), atol=1e-5, rtol=1e-5)
+    assert layer._kernel_workspace.buffer is None
+    y.sum().backward()
+    assert layer._kernel_workspace.buffer is None
+
+
+def test_training_path_keeps_one_large_kernel_per_layer(monkeypatch):
+    """A kernel over the threshold (lowered here to 0 bytes) lives in one per-layer buffer, reused
+    by every call and step, replaced on a dtype change and given back on a mode switch."""
+    monkeypatch.setattr(doconv_module, '_KEEP_MIN_BYTES', 0)
+    layer = randomise(DOConv2d(8, 8, 3, padding=1))
+    x = torch.randn(1, 8, 6, 6)
+    y = layer(x)
+    buffer = layer._kernel_workspace.buffer
+    torch.testing.assert_close(buffer, reference_kernel(layer), atol=1e-5, rtol=1e-5)
     y.sum().backward()
     layer(x).sum().backward()
-    assert layer._kernel_workspace.buffer is workspace
-    layer.double()  # a new dtype gets a new buffer
+    assert layer._kernel_workspace.buffer is buffer
+    layer.double()
     layer(x.double()).sum().backward()
     assert layer._kernel_workspace.buffer.dtype == torch.float64
+    assert deepcopy(layer)._kernel_workspace.buffer is None
     layer.eval()
     assert layer._kernel_workspace.buffer is None
-    assert deepcopy(layer.train())._kernel_workspace is not layer._kernel_workspace
 
 
 def formula_gradients(layer: DOConv2d, inputs, loss_fn):
@@ -381,10 +393,15 @@ def test_training_path_blocked_composition_matches_formula(monkeypatch, d_mul):
     torch.testing.assert_close(composed, reference_kernel(layer), atol=ATOL64, rtol=0)
 
 
+@pytest.mark.parametrize('keep_min_bytes', [0, None])
 @pytest.mark.parametrize('groups', [1, 2])
-def test_training_path_shared_layer_called_twice_before_backward(groups):
-    """A layer applied to several inputs (mmdet's shared heads) overwrites its workspace; the
-    earlier call's backward must notice and recompose."""
+def test_training_path_shared_layer_called_twice_before_backward(monkeypatch, groups,
+                                                                 keep_min_bytes):
+    """A layer applied to several inputs (mmdet's shared heads): with a kept kernel (threshold
+    0) each call overwrites the buffer and the earlier calls' backward must notice and
+    recompose; with the default threshold every backward recomposes."""
+    if keep_min_bytes is not None:
+        monkeypatch.setattr(doconv_module, '_KEEP_MIN_BYTES', keep_min_bytes)
     layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.float64))
     inputs = [torch.randn(1, 4, 5, 5, dtype=torch.float64) for _ in range(3)]
 
