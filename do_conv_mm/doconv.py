@@ -119,6 +119,19 @@ def _plus_identity(D: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
+def _per_channel_matmul_into(rows: torch.Tensor, matrices: torch.Tensor,
+                             source_by_channel: torch.Tensor) -> torch.Tensor:
+    """rows (O, C·K) <- matrices[c] (K, X) @ source_by_channel[c] (X, O) for every channel c,
+    written in kernel layout, in blocks of output channels. Each block reads its source rows
+    before it writes its output rows, so ``rows`` may be the source itself. Returns ``rows``."""
+    C, K, _ = matrices.shape
+    step = max(1, _BLOCK_ELEMENTS // (C * K))
+    for o0 in range(0, rows.shape[0], step):
+        block = torch.bmm(matrices, source_by_channel[:, :, o0:o0 + step])  # (C, K, step)
+        rows[o0:o0 + step].copy_(block.view(C * K, -1).t())
+    return rows
+
+
 def compose_kernel_into(out: torch.Tensor,
                         weight: torch.Tensor,
                         D: torch.Tensor,
@@ -129,27 +142,17 @@ def compose_kernel_into(out: torch.Tensor,
     if groups != 1:
         return out.copy_(compose_kernel(weight, D, weight_extra, groups))
     W_by_channel = _by_channel(_full_W(weight, weight_extra), 1)  # (C, S, O), a view if S == K
-    D_plus_I = _plus_identity(D)  # (C, K, S)
-    C, K, _ = D_plus_I.shape
-    rows = out.view(out.shape[0], C * K)
-    step = max(1, _BLOCK_ELEMENTS // (C * K))
-    for o0 in range(0, rows.shape[0], step):
-        block = torch.bmm(D_plus_I, W_by_channel[:, :, o0:o0 + step])  # (C, K, step)
-        rows[o0:o0 + step].copy_(block.view(C * K, -1).t())
+    _per_channel_matmul_into(out.view(out.shape[0], -1), _plus_identity(D), W_by_channel)
     return out
 
 
 def _weight_grad_in_place(grad_kernel: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """dL/dweight = per-channel (D + I)^T dL/dW', written over ``grad_kernel`` (O, C, kh, kw)
-    block by block (groups == 1, S == K). Returns ``grad_kernel``."""
-    D_plus_I_t = _plus_identity(D).transpose(1, 2)  # (C, S, K), S == K
-    C, K = D.shape[:2]
-    rows = grad_kernel.view(grad_kernel.shape[0], C * K)
-    grad_by_channel = _by_channel(grad_kernel.view(-1, C, K), 1)  # (C, K, O) view
-    step = max(1, _BLOCK_ELEMENTS // (C * K))
-    for o0 in range(0, rows.shape[0], step):
-        block = torch.bmm(D_plus_I_t, grad_by_channel[:, :, o0:o0 + step])  # reads rows o0..
-        rows[o0:o0 + step].copy_(block.view(C * K, -1).t())  # ... then overwrites them
+    """dL/dweight = per-channel (D + I)ᵀ dL/dW', written over ``grad_kernel`` (O, C, kh, kw)
+    (groups == 1, S == K). Returns ``grad_kernel``."""
+    O, C = grad_kernel.shape[:2]
+    grad_by_channel = _by_channel(grad_kernel.view(O, C, -1), 1)  # (C, K, O) view
+    _per_channel_matmul_into(grad_kernel.view(O, -1), _plus_identity(D).transpose(1, 2),
+                             grad_by_channel)
     return grad_kernel
 
 
@@ -284,9 +287,9 @@ class DOConv2d(nn.Conv2d):
 
     The forward pass convolves with ``compose_kernel(weight, D, weight_extra, groups)``. Training
     keeps a kernel of 32 MiB or more in a per-layer buffer (reused by every step, freed on a
-    train/eval switch); smaller kernels cost no memory beyond the plain conv's. When no gradient is needed the composed kernel is cached and
-    reused until a parameter changes (tracked by tensor version and storage), so unfolded eval
-    costs what a plain conv costs.
+    train/eval switch); smaller kernels cost no memory beyond the plain conv's. When no gradient
+    is needed the composed kernel is cached and reused until a parameter changes (tracked by
+    tensor version and storage), so unfolded eval costs what a plain conv costs.
     ``to_conv2d()`` / :func:`do_conv_mm.fold_doconv` fold it into a plain Conv2d for deployment.
     """
 
