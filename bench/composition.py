@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional  # noqa: E402
 import torch  # noqa: E402
 
 from do_conv_mm import compose_kernel  # noqa: E402
-from do_conv_mm.doconv import _KEEP_MIN_BYTES, _KernelWorkspace, compose_kernel_backward_, \
-    compose_kernel_into  # noqa: E402
+from do_conv_mm.doconv import _KEEP_MIN_BYTES, _KernelWorkspace, \
+    compose_kernel_backward_  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,14 +105,14 @@ class _TrainingPathCompose(torch.autograd.Function):
     def forward(ctx, weight, D, weight_extra, groups, workspace):
         ctx.save_for_backward(weight, D, weight_extra)
         ctx.groups, ctx.workspace = groups, workspace
-        out, ctx.kept = workspace.take(weight)
-        return compose_kernel_into(out, weight, D, weight_extra, groups)
+        kernel, ctx.kernel_token = workspace.compose(weight, D, weight_extra, groups)
+        return kernel
 
     @staticmethod
     def backward(ctx, grad):
         weight, D, weight_extra = ctx.saved_tensors
-        if not ctx.kept:  # as the layer does: a small kernel is recomposed for the conv backward
-            compose_kernel_into(ctx.workspace.take(weight)[0], weight, D, weight_extra, ctx.groups)
+        # the kernel the conv backward would use (recomposed unless it was kept)
+        ctx.workspace.kernel_for_backward(ctx.kernel_token, weight, D, weight_extra, ctx.groups)
         return (*compose_kernel_backward_(grad, weight, D, weight_extra, ctx.groups,
                                           ctx.needs_input_grad[:3]), None, None)
 
@@ -126,7 +126,10 @@ def compose_training_path(weight, D, weight_extra=None, groups=1):
     return _TrainingPathCompose.apply(weight, D, weight_extra, groups, workspace)
 
 
-GENERAL = (compose_kernel, compose_training_path)  # any groups / D_mul; the prototypes are not
+def handles(fn: Callable, layer) -> bool:
+    """The package's compositions take any layer; the prototypes only groups == 1, S == K."""
+    return fn in (compose_kernel, compose_training_path) or (
+        layer.groups == 1 and layer.weight_extra is None)
 
 CANDIDATES: Dict[str, Callable] = {
     'training path (do_conv_mm): blocked, large W\' kept, in-place backward':
@@ -209,7 +212,7 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
     result = {c: dict(fwd=0.0, bwd=0.0, saved=0, kept=0, layers=[]) for c in candidates}
     for name, layer in layers:
         for cname, fn in candidates.items():
-            if (layer.groups != 1 or layer.weight_extra is not None) and fn not in GENERAL:
+            if not handles(fn, layer):
                 continue
             f, b = time_layer(fn, layer, reps, device)
             result[cname]['fwd'] += f
@@ -230,7 +233,7 @@ def check_exact(model: torch.nn.Module) -> List[str]:
             continue
         worst_out = worst_grad = 0.0
         for _, layer in layers:
-            if (layer.groups != 1 or layer.weight_extra is not None) and fn not in GENERAL:
+            if not handles(fn, layer):
                 continue
             ref_in = [_leaf(layer.weight), _leaf(layer.D), _leaf(layer.weight_extra)]
             new_in = [_leaf(layer.weight), _leaf(layer.D), _leaf(layer.weight_extra)]

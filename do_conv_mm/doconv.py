@@ -218,6 +218,18 @@ class _KernelWorkspace:
                                                device=weight.device)
         return buffer, True
 
+    def compose(self, weight, D, weight_extra, groups):
+        """W' for a forward pass: (kernel, token); hand the token to ``kernel_for_backward``."""
+        out, kept = self.take(weight)
+        kernel = compose_kernel_into(out, weight, D, weight_extra, groups)
+        return kernel, ((kernel, kernel._version) if kept else None)
+
+    def kernel_for_backward(self, token, weight, D, weight_extra, groups) -> torch.Tensor:
+        """The kept kernel if no later call overwrote it, else W' composed again."""
+        if token is not None and token[0]._version == token[1]:
+            return token[0]
+        return compose_kernel_into(self.take(weight)[0], weight, D, weight_extra, groups)
+
 
 class _ComposedConv2d(torch.autograd.Function):
     """``conv2d(x, compose_kernel(weight, D, weight_extra, groups), bias)`` for training.
@@ -234,10 +246,8 @@ class _ComposedConv2d(torch.autograd.Function):
         ctx.save_for_backward(x, weight, D, weight_extra)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
-        out, kept = workspace.take(weight)
-        kernel = compose_kernel_into(out, weight, D, weight_extra, groups)
+        kernel, ctx.kernel_token = workspace.compose(weight, D, weight_extra, groups)
         ctx.workspace = workspace
-        ctx.kept = (kernel, kernel._version) if kept else None
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -246,11 +256,8 @@ class _ComposedConv2d(torch.autograd.Function):
         x, weight, D, weight_extra = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         needs_param = ctx.needs_input_grad[1:4]
-        if ctx.kept is not None and ctx.kept[0]._version == ctx.kept[1]:
-            kernel = ctx.kept[0]
-        else:  # small kernel, or a later call of this layer overwrote the kept buffer
-            kernel = compose_kernel_into(ctx.workspace.take(weight)[0], weight, D, weight_extra,
-                                         groups)
+        kernel = ctx.workspace.kernel_for_backward(ctx.kernel_token, weight, D, weight_extra,
+                                                   groups)
         grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, x, kernel, ctx.bias_shape, stride, padding, dilation, False, [0, 0],
             groups, [ctx.needs_input_grad[0], any(needs_param), ctx.needs_input_grad[4]])
