@@ -4,7 +4,8 @@ A DO-Conv layer convolves with W' = compose(W, D), a tensor of the plain kernel'
 convolution itself costs what the plain one costs; the extra work per training step is composing
 W' (forward) and back-propagating through the composition (backward), once per layer and step,
 independent of batch size and resolution. This module times exactly that, on the DO-Conv layers of
-a real model (only those that train: frozen layers reuse a cached kernel), for the package's
+a real model (only those that train: frozen layers compose without autograd, a small cost left out
+here), for the package's
 ``compose_kernel`` and for candidate implementations prototyped here.
 
 Standalone: ``python bench/composition.py --model faster_rcnn`` writes
@@ -22,8 +23,8 @@ from typing import Callable, Dict, List, Optional  # noqa: E402
 import torch  # noqa: E402
 
 from do_conv_mm import compose_kernel  # noqa: E402
-from do_conv_mm.doconv import _KEEP_MIN_BYTES, _KernelWorkspace, \
-    compose_kernel_backward_  # noqa: E402
+from do_conv_mm.compose_batched import BATCHED_COMPOSER  # noqa: E402
+from do_conv_mm.compose_blocked import KEEP_MIN_BYTES, BlockedComposer  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,33 +98,35 @@ def compose_function(weight, D, weight_extra=None, groups=1):
 
 
 class _TrainingPathCompose(torch.autograd.Function):
-    """The composition half of DOConv2d's training Function: W' composed into the layer's
-    workspace (kept across steps for kernels of 32 MiB or more, else fresh and recomposed in
-    backward); backward turns dL/dW' into dL/dweight in place."""
+    """The composition half of DOConv2d's training Function, with the layer's composer
+    (do_conv_mm.compose_blocked on CPU, compose_batched elsewhere): W' composed forward; backward
+    gets the kernel the conv backward would use and turns dL/dW' into the parameter gradients."""
 
     @staticmethod
-    def forward(ctx, weight, D, weight_extra, groups, workspace):
+    def forward(ctx, weight, D, weight_extra, groups, composer):
         ctx.save_for_backward(weight, D, weight_extra)
-        ctx.groups, ctx.workspace = groups, workspace
-        kernel, ctx.kernel_token = workspace.compose(weight, D, weight_extra, groups)
+        ctx.groups, ctx.composer = groups, composer
+        kernel, ctx.token = composer.compose(weight, D, weight_extra, groups)
         return kernel
 
     @staticmethod
     def backward(ctx, grad):
         weight, D, weight_extra = ctx.saved_tensors
-        # the kernel the conv backward would use (recomposed unless it was kept)
-        ctx.workspace.kernel_for_backward(ctx.kernel_token, weight, D, weight_extra, ctx.groups)
-        return (*compose_kernel_backward_(grad, weight, D, weight_extra, ctx.groups,
-                                          ctx.needs_input_grad[:3]), None, None)
+        ctx.composer.kernel_for_backward(ctx.token, weight, D, weight_extra, ctx.groups)
+        return (*ctx.composer.backward(grad, weight, D, weight_extra, ctx.groups, ctx.token,
+                                       ctx.needs_input_grad[:3]), None, None)
 
 
-_WORKSPACES: Dict[tuple, _KernelWorkspace] = {}
+_COMPOSERS: Dict[tuple, BlockedComposer] = {}
 
 
 def compose_training_path(weight, D, weight_extra=None, groups=1):
-    """What a training step runs (one workspace per kernel shape, as one per layer)."""
-    workspace = _WORKSPACES.setdefault((tuple(weight.shape), weight.dtype), _KernelWorkspace())
-    return _TrainingPathCompose.apply(weight, D, weight_extra, groups, workspace)
+    """What a training step runs (on CPU one composer per kernel shape, as one per layer)."""
+    if weight.device.type == 'cpu':
+        composer = _COMPOSERS.setdefault((tuple(weight.shape), weight.dtype), BlockedComposer())
+    else:
+        composer = BATCHED_COMPOSER
+    return _TrainingPathCompose.apply(weight, D, weight_extra, groups, composer)
 
 
 def handles(fn: Callable, layer) -> bool:
@@ -218,7 +221,7 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
             result[cname]['fwd'] += f
             result[cname]['bwd'] += b
             result[cname]['saved'] += saved_bytes(fn, layer)
-            if fn is compose_training_path and layer.weight.nbytes >= _KEEP_MIN_BYTES:
+            if fn is compose_training_path and layer.weight.nbytes >= KEEP_MIN_BYTES:
                 result[cname]['kept'] += layer.weight.nbytes  # held from step to step
             result[cname]['layers'].append((name, tuple(layer.weight.shape), f, b))
     return result
@@ -289,7 +292,7 @@ def main(argv=None):
     result = profile_model(model, device, args.reps)
     sections = [
         f'Kernel composition cost per training step on the trained DO-Conv layers of '
-        f'{mm_models.TITLES[args.model]} (frozen layers use the cached kernel and cost nothing). '
+        f'{mm_models.TITLES[args.model]} (frozen layers compose without autograd and are left out). '
         f'Medians of {args.reps} repetitions per layer, summed over layers.',
         '## Setup\n\n' + '\n'.join([f'- Command: {command_line(sys.argv)}']
                                    + environment_lines(args, device)),

@@ -1,4 +1,4 @@
-"""Inference cost of DO-Conv: plain vs DO-Conv unfolded (eval, cached kernel) vs folded.
+"""Inference cost of DO-Conv: plain vs DO-Conv unfolded (eval, kernel composed per call) vs folded.
 
 Same model-zoo twins as train_overhead.py (identical weights, D ~ N(0, 0.01²)); the third variant
 is ``do_conv_mm.fold_doconv(doconv_model)``, plain Conv2d layers holding the composed kernels.
@@ -6,9 +6,9 @@ One call is mmengine's ``test_step`` (preprocess + predict, post-processing incl
 ``torch.no_grad`` in eval mode, on a synthetic batch. The three run interleaved in one process
 (ABC CBA ...), medians of repeated rounds, ratios against plain.
 
-In eval without gradients DOConv2d composes its kernel once and reuses it until a parameter
-changes, so the unfolded model should cost what the plain one costs; the folded one *is* a plain
-model. Also checks that folding keeps the outputs (max |difference| of the backbone/neck features).
+In eval without gradients DOConv2d composes its kernel on every call (no autograd; on CPU into a
+kept buffer for kernels of 32 MiB or more), so the unfolded model costs the plain one plus one
+composition per layer; the folded one *is* a plain model. Also checks that folding keeps the outputs (max |difference| of the backbone/neck features).
 
 Writes bench/results/inference.md.
 """

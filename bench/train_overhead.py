@@ -207,7 +207,7 @@ def main(argv=None):
             '- DO-Conv placement: Faster R-CNN backbone + neck (RPNHead takes no conv_cfg, '
             'Shared2FCBBoxHead has no convs); PSPNet backbone + decode head + auxiliary head '
             '(conv_seg stays plain). Faster R-CNN keeps its config\'s frozen stem + stage 1 '
-            '(those DO-Conv layers use the cached kernel). D ~ N(0, 0.01²).',
+            '(those DO-Conv layers compose without autograd). D ~ N(0, 0.01²).',
             '- CUDA: `--device cuda` (fp32) and `--device cuda --amp` (AmpOptimWrapper, fp16); '
             + ('this run is on the GPU.' if device.type == 'cuda' else
                'this run is on the CPU (process CPU time is reported next to wall-clock).'),

@@ -10,7 +10,10 @@ from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv
 from .deploy import FoldError, fold_checkpoint, fold_checkpoints, make_deploy_config
 from .doconv import DOConv2d, compose_kernel
 from .fold import count_doconv, fold_doconv, fold_state_dict
+from .model_tools import register_model_tools
 from .version import __version__
+
+register_model_tools()
 
 __all__ = [
     'DOConv2d', 'compose_kernel', 'count_doconv', 'fold_doconv', 'fold_state_dict',

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from do_conv_mm import DOConv2d, compose_kernel, fold_doconv
-from do_conv_mm import doconv as doconv_module
+from do_conv_mm import compose_blocked
+from do_conv_mm.compose_batched import BATCHED_COMPOSER
 
 # float64 checks: the layer and the reference perform the same arithmetic in a different order,
 # so they agree to a few ulps of the activations (|y| ~ 10): 1e-10 leaves five orders of margin.
@@ -151,55 +152,72 @@ def test_gradcheck_weight_D_extra_and_input():
     assert all(g.abs().sum() > 0 for g in grads)
 
 
-def test_eval_cache_reused_and_invalidated_by_optimizer_step():
+def test_eval_follows_every_way_parameters_change():
+    """Nothing is cached: eval outputs follow an optimizer step, load_state_dict, copy_, writes
+    through .data (which bump no version counter), .to() and a swap of parameter storages."""
     torch.manual_seed(0)
-    layer = randomise(DOConv2d(4, 4, 3, padding=1))
-    x = torch.randn(2, 4, 8, 8)
-    with torch.no_grad():
-        first = layer._kernel()
-        assert layer._kernel() is first  # reused while nothing changed
-        y0 = layer(x)
+    layer = randomise(DOConv2d(4, 4, 3, padding=1, dtype=torch.float64)).eval()
+    other = randomise(DOConv2d(4, 4, 3, padding=1, dtype=torch.float64), seed=1)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), reference_forward(layer, x), atol=ATOL64,
+                                       rtol=0)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), reference_forward(layer, x), atol=ATOL64,
+                                       rtol=0)
+
+    check()
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer(x).square().mean().backward()
     opt.step()
+    check()
+    layer.load_state_dict(other.state_dict())
+    check()
     with torch.no_grad():
-        y1 = layer(x)
-        assert layer._kernel() is not first
-        torch.testing.assert_close(y1, reference_forward(layer, x), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(y0, y1)
+        layer.D.copy_(torch.randn_like(layer.D))
+    check()
+    layer.weight.data.zero_()
+    layer.D.data.add_(0.5)
+    check()
+    layer.weight.data = other.weight.data.clone()  # storage swap, as EMA swaps do
+    check()
+    layer.float()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.float()), reference_forward(layer, x.float()),
+                                   atol=1e-4, rtol=1e-4)
 
 
-def test_eval_cache_invalidated_by_load_state_dict_and_to():
-    torch.manual_seed(0)
-    layer = randomise(DOConv2d(4, 4, 3, padding=1))
-    other = randomise(DOConv2d(4, 4, 3, padding=1), seed=1)
-    x = torch.randn(2, 4, 8, 8)
-    with torch.no_grad():
+@pytest.mark.parametrize('keep_min_bytes', [None, 0])
+def test_kernel_composed_under_inference_mode_never_reaches_autograd(monkeypatch, keep_min_bytes):
+    """inference_mode first, then gradients: for input gradients through a frozen layer
+    (saliency, attacks) and for training. Nothing composed in inference mode is saved for
+    backward or written to outside it, also with a kept kernel (threshold lowered to 0)."""
+    if keep_min_bytes is not None:
+        monkeypatch.setattr(compose_blocked, 'KEEP_MIN_BYTES', keep_min_bytes)
+    layer = randomise(DOConv2d(4, 4, 3, padding=1, dtype=torch.float64))
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    with torch.inference_mode():
         layer(x)
-        layer.load_state_dict(other.state_dict())
-        torch.testing.assert_close(layer(x), other(x), atol=0, rtol=0)
-        layer.double()
-        torch.testing.assert_close(layer(x.double()), reference_forward(layer, x.double()),
-                                   atol=ATOL64, rtol=0)
-
-
-def test_cached_kernel_not_used_when_gradients_needed():
-    layer = randomise(DOConv2d(4, 4, 3, padding=1))
-    x = torch.randn(1, 4, 6, 6)
-    with torch.no_grad():
+    layer.requires_grad_(False)
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    expected = torch.autograd.grad(reference_forward(layer, x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, atol=ATOL64, rtol=0)
+    layer.requires_grad_(True)
+    with torch.inference_mode():
         layer(x)
     layer(x).sum().backward()
-    assert layer.D.grad is not None and layer.D.grad.abs().sum() > 0
+    assert layer.D.grad.abs().sum() > 0
 
 
-def test_frozen_layer_uses_cache_in_training():
-    layer = randomise(DOConv2d(4, 4, 3, padding=1)).requires_grad_(False)
-    x = torch.randn(1, 4, 6, 6, requires_grad=True)
-    layer(x)
-    first = layer._cached_kernel
-    assert first is not None
+def test_frozen_layer_gives_input_gradients():
+    layer = randomise(DOConv2d(4, 4, 3, padding=1, dtype=torch.float64)).requires_grad_(False)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64, requires_grad=True)
     layer(x).sum().backward()
-    assert layer._cached_kernel is first and x.grad is not None
+    expected = torch.autograd.grad(reference_forward(layer, x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, atol=ATOL64, rtol=0)
 
 
 def test_warm_start_from_plain_state_dict_is_identity():
@@ -219,12 +237,11 @@ def test_missing_weight_is_still_reported():
         layer.load_state_dict({'bias': torch.zeros(6)}, strict=True)
 
 
-def test_deepcopy_and_pickle_drop_cache():
+def test_deepcopy_and_pickle_never_share_a_kept_kernel():
     layer = randomise(DOConv2d(4, 4, 3, padding=1))
-    with torch.no_grad():
-        layer(torch.randn(1, 4, 5, 5))
+    layer._blocked_composer.buffer = torch.zeros(4, 4, 3, 3)
     for clone in (deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert clone._cached_kernel is None
+        assert clone._blocked_composer.buffer is None
         x = torch.randn(1, 4, 5, 5)
         torch.testing.assert_close(clone(x), layer(x))
 
@@ -341,31 +358,31 @@ def test_training_path_saves_only_inputs_and_keeps_no_small_kernel():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
-    assert len(saved) == 3  # x, weight, D (no weight_extra, no composed kernel)
+    assert len(saved) == 4  # x, weight, D, bias (no weight_extra, no composed kernel)
     assert any(t is layer.weight for t in saved) and any(t is layer.D for t in saved)
-    assert layer._kernel_workspace.buffer is None
+    assert layer._blocked_composer.buffer is None
     y.sum().backward()
-    assert layer._kernel_workspace.buffer is None
+    assert layer._blocked_composer.buffer is None
 
 
 def test_training_path_keeps_one_large_kernel_per_layer(monkeypatch):
     """A kernel over the threshold (lowered here to 0 bytes) lives in one per-layer buffer, reused
     by every call and step, replaced on a dtype change and given back on a mode switch."""
-    monkeypatch.setattr(doconv_module, '_KEEP_MIN_BYTES', 0)
+    monkeypatch.setattr(compose_blocked, 'KEEP_MIN_BYTES', 0)
     layer = randomise(DOConv2d(8, 8, 3, padding=1))
     x = torch.randn(1, 8, 6, 6)
     y = layer(x)
-    buffer = layer._kernel_workspace.buffer
+    buffer = layer._blocked_composer.buffer
     torch.testing.assert_close(buffer, reference_kernel(layer), atol=1e-5, rtol=1e-5)
     y.sum().backward()
     layer(x).sum().backward()
-    assert layer._kernel_workspace.buffer is buffer
+    assert layer._blocked_composer.buffer is buffer
     layer.double()
     layer(x.double()).sum().backward()
-    assert layer._kernel_workspace.buffer.dtype == torch.float64
-    assert deepcopy(layer)._kernel_workspace.buffer is None
+    assert layer._blocked_composer.buffer.dtype == torch.float64
+    assert deepcopy(layer)._blocked_composer.buffer is None
     layer.eval()
-    assert layer._kernel_workspace.buffer is None
+    assert layer._blocked_composer.buffer is None
 
 
 def formula_gradients(layer: DOConv2d, inputs, loss_fn):
@@ -380,7 +397,7 @@ def formula_gradients(layer: DOConv2d, inputs, loss_fn):
 def test_training_path_blocked_composition_matches_formula(monkeypatch, d_mul):
     """Blocks of a few output channels (the path large kernels take) compose and back-propagate
     exactly what one block does; 100 elements per block splits 24 channels into 12 blocks."""
-    monkeypatch.setattr(doconv_module, '_BLOCK_ELEMENTS', 100)
+    monkeypatch.setattr(compose_blocked, 'BLOCK_ELEMENTS', 100)
     layer = randomise(DOConv2d(6, 24, 3, padding=1, dtype=torch.float64, D_mul=d_mul))
     x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
     got = torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))
@@ -388,8 +405,8 @@ def test_training_path_blocked_composition_matches_formula(monkeypatch, d_mul):
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
     with torch.no_grad():
-        composed = doconv_module.compose_kernel_into(torch.empty_like(layer.weight), layer.weight,
-                                                     layer.D, layer.weight_extra)
+        composed = compose_blocked.compose_kernel_into(torch.empty_like(layer.weight), layer.weight,
+                                                       layer.D, layer.weight_extra)
     torch.testing.assert_close(composed, reference_kernel(layer), atol=ATOL64, rtol=0)
 
 
@@ -401,7 +418,7 @@ def test_training_path_shared_layer_called_twice_before_backward(monkeypatch, gr
     0) each call overwrites the buffer and the earlier calls' backward must notice and
     recompose; with the default threshold every backward recomposes."""
     if keep_min_bytes is not None:
-        monkeypatch.setattr(doconv_module, '_KEEP_MIN_BYTES', keep_min_bytes)
+        monkeypatch.setattr(compose_blocked, 'KEEP_MIN_BYTES', keep_min_bytes)
     layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.float64))
     inputs = [torch.randn(1, 4, 5, 5, dtype=torch.float64) for _ in range(3)]
 
@@ -424,3 +441,321 @@ def test_training_path_follows_in_place_edits_between_steps():
     torch.testing.assert_close(layer(x), reference_forward(layer, x), atol=ATOL64, rtol=0)
     layer.D.data.add_(0.5)
     torch.testing.assert_close(layer(x), reference_forward(layer, x), atol=ATOL64, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# A drop-in wherever nn.Conv2d goes: layouts, autograd modes, transforms, loading paths
+# ------------------------------------------------------------------------------------------------
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` (N, C, H, W) in another layout a model may hand a conv."""
+    if layout == 'channels_last':
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == 'sliced':  # every other column of a wider map: non-contiguous, odd strides
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == 'tokens':  # (N, H*W, C) token map permuted back to NCHW (mmseg nlc_to_nchw)
+        N, C, H, W = x.shape
+        return x.flatten(2).transpose(1, 2).contiguous().transpose(1, 2).reshape(N, C, H, W)
+    if layout == 'unbatched':
+        return x[0]
+    return x
+
+
+LAYOUTS = ['contiguous', 'channels_last', 'sliced', 'tokens', 'unbatched']
+MODES = ['train', 'eval', 'no_grad', 'inference_mode']
+
+
+@pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
+@pytest.mark.parametrize('d_extra', [0, 3])
+@pytest.mark.parametrize('mode', MODES)
+def test_layouts_and_autograd_modes_match_conv2d_on_composed_kernel(cin, cout, groups, d_extra,
+                                                                    mode):
+    """Forward and every gradient (input, weight, D, weight_extra, bias) against F.conv2d on the
+    composed kernel, float64, for each input layout; no_grad / inference_mode forward only."""
+    torch.manual_seed(0)
+    layer = randomise(DOConv2d(cin, cout, 3, 1, 1, groups=groups, dtype=torch.float64,
+                               D_mul=9 + d_extra), seed=groups + d_extra)
+    layer.train(mode == 'train')
+    base = torch.randn(2, cin, 7, 6, dtype=torch.float64)
+    params = [p for p in (layer.weight, layer.D, layer.weight_extra, layer.bias) if p is not None]
+    for layout in LAYOUTS:
+        x = _layout(base, layout)
+        assert torch.equal(x, base[0] if layout == 'unbatched' else base)
+        expected = F.conv2d(x, compose_kernel(*params[:-1], groups) if d_extra else
+                            compose_kernel(params[0], params[1], None, groups), layer.bias, 1, 1,
+                            1, groups)
+        if mode in ('no_grad', 'inference_mode'):
+            with getattr(torch, mode)():
+                got = layer(x)
+            torch.testing.assert_close(got, expected, atol=ATOL64, rtol=0, msg=layout)
+            continue
+        x = x.detach().requires_grad_()
+        got = layer(x)
+        torch.testing.assert_close(got, expected.detach(), atol=ATOL64, rtol=0, msg=layout)
+        r = torch.randn_like(got)
+        got_grads = torch.autograd.grad((got * r).sum(), [x] + params)
+        expected_out = F.conv2d(x, compose_kernel(layer.weight, layer.D, layer.weight_extra,
+                                                  groups), layer.bias, 1, 1, 1, groups)
+        expected_grads = torch.autograd.grad((expected_out * r).sum(), [x] + params)
+        for name, g, e in zip(['input', 'weight', 'D', 'weight_extra', 'bias'], got_grads,
+                              expected_grads):
+            torch.testing.assert_close(g, e, atol=ATOL64, rtol=0, msg=f'{layout}: d{name}')
+
+
+def test_channels_last_model_trains():
+    """model.to(memory_format=channels_last) makes the weights channels_last too (common with
+    AMP on GPUs): forward and backward still match the formula."""
+    layer = randomise(DOConv2d(8, 16, 3, padding=1, dtype=torch.float64))
+    layer = layer.to(memory_format=torch.channels_last)
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64).to(memory_format=torch.channels_last)
+    layer(x).square().sum().backward()
+    expected = formula_gradients(layer, [x], lambda ys: ys[0].square().sum())
+    for g, e in zip([p.grad for p in layer.parameters()], expected):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+def test_unbatched_input_trains():
+    """(C, H, W) input, as nn.Conv2d takes it: forward and every gradient match the batched
+    formula."""
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, dtype=torch.float64, D_mul=11))
+    x = torch.randn(4, 9, 9, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (6, 9, 9)
+    params = list(layer.parameters())
+    got = torch.autograd.grad(y.square().sum(), [x] + params)
+    expected = F.conv2d(x.unsqueeze(0), layer.composed_weight(), layer.bias, 1, 1)[0]
+    torch.testing.assert_close(y, expected, atol=ATOL64, rtol=0)
+    for g, e in zip(got, torch.autograd.grad(expected.square().sum(), [x] + params)):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+def test_double_backward_gradient_penalty():
+    """create_graph=True (gradient penalties, Hessian-vector products): second-order gradients
+    of the training path equal those of the plain expression; gradgradcheck passes."""
+    torch.manual_seed(0)
+    layer = randomise(DOConv2d(3, 4, 3, padding=1, groups=1, dtype=torch.float64, D_mul=11))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    params = list(layer.parameters())
+
+    def penalty(forward):
+        gx, = torch.autograd.grad(forward(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), params)
+
+    got = penalty(layer)
+    expected = penalty(lambda t: F.conv2d(t, layer.composed_weight(), layer.bias, 1, 1))
+    for g, e in zip(got, expected):  # second-order terms reach ~1e6 here: compare relatively
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=1e-12)
+    names = ['weight', 'D', 'weight_extra', 'bias']
+
+    def forward(x, *tensors):
+        return torch.func.functional_call(layer, dict(zip(names, tensors)), (x, ))
+
+    values = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
+    small = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(forward, (small, *values))
+
+
+def test_torch_func_per_sample_gradients_and_jvp():
+    """torch.func.grad + vmap (per-sample gradients) and forward-mode jvp match loops over
+    samples of the plain expression."""
+    torch.manual_seed(0)
+    layer = randomise(DOConv2d(3, 4, 3, padding=1, groups=1, dtype=torch.float64))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+
+    def loss(p, sample):
+        return torch.func.functional_call(layer, p, (sample.unsqueeze(0), )).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        kernel = compose_kernel(layer.weight, layer.D, None, 1)
+        y = F.conv2d(x[i:i + 1], kernel, layer.bias, 1, 1).square().sum()
+        expected = torch.autograd.grad(y, [layer.weight, layer.D, layer.bias])
+        for name, e in zip(['weight', 'D', 'bias'], expected):
+            torch.testing.assert_close(per_sample[name][i], e, atol=ATOL64, rtol=0)
+    tangent = torch.randn_like(x)
+    _, jvp_out = torch.func.jvp(lambda t: layer(t), (x, ), (tangent, ))
+    torch.testing.assert_close(jvp_out, F.conv2d(tangent, layer.composed_weight(), None, 1,
+                                                 1).detach(), atol=ATOL64, rtol=0)
+
+
+def test_meta_device_init_then_assign_plain_state_dict():
+    """How large models and FSDP are built: meta init, then load_state_dict(assign=True) of a
+    plain checkpoint. D and weight_extra must end up real (D = 0), not left on meta."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    with torch.device('meta'):
+        model = nn.Sequential(DOConv2d(3, 4, 3, padding=1), DOConv2d(4, 4, 3, padding=1,
+                                                                     D_mul=12))
+    result = model.load_state_dict(plain.state_dict(), assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, p in model.named_parameters():
+        assert p.device.type == 'cpu' and torch.isfinite(p).all(), name
+    assert torch.count_nonzero(model[0].D) == 0 and torch.count_nonzero(model[1].D) == 0
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(model(x), plain(x), atol=0, rtol=0)
+    model(x).sum().backward()  # trainable: fresh D and weight_extra are parameters with grads
+    assert model[1].D.grad is not None and model[1].weight_extra.grad is not None
+
+
+def test_meta_device_to_empty_then_load_plain_state_dict():
+    plain = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.device('meta'):
+        layer = DOConv2d(3, 4, 3, padding=1, D_mul=12)
+    layer = layer.to_empty(device='cpu')
+    with torch.no_grad():  # to_empty leaves garbage: make it obvious
+        layer.weight_extra.fill_(float('nan'))
+        layer.D.fill_(float('nan'))
+    layer.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(layer(x), plain(x), atol=0, rtol=0)
+
+
+def test_meta_device_forward_gives_shapes():
+    with torch.device('meta'):
+        layer = DOConv2d(3, 4, 3, stride=2, padding=1, D_mul=12)
+        x = torch.randn(2, 3, 9, 9)
+    for mode in (torch.no_grad, torch.enable_grad):
+        with mode():
+            assert layer(x).shape == (2, 4, 5, 5)
+
+
+def test_fx_symbolic_trace_records_composition_and_conv():
+    """torch.fx (FX quantisation, pruning tools): DOConv2d traces to compose_kernel + conv2d on
+    the live parameters; the GraphModule computes the same and trains."""
+    model = nn.Sequential(randomise(DOConv2d(3, 4, 3, padding=1, D_mul=11)), nn.ReLU(),
+                          randomise(DOConv2d(4, 4, 3, padding=1, padding_mode='reflect'),
+                                    seed=1)).double()
+    traced = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in traced.graph.nodes if n.op == 'call_function']
+    assert compose_kernel.__name__ in {getattr(t, '__name__', '') for t in targets}
+    assert torch.conv2d in targets
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(traced(x), model(x), atol=ATOL64, rtol=1e-12)
+    traced(x).sum().backward()
+    assert traced.get_submodule('0').D.grad is not None
+
+
+def test_torch_jit_script():
+    model = nn.Sequential(randomise(DOConv2d(3, 4, 3, padding=1, D_mul=11)), nn.ReLU(),
+                          randomise(DOConv2d(4, 4, 1)),
+                          randomise(DOConv2d(4, 4, 3, padding=1, padding_mode='circular'))).double()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(scripted(x), model(x), atol=ATOL64, rtol=1e-12)
+    with torch.no_grad():
+        model[0].D.add_(0.1)  # the scripted module shares the parameters and composes live
+    torch.testing.assert_close(scripted(x), model(x), atol=ATOL64, rtol=1e-12)
+
+
+@pytest.mark.parametrize('d_mul', [None, 12])
+def test_torch_bn_fusers_exact(d_mul):
+    """torch's fuse_conv_bn_eval and torch.ao.quantization.fuse_modules on an unfolded layer,
+    also with D_mul > kh*kw (whose extra columns a fuser cannot see): the fused module computes
+    conv -> BN, float64."""
+    torch.manual_seed(0)
+    conv = randomise(DOConv2d(4, 6, 3, padding=1, groups=2, dtype=torch.float64, D_mul=d_mul))
+    bn = nn.BatchNorm2d(6, dtype=torch.float64)
+    randomise_bn(bn)
+    model = nn.Sequential(conv, bn, nn.ReLU()).eval()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    expected = model(x)
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+    torch.testing.assert_close(torch.relu(fused(x)), expected, atol=ATOL64, rtol=0)
+    quantisation_fused = torch.ao.quantization.fuse_modules(model, [['0', '1', '2']])
+    torch.testing.assert_close(quantisation_fused(x), expected, atol=ATOL64, rtol=0)
+    assert not any(isinstance(m, DOConv2d) for m in quantisation_fused.modules())
+    torch.testing.assert_close(model(x), expected, atol=0, rtol=0)  # the original is untouched
+
+
+def randomise_bn(bn: nn.BatchNorm2d) -> None:
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+
+
+def test_weight_reassignment_that_is_not_a_rescale_keeps_extra():
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, D_mul=12))
+    extra = layer.weight_extra.detach().clone()
+    layer.weight = nn.Parameter(torch.randn_like(layer.weight))
+    assert torch.equal(layer.weight_extra, extra)
+    layer.weight = nn.Parameter(layer.weight.detach() * 3)  # a rescale: W scales as a whole
+    torch.testing.assert_close(layer.weight_extra.detach(), 3 * extra)
+
+
+def test_parametrize_acts_on_weight():
+    """torch.nn.utils.parametrize (and spectral / weight norm built on it) transforms ``weight``;
+    W' is composed from the transformed weight. With D_mul = kh*kw a scaling parametrisation
+    scales W'."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Scale(nn.Module):
+
+        def forward(self, w):
+            return 2 * w
+
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, dtype=torch.float64))
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    before = layer(x) - layer.bias.view(1, -1, 1, 1)
+    parametrize.register_parametrization(layer, 'weight', Scale())
+    after = layer(x) - layer.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(after, 2 * before, atol=ATOL64, rtol=0)
+    after.sum().backward()
+    assert layer.parametrizations.weight.original.grad is not None
+
+
+@pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
+@pytest.mark.parametrize('d_extra', [0, 3])
+def test_batched_composer_equals_formula(cin, cout, groups, d_extra):
+    """The launch-light CUDA formulation, run on CPU tensors: W', dL/dweight, dL/dD and
+    dL/dweight_extra equal compose_kernel and its autograd to 1e-12 in float64."""
+    torch.manual_seed(0)
+    layer = randomise(DOConv2d(cin, cout, (3, 5), groups=groups, dtype=torch.float64,
+                               D_mul=15 + d_extra))
+    weight, D, extra = layer.weight, layer.D, layer.weight_extra
+    with torch.no_grad():  # as inside the training Function
+        kernel, token = BATCHED_COMPOSER.compose(weight, D, extra, groups)
+        recomposed = BATCHED_COMPOSER.kernel_for_backward(token, weight, D, extra, groups)
+        grad_kernel = torch.randn_like(kernel)
+        got = BATCHED_COMPOSER.backward(grad_kernel, weight, D, extra, groups, token,
+                                        (True, True, True))
+    expected = compose_kernel(weight, D, extra, groups)
+    torch.testing.assert_close(kernel, expected.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(recomposed, expected.detach(), atol=1e-12, rtol=0)
+    params = [p for p in (weight, D, extra) if p is not None]
+    expected_grads = torch.autograd.grad(expected, params, grad_kernel)
+    for g, e in zip([g for g in got if g is not None], expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('composer', ['blocked', 'batched'])
+def test_training_function_under_autocast(monkeypatch, composer):
+    """Autocast runs inside the training Function (no fallback): W' composed in fp32 and cast
+    once, the conv in bf16, parameter gradients in fp32; both composers, CPU bf16. Reference:
+    the same bf16 conv of the fp32-composed kernel (bf16 keeps 8 mantissa bits: 2e-2)."""
+    from do_conv_mm import composed_conv
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=2, D_mul=12))
+    if composer == 'batched':
+        monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
+    applied = []
+    original = composed_conv._ComposedConv2d.apply
+    monkeypatch.setattr(composed_conv._ComposedConv2d, 'apply',
+                        lambda *a: applied.append(1) or original(*a))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = layer(x)
+    assert applied and y.dtype == torch.bfloat16
+    (y.float() ** 2).sum().backward()
+    grads = [p.grad for p in layer.parameters()]
+    assert all(g.dtype == torch.float32 for g in grads)
+    kernel = layer.composed_weight()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ref = F.conv2d(x, kernel.to(torch.bfloat16), layer.bias.to(torch.bfloat16), 1, 1, 1, 2)
+    expected = torch.autograd.grad((ref.float() ** 2).sum(), list(layer.parameters()))
+    torch.testing.assert_close(y.float(), ref.float(), atol=0, rtol=0)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=2e-2 * e.abs().max().item(), rtol=2e-2)

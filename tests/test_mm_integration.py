@@ -106,23 +106,75 @@ def test_fold_conv_module_with_bn():
     assert_close_rel(folded(x), module(x), rtol=1e-5)
 
 
-def test_fuse_conv_bn_on_unfolded_doconv():
-    module = _conv_bn()
-    x = torch.randn(2, 6, 9, 9)
+@pytest.mark.parametrize('D_mul', [None, 12])
+def test_fuse_conv_bn_on_unfolded_doconv(D_mul):
+    """mmcv's fuse_conv_bn scales ``weight`` per output channel; with D_mul > kh*kw the layer
+    scales its extra columns with it, so the fused module computes conv -> BN exactly."""
+    module = _conv_bn(D_mul=D_mul).double()
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
     expected = module(x)
     fused = fuse_conv_bn(module)
     assert isinstance(fused.bn, nn.Identity)
-    assert_close_rel(fused(x), expected, rtol=1e-5)
+    assert_close_rel(fused(x), expected, rtol=1e-12)
 
 
-def test_efficient_conv_bn_eval():
-    module = _conv_bn(efficient=True)
-    reference = _conv_bn(efficient=False)
+@pytest.mark.parametrize('D_mul', [None, 12])
+def test_efficient_conv_bn_eval(D_mul):
+    """efficient_conv_bn_eval hands _conv_forward a per-channel scaled weight: outputs and the
+    gradients of every parameter (the BN affine included) equal conv -> BN in eval, float64."""
+    module = _conv_bn(D_mul=D_mul, efficient=True).double()
+    reference = _conv_bn(D_mul=D_mul, efficient=False).double()
     reference.load_state_dict(module.state_dict())
-    x = torch.randn(2, 6, 9, 9)
-    assert_close_rel(module(x), reference(x), rtol=1e-5)
-    with pytest.raises(NotImplementedError, match='D_mul > kh\\*kw'):
-        _conv_bn(D_mul=12, efficient=True)(x)
+    for m in (module, reference):  # efficient_conv_bn_eval: frozen BN statistics, training conv
+        m.train()
+        m.bn.eval()
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    got, expected = module(x), reference(x)
+    assert_close_rel(got, expected, rtol=1e-12)
+    grads = torch.autograd.grad(got.square().sum(), list(module.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(reference.parameters()))
+    for g, e in zip(grads, expected_grads):
+        assert_close_rel(g, e, rtol=1e-10)
+
+
+def test_mmcv_flop_counter_counts_doconv_as_its_conv():
+    """mmcv's get_model_complexity_info maps layer types exactly: DOConv2d counts the FLOPs of
+    the conv it folds to, the same as the plain model's."""
+    from mmcv.cnn import get_model_complexity_info
+    doconv = nn.Sequential(DOConv2d(3, 8, 3, padding=1, D_mul=12), nn.ReLU(),
+                           DOConv2d(8, 8, 3, padding=1, groups=2))
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=2))
+    flops_doconv, _ = get_model_complexity_info(doconv, (3, 16, 16), print_per_layer_stat=False,
+                                                as_strings=False)
+    flops_plain, _ = get_model_complexity_info(plain, (3, 16, 16), print_per_layer_stat=False,
+                                               as_strings=False)
+    assert flops_doconv == flops_plain > 0
+
+
+def test_mmengine_ema_swap_is_seen_by_eval():
+    """mmengine's EMAHook swaps parameters through ``.data`` (no version bump) before
+    validation; eval outputs follow the swap in both directions."""
+    from mmengine.model import ExponentialMovingAverage
+    model = nn.Sequential(DOConv2d(3, 4, 3, padding=1)).double()
+    ema = ExponentialMovingAverage(model, momentum=0.5)
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model[0].D.normal_()
+        model[0].weight.mul_(2)
+    ema.update_parameters(model)  # now averaged: EMA and live weights differ
+    model.eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        live = model(x)
+        averaged = ema.module(x)
+        assert not torch.allclose(live, averaged)
+        for p_avg, p in zip(ema.module.parameters(), model.parameters()):  # EMAHook's swap
+            tmp = p_avg.data.clone()
+            p_avg.data.copy_(p.data)
+            p.data.copy_(tmp)
+        torch.testing.assert_close(model(x), averaged, atol=1e-12, rtol=0)
+        torch.testing.assert_close(ema.module(x), live, atol=1e-12, rtol=0)
 
 
 def _mmdet_resnet50(conv_cfg):

@@ -1,0 +1,115 @@
+"""The DO-Conv training step: ``conv2d(x, W', bias)`` as one autograd Function.
+
+The Function saves only what the layer holds anyway (its input and parameters) and composes W'
+with a per-device *composer* (:mod:`do_conv_mm.compose_blocked` on CPU,
+:mod:`do_conv_mm.compose_batched` elsewhere), which also computes the composition's gradient.
+
+Mixed precision runs inside the same Function: under autocast the input is cast as autocast would
+cast it (before the Function, so autograd sees the cast), W' is composed in the parameters' dtype
+with autocast off and cast once to the input's dtype, the convolution and its backward run in
+that dtype, and the parameter gradients come back in the parameters' dtype. The low-precision W'
+is saved for backward, as autocast saves a plain conv's cast weight.
+
+Double backward (``create_graph=True``) differentiates the plain expression instead, so gradient
+penalties work. Inputs may be batched (N, C, H, W) or unbatched (C, H, W), in any memory format.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .composition import compose_kernel, no_autocast
+
+__all__ = ['composed_conv2d', 'autocast_input']
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cast to the autocast dtype of its device where autocast would cast a conv input
+    (autocast on, floating point, not float64); else ``x`` itself."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):
+        return x
+    if not enabled or not x.is_floating_point() or x.dtype == torch.float64:
+        return x
+    return x.to(torch.get_autocast_dtype(device_type))
+
+
+def _as(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if bias is None else bias.to(dtype)
+
+
+class _ComposedConv2d(torch.autograd.Function):
+    """``conv2d(x, compose_kernel(weight, D, weight_extra, groups).to(x.dtype), bias)``.
+
+    ``padding`` is numeric: non-'zeros' padding modes pad the input before the Function.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, D, weight_extra, bias, composer, stride, padding, dilation,
+                groups):
+        with no_autocast(weight.device.type):
+            kernel, token = composer.compose(weight, D, weight_extra, groups)
+        low_precision_kernel = None
+        if x.dtype != weight.dtype:  # autocast: convolve in the input's (autocast) dtype
+            kernel = low_precision_kernel = kernel.to(x.dtype)
+            token = None
+        ctx.save_for_backward(x, weight, D, weight_extra, bias, low_precision_kernel)
+        ctx.composer, ctx.token = composer, token
+        ctx.conv_args = (stride, padding, dilation, groups)
+        return F.conv2d(x, kernel, _as(bias, x.dtype), stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_out)
+        x, weight, D, weight_extra, bias, low_precision_kernel = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        needs_param = tuple(ctx.needs_input_grad[1:4])
+        kernel = low_precision_kernel
+        if kernel is None:
+            kernel = ctx.composer.kernel_for_backward(ctx.token, weight, D, weight_extra, groups)
+        grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
+            grad_out, x, kernel, None if bias is None else list(bias.shape), stride, padding,
+            dilation, False, [0, 0], groups,
+            [ctx.needs_input_grad[0], any(needs_param), ctx.needs_input_grad[4]])
+        grad_weight = grad_D = grad_extra = None
+        if any(needs_param):
+            grad_weight, grad_D, grad_extra = ctx.composer.backward(
+                grad_kernel.to(weight.dtype), weight, D, weight_extra, groups, ctx.token,
+                needs_param)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(weight.dtype)
+        return grad_x, grad_weight, grad_D, grad_extra, grad_bias, None, None, None, None, None
+
+
+def _differentiable_backward(ctx, grad_out):
+    """Backward with ``create_graph=True``: the gradients of the plain expression, themselves
+    differentiable (gradient penalties, Hessian-vector products)."""
+    x, weight, D, weight_extra, bias, _ = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    with no_autocast(weight.device.type):
+        kernel = compose_kernel(weight, D, weight_extra, groups).to(x.dtype)
+    out = F.conv2d(x, kernel, _as(bias, x.dtype), stride, padding, dilation, groups)
+    inputs = (x, weight, D, weight_extra, bias)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True,
+                                allow_unused=True)
+    result = [None] * 10
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return tuple(result)
+
+
+def composed_conv2d(x: torch.Tensor, weight: torch.Tensor, D: torch.Tensor,
+                    weight_extra: Optional[torch.Tensor], bias: Optional[torch.Tensor], composer,
+                    stride, padding, dilation, groups: int) -> torch.Tensor:
+    """The training conv of a DOConv2d: x (N, C, H, W) or (C, H, W), already padded for
+    non-'zeros' padding modes; ``padding`` numeric; ``composer`` from the layer."""
+    x = autocast_input(x)
+    if x.dim() == 3:
+        return _ComposedConv2d.apply(x.unsqueeze(0), weight, D, weight_extra, bias, composer,
+                                     stride, padding, dilation, groups).squeeze(0)
+    return _ComposedConv2d.apply(x, weight, D, weight_extra, bias, composer, stride, padding,
+                                 dilation, groups)
