@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .composition import compose_kernel, no_autocast
+from .composition import autocast_dtype, compose_kernel, no_autocast
 
 __all__ = ['composed_conv2d', 'autocast_input']
 
@@ -26,14 +26,10 @@ __all__ = ['composed_conv2d', 'autocast_input']
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` cast to the autocast dtype of its device where autocast would cast a conv input
     (autocast on, floating point, not float64); else ``x`` itself."""
-    device_type = x.device.type
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except (RuntimeError, TypeError):
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None or not x.is_floating_point() or x.dtype == torch.float64:
         return x
-    if not enabled or not x.is_floating_point() or x.dtype == torch.float64:
-        return x
-    return x.to(torch.get_autocast_dtype(device_type))
+    return x.to(dtype)
 
 
 def _as(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -58,7 +54,8 @@ class _ComposedConv2d(torch.autograd.Function):
         ctx.save_for_backward(x, weight, D, weight_extra, bias, low_precision_kernel)
         ctx.composer, ctx.token = composer, token
         ctx.conv_args = (stride, padding, dilation, groups)
-        return F.conv2d(x, kernel, _as(bias, x.dtype), stride, padding, dilation, groups)
+        with no_autocast(x.device.type):  # dtypes are settled: x's
+            return F.conv2d(x, kernel, _as(bias, x.dtype), stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -91,7 +88,7 @@ def _differentiable_backward(ctx, grad_out):
     stride, padding, dilation, groups = ctx.conv_args
     with no_autocast(weight.device.type):
         kernel = compose_kernel(weight, D, weight_extra, groups).to(x.dtype)
-    out = F.conv2d(x, kernel, _as(bias, x.dtype), stride, padding, dilation, groups)
+        out = F.conv2d(x, kernel, _as(bias, x.dtype), stride, padding, dilation, groups)
     inputs = (x, weight, D, weight_extra, bias)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True,

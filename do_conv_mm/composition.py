@@ -19,7 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['compose_kernel', 'compose_kernel_backward', 'fold_kernel', 'no_autocast']
+__all__ = ['compose_kernel', 'compose_kernel_backward', 'fold_kernel', 'autocast_dtype',
+           'no_autocast']
 
 
 def compose_kernel(weight: torch.Tensor,
@@ -109,11 +110,26 @@ def fold_kernel(weight: torch.Tensor,
     return folded.to(weight.dtype)
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs convolutions in on ``device_type``; None while autocast is off
+    there (or the device type has none). Works on torch 2.0 and later."""
+    try:
+        if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4
+            if torch.is_autocast_enabled(device_type):
+                return torch.get_autocast_dtype(device_type)
+            return None
+        if device_type == 'cuda' and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == 'cpu' and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+    except (RuntimeError, TypeError):  # device types without autocast (meta)
+        pass
+    return None
+
+
 def no_autocast(device_type: str):
     """A context that turns autocast off for ``device_type`` if it is on (compose in the
     parameters' own precision), else does nothing."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except (RuntimeError, TypeError):  # device types without autocast (meta), old torch
-        enabled = False
-    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

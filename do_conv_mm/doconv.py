@@ -45,8 +45,19 @@ torch.fx.wrap('compose_kernel')
 def _transforms_active() -> bool:
     """True while a compiler, tracer, torch.func transform or forward-mode AD is running: the
     layer then uses the plain expression, which all of them understand."""
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return (_is_compiling() or torch.jit.is_tracing()
             or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and hasattr(compiler, 'is_compiling'):  # torch >= 2.3
+        return compiler.is_compiling()
+    try:
+        from torch._dynamo import is_compiling
+    except ImportError:
+        return False
+    return is_compiling()
 
 
 def _output_channel_scale(new: torch.Tensor, old: torch.Tensor) -> Optional[torch.Tensor]:
@@ -180,7 +191,7 @@ class DOConv2d(nn.Conv2d):
         if (name == 'weight' and isinstance(value, torch.Tensor)
                 and self.__dict__.get('_parameters', {}).get('weight_extra') is not None
                 and not self.__dict__.get('_loading', False)):
-            self._rescale_extra_with(value, self._parameters['weight'])
+            self._rescale_extra_with(value, self._parameters.get('weight'))
         super().__setattr__(name, value)
 
     def _rescale_extra_with(self, new_weight: torch.Tensor, old_weight) -> None:

@@ -759,3 +759,56 @@ def test_training_function_under_autocast(monkeypatch, composer):
     torch.testing.assert_close(y.float(), ref.float(), atol=0, rtol=0)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, atol=2e-2 * e.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize('d_mul', [None, 12])
+def test_pruning_acts_on_weight(d_mul):
+    """torch.nn.utils.prune replaces ``weight`` by weight_orig * mask before every forward:
+    the mask applies to ``weight`` (W' = (D + I) W is then not sparse; prune a folded model to
+    sparsify the deployed kernel), and training reaches weight_orig and D."""
+    import torch.nn.utils.prune as prune
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, dtype=torch.float64, D_mul=d_mul))
+    prune.l1_unstructured(layer, 'weight', amount=0.5)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    masked = layer.weight_orig.detach() * layer.weight_mask
+    expected = F.conv2d(x, compose_kernel(masked, layer.D.detach(),
+                                          None if d_mul is None else layer.weight_extra.detach()),
+                        layer.bias.detach(), 1, 1)
+    y = layer(x)
+    torch.testing.assert_close(y, expected, atol=ATOL64, rtol=0)
+    y.square().sum().backward()
+    assert layer.weight_orig.grad is not None and layer.D.grad.abs().sum() > 0
+    assert torch.all(layer.weight_orig.grad[layer.weight_mask == 0] == 0)
+
+
+@pytest.mark.parametrize('trainable', [('D', ), ('weight', ), ('weight', 'weight_extra')])
+def test_partly_frozen_parameters(trainable):
+    """Only some parameters train (e.g. D alone on a frozen pretrained kernel): their gradients
+    match autograd of the formula, the frozen ones get none."""
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=2, dtype=torch.float64, D_mul=12))
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name in trainable)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    wanted = [p for n, p in layer.named_parameters() if n in trainable]
+    expected = torch.autograd.grad(
+        F.conv2d(x, layer.composed_weight(), layer.bias, 1, 1, 1, 2).square().sum(), wanted)
+    for p, e in zip(wanted, expected):
+        torch.testing.assert_close(p.grad, e, atol=ATOL64, rtol=0)
+    assert all(p.grad is None for n, p in layer.named_parameters() if n not in trainable)
+
+
+@pytest.mark.parametrize('use_reentrant', [True, False])
+def test_activation_checkpointing(use_reentrant):
+    """torch.utils.checkpoint (mmdet/mmseg backbones' with_cp=True) recomputes the forward in
+    backward: gradients equal those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+    model = nn.Sequential(randomise(DOConv2d(4, 6, 3, padding=1, dtype=torch.float64)),
+                          nn.ReLU(),
+                          randomise(DOConv2d(6, 6, 3, padding=1, dtype=torch.float64), seed=1))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(model(x).square().sum(), [x] + list(model.parameters()))
+    checkpoint(model, x, use_reentrant=use_reentrant).square().sum().backward()
+    got = [x.grad] + [p.grad for p in model.parameters()]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
