@@ -259,3 +259,42 @@ def test_flops_and_params_of_folded_model_equal_plain():
                                   show_arch=False)
     assert a['flops'] == b['flops'] and a['params'] == b['params']
     assert a['flops'] > 0
+
+
+def _random_D(model: nn.Module, std: float = 0.05) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, DOConv2d) and m.D is not None:
+                m.D.copy_(std * torch.randn(m.D.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize('family', ['segformer', 'yolox'])
+def test_other_model_families_train_and_fold(family):
+    """Beyond ResNets: SegFormer's MixVisionTransformer converted by name (its convs read token
+    maps permuted back to NCHW, i.e. channels_last-strided inputs) and YOLOX's CSPDarknet with
+    depthwise DO-Convs through conv_cfg: a training step reaches every D, and the fold keeps
+    the eval outputs (fp32 fold rounding: 1e-4 relative)."""
+    torch.manual_seed(0)
+    if family == 'segformer':
+        from mmseg.models.backbones import MixVisionTransformer
+        net = MixVisionTransformer(embed_dims=16, num_layers=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],
+                                   out_indices=(0, 1, 2, 3))
+        converted = do_conv_mm.convert_to_doconv(net, include=['*'])
+        assert len(converted) == count_doconv(net) > 0
+    else:
+        from mmdet.models.backbones import CSPDarknet
+        net = CSPDarknet(deepen_factor=0.33, widen_factor=0.125, use_depthwise=True,
+                         conv_cfg=dict(type='DOConv'))
+        assert any(m.groups == m.in_channels > 1 for m in net.modules()
+                   if isinstance(m, DOConv2d) and m.D is not None)  # depthwise DO-Convs
+    _random_D(net)
+    x = torch.randn(2, 3, 64, 64)
+    sum(o.square().mean() for o in net(x)).backward()
+    layers = [m for m in net.modules() if isinstance(m, DOConv2d) and m.D is not None]
+    assert layers and all(m.D.grad is not None and m.D.grad.abs().sum() > 0 for m in layers)
+    net.eval()
+    with torch.no_grad():
+        for got, expected in zip(fold_doconv(net)(x), net(x)):
+            assert_close_rel(got, expected)
