@@ -812,3 +812,27 @@ def test_activation_checkpointing(use_reentrant):
     got = [x.grad] + [p.grad for p in model.parameters()]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+def test_fx_graph_mode_quantisation_of_unfolded_model():
+    """prepare_fx / convert_fx (post-training int8) on an unfolded model: the weight observer
+    sees the composed kernel, so the quantised model approximates the float one as well as the
+    quantised folded model does (int8 steps of ~1/128 of each tensor's range)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    torch.manual_seed(0)
+    model = nn.Sequential(DOConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          DOConv2d(8, 8, 3, padding=1, D_mul=12)).eval()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, DOConv2d):
+                m.D.normal_(std=0.1)
+    x = torch.randn(4, 3, 16, 16)
+    errors = {}
+    for name, float_model in (('unfolded', model), ('folded', fold_doconv(model))):
+        prepared = prepare_fx(float_model, get_default_qconfig_mapping('x86'), (x, ))
+        prepared(x)  # calibration
+        errors[name] = (convert_fx(prepared)(x) - model(x)).abs().max().item()
+    scale = model(x).abs().max().item()
+    assert errors['unfolded'] < 0.05 * scale
+    assert errors['unfolded'] < 2 * errors['folded'] + 1e-3 * scale
