@@ -836,3 +836,21 @@ def test_fx_graph_mode_quantisation_of_unfolded_model():
     scale = model(x).abs().max().item()
     assert errors['unfolded'] < 0.05 * scale
     assert errors['unfolded'] < 2 * errors['folded'] + 1e-3 * scale
+
+
+@pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
+@pytest.mark.parametrize('d_extra', [0, 3])
+def test_training_function_with_batched_composer(monkeypatch, cin, cout, groups, d_extra):
+    """The layer's training path as CUDA runs it (launch-light composer), here on CPU tensors:
+    forward and all gradients against autograd of the formula, float64, also channels_last."""
+    layer = randomise(DOConv2d(cin, cout, 3, 1, 1, groups=groups, dtype=torch.float64,
+                               D_mul=9 + d_extra))
+    monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
+    for x in (torch.randn(2, cin, 6, 7, dtype=torch.float64),
+              torch.randn(2, cin, 6, 7, dtype=torch.float64).to(
+                  memory_format=torch.channels_last)):
+        loss = layer(x).square().sum()
+        got = torch.autograd.grad(loss, list(layer.parameters()))
+        expected = formula_gradients(layer, [x], lambda ys: ys[0].square().sum())
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
