@@ -258,9 +258,9 @@ def write_markdown(path: str, title: str, sections: Sequence[str]) -> None:
 
 
 def results_name(stem: str, models: Sequence[str], default: Sequence[str]) -> str:
-    """``stem.md`` for the default model set, else ``stem_<model>_<model>.md`` (runs split by
-    model do not overwrite each other)."""
-    if list(models) == list(default):
+    """``stem.md`` for the default model set (in any order), else ``stem_<model>_<model>.md``
+    (runs split by model do not overwrite each other)."""
+    if sorted(models) == sorted(default):
         return f'{stem}.md'
     return f'{stem}_' + '_'.join(models) + '.md'
 

@@ -85,7 +85,8 @@ else
       && ! compgen -G "$SITE/mmcv/_ext*.so" >/dev/null; then
     cp bench/mmcv_ext_shim.py "$SITE/mmcv/_ext.py"
     note="$note; mmcv-lite 2.1.0 with bench/mmcv_ext_shim.py as mmcv/_ext.py (RoIAlign and NMS"
-    note="$note by torchvision's kernels after a self-check, other compiled mmcv ops unavailable)"
+    note="$note by torchvision's kernels where they pass its self-check, else by its pure-PyTorch"
+    note="$note reference; other compiled mmcv ops unavailable)"
   fi
   if ! stack_imports; then
     echo "error: after the set-up the stack still does not import:"

@@ -228,8 +228,8 @@ def detector_ops(device) -> (bool, str):
             served = ext.backend_summary()
             if device.type == 'cuda' and 'torchvision' not in served:
                 return False, f'mmcv-lite + bench shim, but only its slow reference ({served})'
-            return True, (f'mmcv-lite {mmcv.__version__} (no compiled ops) + bench shim: '
-                          f'RoIAlign and NMS by {served}')
+            return True, (f'the bench shim on mmcv-lite {mmcv.__version__} (no compiled ops; '
+                          f'served by {served})')
         from mmcv.ops import get_compiling_cuda_version
         return True, f'mmcv {mmcv.__version__} compiled ops (CUDA {get_compiling_cuda_version()})'
     except Exception as err:  # noqa: BLE001 - any failure: not usable, say why
