@@ -218,9 +218,10 @@ def test_gradcheck_float64(device, name):
     def fn(x, *params):
         return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
     # Full Jacobians on CUDA; on the CPU (where tests/test_doconv_layer.py runs full gradchecks)
-    # the random-projection fast mode keeps this harness check to a second.
+    # the random-projection fast mode keeps this harness check to a second. nondet_tol: cuDNN's
+    # weight-gradient kernels may sum in a varying order (1e-16 relative in float64).
     assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    fast_mode=device == 'cpu')
+                                    nondet_tol=1e-10, fast_mode=device == 'cpu')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,8 +242,8 @@ def test_eval_cache_invalidated_on_device(device):
         return y
 
     y0 = forward_checked()
-    with torch.no_grad():
-        assert torch.equal(layer(x), y0)  # second call: cached kernel, identical result
+    with torch.no_grad():  # second call: the cached kernel, the same result
+        assert rel(layer(x), y0.detach().to('cpu', torch.float64)) <= 1e-7
     # 1. an optimizer step (gradients from an eval-mode forward; no train()/eval() switch,
     #    which would drop the cache by itself)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
