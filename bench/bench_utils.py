@@ -17,11 +17,12 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import gc  # noqa: E402
 import importlib.metadata as metadata  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from typing import Callable, Dict, List, Sequence  # noqa: E402
+from typing import Callable, Dict, List, Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -47,8 +48,12 @@ def add_common_args(parser: argparse.ArgumentParser,
     return parser
 
 
-def setup_run(args: argparse.Namespace) -> torch.device:
-    """Apply --threads, validate --device / --amp; returns the device."""
+def setup_run(args: argparse.Namespace, cpu_amp: bool = False) -> torch.device:
+    """Apply --threads, validate --device / --amp; returns the device.
+
+    ``cpu_amp``: the benchmark can run --amp on the CPU as bfloat16 autocast (no loss scaling);
+    otherwise --amp is CUDA-only.
+    """
     if args.threads < 1:
         raise SystemExit(f'--threads must be >= 1, got {args.threads}.')
     torch.set_num_threads(args.threads)
@@ -62,7 +67,7 @@ def setup_run(args: argparse.Namespace) -> torch.device:
                          f'sees no CUDA device here; run with --device cpu.')
     if device.type not in ('cpu', 'cuda'):
         raise SystemExit(f'--device {args.device}: only cpu and cuda are supported.')
-    if getattr(args, 'amp', False) and device.type != 'cuda':
+    if getattr(args, 'amp', False) and device.type != 'cuda' and not cpu_amp:
         raise SystemExit('--amp (fp16 autocast + loss scaling) is a CUDA measurement; '
                          'add --device cuda or drop --amp.')
     os.makedirs(args.out_dir, exist_ok=True)
@@ -82,18 +87,48 @@ def _version(dist: str) -> str:
         return 'not installed'
 
 
+def mmcv_version() -> str:
+    """mmcv's version, saying so when it is mmcv-lite (no compiled ops) and whether the bench
+    shim (bench/mmcv_ext_shim.py) stands in for its ops."""
+    if _version('mmcv') != 'not installed':
+        return _version('mmcv')
+    if _version('mmcv-lite') == 'not installed':
+        return 'not installed'
+    try:
+        import mmcv._ext as ext
+        shim = ' + bench shim' if getattr(ext, 'DO_CONV_MM_SHIM', False) else ''
+    except ImportError:
+        shim = ''
+    return f'{_version("mmcv-lite")} (mmcv-lite, no compiled ops{shim})'
+
+
+def precision_label(args: argparse.Namespace, device: torch.device) -> str:
+    if not getattr(args, 'amp', False):
+        return 'fp32'
+    if device.type == 'cuda':
+        return 'AMP (fp16 autocast, loss scaling)'
+    return 'AMP (bf16 autocast, no loss scaling)'
+
+
 def environment_lines(args: argparse.Namespace, device: torch.device) -> List[str]:
     """Markdown bullet lines describing machine, software and run settings."""
+    extra = []
     if device.type == 'cuda':
-        hw = f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
+        props = torch.cuda.get_device_properties(device)
+        hw = (f'{torch.cuda.get_device_name(device)} ({props.total_memory / 2**30:.0f} GiB, '
+              f'{props.multi_processor_count} SMs, compute capability {props.major}.{props.minor})'
+              f', CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}')
+        extra = [f'- CUDA settings: cudnn.benchmark={torch.backends.cudnn.benchmark} (at the '
+                 f'end of the run), TF32 convolutions={torch.backends.cudnn.allow_tf32}, TF32 '
+                 f'matmul={torch.backends.cuda.matmul.allow_tf32}']
     else:
         hw = f'{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs'
     try:
         load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
     except OSError:
         load = 'n/a'
-    precision = 'AMP (fp16 autocast, loss scaling)' if getattr(args, 'amp', False) else 'fp32'
-    pkgs = ', '.join(f'{d} {_version(d)}' for d in
+    precision = precision_label(args, device)
+    pkgs = ', '.join(f'{d} {mmcv_version() if d == "mmcv" else _version(d)}' for d in
                      ('torch', 'mmengine', 'mmcv', 'mmdet', 'mmsegmentation', 'do_conv_mm',
                       'scikit-learn'))
     return [
@@ -103,14 +138,16 @@ def environment_lines(args: argparse.Namespace, device: torch.device) -> List[st
         f'- Device: {device}; precision: {precision}; torch threads: {torch.get_num_threads()}; '
         f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY")}',
         f'- Load average (1/5/15 min) at the end of the run: {load}',
-    ]
+    ] + extra
 
 
 # ------------------------------------------------------------------------------------------------
 # Interleaved timing and statistics
 # ------------------------------------------------------------------------------------------------
 def interleaved_times(steps: Dict[str, Callable[[], None]], reps: int, warmup: int,
-                      device: torch.device, progress: bool = True):
+                      device: torch.device, progress: bool = True,
+                      events: Optional[Dict[str, List[float]]] = None,
+                      deadline: Optional[float] = None, gc_off: bool = False):
     """Time each callable ``reps`` times, interleaved, after ``warmup`` untimed rounds.
 
     Round r runs the variants in insertion order when r is even and reversed when r is odd
@@ -118,25 +155,58 @@ def interleaved_times(steps: Dict[str, Callable[[], None]], reps: int, warmup: i
     per call, ``(wall, cpu)``: wall-clock time, and the CPU time of this process over the call
     (``time.process_time``, all threads). On a shared machine the CPU time is the steadier one:
     it does not count time the process waited for a core. On CUDA only wall time is meaningful.
+
+    ``events`` (CUDA only): a dict filled with seconds between CUDA events recorded on the
+    current stream right before and after each call (device-side time of the step, launch gaps
+    included). ``deadline`` (``time.time()`` value): no round starts after it, except that one
+    warm-up and one timed round always run; fewer than ``reps`` rounds then come back (the caller
+    reports them as partial). ``gc_off``: Python's garbage collector is off during each timed
+    call and runs between rounds.
     """
     names = list(steps)
     wall = {name: [] for name in names}
     cpu = {name: [] for name in names}
-    for r in range(warmup + reps):
+    use_events = events is not None and device.type == 'cuda'
+    if use_events:
+        events.update({name: [] for name in names})
+    r = 0
+    while r < warmup + reps:
+        if deadline is not None and time.time() >= deadline:
+            if r >= warmup + 1:
+                break  # at least one timed round is done
+            if 1 <= r < warmup:
+                r = warmup  # one warm-up round is done: skip to one timed round
         order = names if r % 2 == 0 else names[::-1]
+        if gc_off:
+            gc.collect()
         for name in order:
             synchronize(device)
+            if use_events:
+                ev0 = torch.cuda.Event(enable_timing=True)
+                ev1 = torch.cuda.Event(enable_timing=True)
+                ev0.record()
+            if gc_off:
+                gc.disable()
             start, start_cpu = time.perf_counter(), time.process_time()
-            steps[name]()
-            synchronize(device)
+            try:
+                steps[name]()
+                if use_events:
+                    ev1.record()
+                synchronize(device)
+            finally:
+                if gc_off:
+                    gc.enable()
             if r >= warmup:
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
+                if use_events:
+                    events[name].append(ev0.elapsed_time(ev1) / 1000.0)
         if progress:
             tag = 'warm-up' if r < warmup else f'rep {r - warmup + 1}/{reps}'
             last = ', '.join(f'{n} {wall[n][-1]:.3f}s (cpu {cpu[n][-1]:.3f}s)' for n in names
                              if r >= warmup)
             print(f'  [{tag}] {last}', flush=True)
+        r += 1
     return wall, cpu
 
 
@@ -188,9 +258,9 @@ def write_markdown(path: str, title: str, sections: Sequence[str]) -> None:
 
 
 def results_name(stem: str, models: Sequence[str], default: Sequence[str]) -> str:
-    """``stem.md`` for the default model set, else ``stem_<model>_<model>.md`` (runs split by
-    model do not overwrite each other)."""
-    if list(models) == list(default):
+    """``stem.md`` for the default model set (in any order), else ``stem_<model>_<model>.md``
+    (runs split by model do not overwrite each other)."""
+    if sorted(models) == sorted(default):
         return f'{stem}.md'
     return f'{stem}_' + '_'.join(models) + '.md'
 

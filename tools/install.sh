@@ -1,30 +1,173 @@
 #!/usr/bin/env bash
-# Installs everything do_conv_mm needs on a fresh machine; quick when it is all there already.
-# The pins are those of the verified stack (see README "Install").
+# Installs what do_conv_mm needs that is missing; quick when it is all there already.
+#
+# Fresh machine (CPU, CI): the verified stack of README "Install": torch 2.13.0, setuptools 80.9.0
+# + wheel + ninja, mmcv 2.1.0 built from source (MAX_JOBS=2, --no-build-isolation), mmengine
+# 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2, ftfy, regex, pytest, onnx, scikit-learn, matplotlib,
+# then this checkout in editable mode.
+#
+# Existing environment (e.g. an OpenMMLab GPU environment): never replaces
+#   - an installed torch in the project's range (>= 1.13; CUDA builds included): torch 2.13.0
+#     is installed only where there is no torch;
+#   - an installed mmcv 2.0.x-2.1.x whose ops import (mmcv.ops).
+# Where mmcv must be built and torch is a CUDA build and nvcc is found (PATH or CUDA_HOME), its
+# CUDA ops are built too: FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST = the visible GPU's compute
+# capability (unless TORCH_CUDA_ARCH_LIST is set). MAX_JOBS (default 2) sets the build's jobs.
+#
+# PYTHON=...              the interpreter to install into (default: python on PATH)
+# DOCONV_INSTALL_DRY_RUN=1 print the install commands it would run ('would run: ...'), run none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+CHECKOUT=$(pwd -P)
+PYTHON="${PYTHON:-python}"
+DRY_RUN="${DOCONV_INSTALL_DRY_RUN:-0}"
+STACK=(mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex pytest onnx scikit-learn
+       matplotlib)
 
-have() { python - "$@" <<'PY' 2>/dev/null
-import importlib.metadata as md, sys
-for spec in sys.argv[1:]:
-    name, _, version = spec.partition('==')
-    installed = md.version(name)
-    if version and installed.split('+')[0] != version:
-        sys.exit(1)
-PY
+RAN=0
+run() {  # run an install command (print it on a dry run), then re-read the facts
+  RAN=$((RAN + 1))
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "would run: $*"
+  else
+    "$@"
+    FACTS=$(probe)
+  fi
 }
 
-if ! have torch==2.13.0; then pip install torch==2.13.0; fi
-if ! have setuptools==80.9.0 wheel ninja; then pip install setuptools==80.9.0 wheel ninja; fi
-if ! have mmcv==2.1.0 || ! python -c 'import mmcv.ops' >/dev/null 2>&1; then
-  # No wheel exists for this torch: build from source (~17 min on 2 cores, cached by pip after).
-  MAX_JOBS="${MAX_JOBS:-2}" pip install --no-build-isolation mmcv==2.1.0
+# One line per fact, key=value, read by the decisions below.
+probe() {
+  (cd / && "$PYTHON" - "$CHECKOUT" "${STACK[@]}" <<'PY'
+import importlib.metadata as md
+import os
+import re
+import sys
+
+checkout, stack = sys.argv[1], sys.argv[2:]
+
+
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def release(v):  # '2.11.0+cu130' -> (2, 11, 0)
+    return tuple(int(x) for x in re.findall(r'\d+', v.split('+')[0])[:3])
+
+
+facts = {}
+torch_version = version('torch')
+facts['torch'] = torch_version or 'none'
+facts['torch_in_range'] = 'yes' if torch_version and release(torch_version) >= (1, 13) else 'no'
+facts['torch_cuda'] = facts['gpu_arch'] = 'none'
+facts['torch_imports'] = 'no'
+if torch_version:
+    try:
+        import torch
+        facts['torch_imports'] = 'yes'
+        facts['torch_cuda'] = torch.version.cuda or 'none'
+        if torch.version.cuda and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            facts['gpu_arch'] = f'{major}.{minor}'
+    except Exception:
+        pass
+mmcv_version = version('mmcv')
+facts['mmcv'] = mmcv_version or 'none'
+facts['mmcv_in_range'] = 'yes' if mmcv_version and (2, 0) <= release(mmcv_version)[:2] <= (2, 1) else 'no'
+try:
+    import mmcv.ops  # noqa: F401
+    facts['mmcv_ops'] = 'yes'
+    facts['mmcv_ops_cuda'] = mmcv.ops.get_compiling_cuda_version()
+except Exception:
+    facts['mmcv_ops'] = 'no'
+    facts['mmcv_ops_cuda'] = 'none'
+facts['build_tools'] = 'yes' if version('setuptools') == '80.9.0' and version('wheel') \
+    and version('ninja') else 'no'
+missing = [spec for spec in stack
+           if version(spec.split('==')[0]) is None
+           or ('==' in spec and version(spec.split('==')[0]).split('+')[0] != spec.split('==')[1])]
+facts['stack_missing'] = ' '.join(missing) or 'none'
+try:
+    import do_conv_mm
+    here = os.path.realpath(do_conv_mm.__file__).startswith(checkout + os.sep)
+except Exception:
+    here = False
+facts['do_conv_mm_here'] = 'yes' if here else 'no'
+for key, value in facts.items():
+    print(f'{key}={value}')
+PY
+  )
+}
+
+fact() {  # fact KEY: the value of KEY in the last probe
+  sed -n "s/^$1=//p" <<<"$FACTS" | head -n 1
+}
+
+have_nvcc() {
+  command -v nvcc >/dev/null 2>&1 || [[ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]]
+}
+
+FACTS=$(probe)
+
+# torch: keep any installed version in range; install the verified one only where there is none.
+if [[ "$(fact torch)" == none ]]; then
+  run "$PYTHON" -m pip install torch==2.13.0
+elif [[ "$(fact torch_in_range)" != yes || "$(fact torch_imports)" != yes ]]; then
+  echo "error: torch $(fact torch) is installed, but do_conv_mm needs a torch >= 1.13 that" \
+       "imports (verified: 2.13.0). Upgrade or repair it yourself (a CUDA build of your" \
+       "choice, or pip install torch==2.13.0), then run this again; an installed torch is" \
+       "never replaced by this script." >&2
+  exit 1
 fi
-if ! have mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex pytest onnx scikit-learn matplotlib; then
-  pip install mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex pytest onnx scikit-learn matplotlib
+
+if [[ "$(fact build_tools)" != yes ]]; then
+  run "$PYTHON" -m pip install setuptools==80.9.0 wheel ninja
+fi
+
+# mmcv: keep an installed 2.0-2.1 whose ops import; otherwise build 2.1.0 (no wheel exists for
+# these torch versions), with CUDA ops where torch has CUDA and nvcc is there.
+if [[ "$(fact mmcv_in_range)" == yes && "$(fact mmcv_ops)" == yes ]]; then
+  if [[ "$(fact torch_cuda)" != none && "$(fact mmcv_ops_cuda)" == "not available" ]]; then
+    echo "warning: mmcv $(fact mmcv) was built without CUDA ops; detectors that need them" \
+         "(RoIAlign, NMS, ...) fail on the GPU. Rebuild it with CUDA (pip uninstall mmcv, then" \
+         "run this again where nvcc is installed)." >&2
+  fi
+else
+  build_env=("MAX_JOBS=${MAX_JOBS:-2}")
+  if [[ "$(fact torch_cuda)" != none ]]; then
+    if have_nvcc; then
+      build_env+=("FORCE_CUDA=1")
+      if [[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+        build_env+=("TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST")
+      elif [[ "$(fact gpu_arch)" != none ]]; then
+        build_env+=("TORCH_CUDA_ARCH_LIST=$(fact gpu_arch)")
+      else
+        echo "warning: no GPU visible and TORCH_CUDA_ARCH_LIST unset: mmcv's CUDA ops are" \
+             "built for every architecture torch knows (slow). Set TORCH_CUDA_ARCH_LIST," \
+             "e.g. 9.0, to build for one." >&2
+      fi
+    else
+      echo "warning: torch $(fact torch) has CUDA $(fact torch_cuda) but nvcc is not found" \
+           "(PATH, CUDA_HOME): mmcv is built with CPU ops only, and detectors that need its" \
+           "CUDA ops (RoIAlign, NMS, ...) will fail on the GPU. Install the CUDA toolkit" \
+           "$(fact torch_cuda) and run this again for CUDA ops." >&2
+    fi
+  fi
+  # No wheel exists for these torch versions: built from source (~17 min on 2 cores for the CPU
+  # ops, cached by pip afterwards; CUDA ops take longer).
+  run env "${build_env[@]}" "$PYTHON" -m pip install --no-build-isolation mmcv==2.1.0
+fi
+
+if [[ "$(fact stack_missing)" != none ]]; then
+  run "$PYTHON" -m pip install "${STACK[@]}"
 fi
 # The package must import from this checkout from anywhere (checked outside the repo root, where
 # the current directory would shadow the installed package).
-if ! (cd / && python -c 'import do_conv_mm, os, sys; sys.exit(not os.path.realpath(do_conv_mm.__file__).startswith(sys.argv[1] + os.sep))' "$(pwd -P)") >/dev/null 2>&1; then
-  pip install --no-build-isolation --no-deps -e .
+if [[ "$(fact do_conv_mm_here)" != yes ]]; then
+  run "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+fi
+if [[ "$DRY_RUN" == 1 && "$RAN" == 0 ]]; then
+  echo "nothing to install"
 fi

@@ -1,0 +1,185 @@
+"""tools/install.sh decides right on fresh, existing-CPU and existing-GPU machines (issue 10).
+
+The decisions are tested without installing anything: ``DOCONV_INSTALL_DRY_RUN=1`` makes the
+script print each install command (``would run: ...``) instead of running it, and ``PYTHON``
+points it at a fake interpreter that answers the script's probe with the facts of the machine
+under test (torch build, GPU, mmcv, ...). A fake ``nvcc`` on PATH stands for a CUDA toolkit.
+One more test runs the dry run against this machine's real Python.
+"""
+import os
+import os.path as osp
+import stat
+import subprocess
+import sys
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SCRIPT = osp.join(REPO, 'tools', 'install.sh')
+STACK = ('mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex pytest onnx '
+         'scikit-learn matplotlib')
+
+FRESH = dict(torch='none', torch_in_range='no', torch_imports='no', torch_cuda='none',
+             gpu_arch='none', mmcv='none', mmcv_in_range='no', mmcv_ops='no',
+             mmcv_ops_cuda='none', build_tools='no', stack_missing=STACK, do_conv_mm_here='no')
+# A set-up OpenMMLab GPU machine: CUDA torch, mmcv with CUDA ops, the rest pinned.
+GPU_READY = dict(FRESH, torch='2.11.0+cu130', torch_in_range='yes', torch_imports='yes',
+                 torch_cuda='13.0', gpu_arch='9.0', mmcv='2.1.0', mmcv_in_range='yes',
+                 mmcv_ops='yes', mmcv_ops_cuda='13.0', build_tools='yes', stack_missing='none',
+                 do_conv_mm_here='yes')
+# A GPU machine with a CUDA torch and nothing else.
+GPU_BARE = dict(FRESH, torch='2.11.0+cu130', torch_in_range='yes', torch_imports='yes',
+                torch_cuda='13.0', gpu_arch='9.0')
+
+
+def dry_run(tmp_path, facts: dict, nvcc: bool = False, env_extra: dict = None):
+    """(exit code, install commands it would run, stderr), with ``python`` as a placeholder
+    for the fake interpreter's path."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir(exist_ok=True)
+    facts_file = tmp_path / 'facts.txt'
+    facts_file.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
+    fake_python = bin_dir / 'fake-python'
+    fake_python.write_text(f'#!/bin/sh\ncat {facts_file}\n')
+    tools = [fake_python]
+    if nvcc:
+        tools.append(bin_dir / 'nvcc')
+        tools[-1].write_text('#!/bin/sh\necho "nvcc fake"\n')
+    for tool in tools:
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'HOME': str(tmp_path),
+           'PYTHON': str(fake_python), 'DOCONV_INSTALL_DRY_RUN': '1',
+           'CUDA_HOME': str(tmp_path / 'no-cuda')}
+    env.update(env_extra or {})
+    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    commands = [line[len('would run: '):].replace(str(fake_python), 'python')
+                for line in proc.stdout.splitlines() if line.startswith('would run: ')]
+    return proc.returncode, commands, proc.stderr
+
+
+def test_fresh_cpu_machine_installs_the_verified_stack_in_order(tmp_path):
+    code, commands, _ = dry_run(tmp_path, FRESH)
+    assert code == 0
+    assert commands == [
+        'python -m pip install torch==2.13.0',
+        'python -m pip install setuptools==80.9.0 wheel ninja',
+        'env MAX_JOBS=2 python -m pip install --no-build-isolation mmcv==2.1.0',
+        f'python -m pip install {STACK}',
+        'python -m pip install --no-build-isolation --no-deps -e .',
+    ]
+
+
+def test_fresh_machine_with_nvcc_but_no_torch_still_builds_cpu_ops(tmp_path):
+    # No torch yet: the torch to be installed (2.13.0 here) decides, and the dry run cannot know
+    # it, so the fresh-machine commands stay exactly those of a CPU machine.
+    code, commands, _ = dry_run(tmp_path, FRESH, nvcc=True)
+    assert code == 0 and 'env MAX_JOBS=2 python -m pip install --no-build-isolation ' \
+        'mmcv==2.1.0' in commands and not any('FORCE_CUDA' in c for c in commands)
+
+
+def test_ready_gpu_environment_is_left_alone(tmp_path):
+    code, commands, stderr = dry_run(tmp_path, GPU_READY, nvcc=True)
+    assert code == 0 and commands == [] and stderr == ''
+
+
+def test_cuda_torch_is_kept_and_mmcv_built_with_cuda_ops_for_the_visible_gpu(tmp_path):
+    code, commands, _ = dry_run(tmp_path, GPU_BARE, nvcc=True)
+    assert code == 0
+    assert not any('torch==' in c for c in commands), commands  # torch is never (re)installed
+    assert 'env MAX_JOBS=2 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python -m pip install ' \
+        '--no-build-isolation mmcv==2.1.0' in commands
+
+
+def test_explicit_arch_list_and_max_jobs_are_respected(tmp_path):
+    code, commands, _ = dry_run(tmp_path, GPU_BARE, nvcc=True,
+                                env_extra={'TORCH_CUDA_ARCH_LIST': '8.0;9.0', 'MAX_JOBS': '16'})
+    assert code == 0 and 'env MAX_JOBS=16 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=8.0;9.0 python -m ' \
+        'pip install --no-build-isolation mmcv==2.1.0' in commands
+
+
+def test_nvcc_through_cuda_home_counts(tmp_path):
+    cuda_bin = tmp_path / 'cuda' / 'bin'
+    cuda_bin.mkdir(parents=True)
+    (cuda_bin / 'nvcc').write_text('#!/bin/sh\n')
+    (cuda_bin / 'nvcc').chmod(0o755)
+    _, commands, _ = dry_run(tmp_path, GPU_BARE, env_extra={'CUDA_HOME': str(tmp_path / 'cuda')})
+    assert any('FORCE_CUDA=1' in c for c in commands)
+
+
+def test_cuda_torch_without_nvcc_builds_cpu_ops_and_says_why(tmp_path):
+    code, commands, stderr = dry_run(tmp_path, GPU_BARE, nvcc=False)
+    assert code == 0
+    assert 'env MAX_JOBS=2 python -m pip install --no-build-isolation mmcv==2.1.0' in commands
+    assert 'nvcc is not found' in stderr and 'CPU ops only' in stderr
+
+
+def test_no_visible_gpu_builds_cuda_ops_without_arch_pin_and_warns(tmp_path):
+    code, commands, stderr = dry_run(tmp_path, dict(GPU_BARE, gpu_arch='none'), nvcc=True)
+    assert 'env MAX_JOBS=2 FORCE_CUDA=1 python -m pip install --no-build-isolation ' \
+        'mmcv==2.1.0' in commands
+    assert 'TORCH_CUDA_ARCH_LIST unset' in stderr
+
+
+@pytest.mark.parametrize('mmcv_version, ops, rebuilt', [
+    ('2.0.1', 'yes', False),   # in range, ops import: kept
+    ('2.1.0', 'yes', False),
+    ('2.1.0', 'no', True),     # ops do not import (e.g. built for another torch): rebuilt
+    ('2.2.0', 'yes', True),    # mmdet 3.3 / mmseg 1.2 refuse mmcv >= 2.2
+    ('1.7.2', 'yes', True),
+])
+def test_installed_mmcv_kept_only_in_range_with_working_ops(tmp_path, mmcv_version, ops, rebuilt):
+    in_range = 'yes' if mmcv_version.startswith(('2.0', '2.1')) else 'no'
+    facts = dict(GPU_READY, mmcv=mmcv_version, mmcv_in_range=in_range, mmcv_ops=ops)
+    code, commands, _ = dry_run(tmp_path, facts, nvcc=True)
+    assert code == 0
+    assert any('mmcv==2.1.0' in c for c in commands) == rebuilt, commands
+
+
+def test_mmcv_without_cuda_ops_on_cuda_torch_is_kept_with_a_warning(tmp_path):
+    code, commands, stderr = dry_run(tmp_path, dict(GPU_READY, mmcv_ops_cuda='not available'),
+                                     nvcc=True)
+    assert code == 0 and commands == []
+    assert 'built without CUDA ops' in stderr
+
+
+def test_cpu_torch_in_range_is_not_replaced_by_the_pinned_one(tmp_path):
+    facts = dict(FRESH, torch='2.5.1+cpu', torch_in_range='yes', torch_imports='yes')
+    code, commands, _ = dry_run(tmp_path, facts)
+    assert code == 0 and commands[0] == 'python -m pip install setuptools==80.9.0 wheel ninja'
+    assert not any('torch==' in c for c in commands)
+
+
+@pytest.mark.parametrize('facts', [
+    dict(FRESH, torch='1.12.1', torch_in_range='no', torch_imports='yes'),
+    dict(FRESH, torch='2.5.1', torch_in_range='yes', torch_imports='no'),
+])
+def test_unusable_torch_is_an_error_not_a_replacement(tmp_path, facts):
+    code, commands, stderr = dry_run(tmp_path, facts)
+    assert code == 1 and commands == []
+    assert f'torch {facts["torch"]} is installed' in stderr and 'never replaced' in stderr
+
+
+def test_only_missing_or_off_pin_stack_triggers_the_stack_install(tmp_path):
+    _, commands, _ = dry_run(tmp_path, dict(GPU_READY, stack_missing='mmdet==3.3.0'))
+    assert commands == [f'python -m pip install {STACK}']
+    _, commands, _ = dry_run(tmp_path, dict(GPU_READY, do_conv_mm_here='no'))
+    assert commands == ['python -m pip install --no-build-isolation --no-deps -e .']
+
+
+def test_this_machine_needs_nothing_but_possibly_the_editable_install(tmp_path):
+    """The real probe on this machine: the stack is installed (CI runs install.sh first), so at
+    most the editable install of this checkout is proposed, and only when do_conv_mm imports
+    from elsewhere (e.g. another worktree's editable install)."""
+    pytest.importorskip('mmdet')
+    env = dict(os.environ, DOCONV_INSTALL_DRY_RUN='1', PYTHON=sys.executable)
+    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if line.startswith('would run: ')]
+    probe = subprocess.run([sys.executable, '-c', 'import do_conv_mm, os; '
+                            'print(os.path.realpath(do_conv_mm.__file__))'],
+                           cwd='/', env=os.environ, capture_output=True, text=True)
+    here = probe.stdout.strip().startswith(osp.realpath(REPO) + os.sep)
+    expected = [] if here else [
+        f'would run: {sys.executable} -m pip install --no-build-isolation --no-deps -e .']
+    assert commands == expected, proc.stdout
+    assert ('nothing to install' in proc.stdout) == here
