@@ -6,7 +6,7 @@ Importing the package registers ``DOConv`` (alias ``DOConv2d``) as an mmcv conv 
 """
 from .amp import BF16AmpOptimWrapper
 from .checkpoint import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file
-from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv
+from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv, register_doconv_model
 from .deploy import FoldError, fold_checkpoint, fold_checkpoints, make_deploy_config
 from .doconv import DOConv2d, compose_kernel
 from .fold import count_doconv, fold_doconv, fold_state_dict
@@ -14,7 +14,7 @@ from .version import __version__
 
 __all__ = [
     'DOConv2d', 'compose_kernel', 'count_doconv', 'fold_doconv', 'fold_state_dict',
-    'DOConvModel', 'check_doconv_cfg', 'convert_to_doconv',
+    'DOConvModel', 'check_doconv_cfg', 'convert_to_doconv', 'register_doconv_model',
     'FoldError', 'fold_checkpoint', 'fold_checkpoints', 'make_deploy_config',
     'BF16AmpOptimWrapper', 'CheckpointError', 'allow_mmengine_checkpoint_types',
     'load_checkpoint_file', '__version__'

@@ -7,8 +7,10 @@ RetinaHead's ``retina_cls``, DeepLabV3+'s separable ASPP branches, ...). Two way
 
       convert_to_doconv(model, include=['rpn_head', 'bbox_head.retina_*'], exclude=[...])
 
-* the ``DOConvModel`` builder, config only (registered in mmengine's root ``MODELS``, so it is
-  visible from the mmdet and mmseg scopes)::
+* the ``DOConvModel`` builder, config only (registered in the ``MODELS`` registries of mmdet and
+  mmseg, whichever are installed, so ``type='DOConvModel'`` works under both default scopes; it
+  stays out of mmengine's root ``MODELS``, where mmcv treats every name containing "conv" as a
+  conv layer; :func:`register_doconv_model` adds it to another scope's registry)::
 
       model = dict(type='DOConvModel', model_type='RetinaNet',
                    doconv=dict(include=['bbox_head.retina_cls', 'bbox_head.retina_reg']))
@@ -21,15 +23,17 @@ computes exactly what it computed before and its state_dict keys only gain ``<co
 ``<conv>.weight_extra`` when D_mul > kh*kw). Plain checkpoints still load (missing D = identity).
 """
 import difflib
+import re
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
-from mmengine.registry import MODELS
+from mmengine.registry import MODELS, Registry
 
 from .doconv import DOConv2d, is_doconv_layer_type
 
-__all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError']
+__all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError',
+           'register_doconv_model']
 
 Patterns = Union[None, str, Sequence[str]]
 _DEFORM_CLASS_NAMES = ('DeformConv2d', 'ModulatedDeformConv2d')
@@ -297,4 +301,29 @@ def DOConvModel(model_type: Union[str, type], doconv: Optional[Dict] = None, **k
     return model
 
 
-MODELS.register_module(name='DOConvModel', module=DOConvModel)
+# Scopes whose MODELS registry gets DOConvModel at import (when the package is installed).
+DOWNSTREAM_SCOPES = ('mmdet', 'mmseg')
+
+
+def register_doconv_model(registry: Registry) -> None:
+    """Make ``type='DOConvModel'`` buildable from ``registry`` (a downstream ``MODELS``, e.g.
+    ``mmpretrain.registry.MODELS``) and from its scope. mmdet's and mmseg's are done at import.
+
+    DOConvModel is deliberately not in mmengine's root ``MODELS``: mmcv's build_conv_layer looks
+    conv layer types up there, and stock code (mmcv's own tests) treats every root name that
+    contains "conv" as a conv layer it can build with ``(in_channels, out_channels, ...)``.
+    """
+    if registry.module_dict.get('DOConvModel') is not DOConvModel:
+        registry.register_module(name='DOConvModel', module=DOConvModel)
+
+
+def _register_downstream() -> None:
+    import importlib
+    import importlib.util
+    for scope in DOWNSTREAM_SCOPES:
+        if importlib.util.find_spec(scope) is None:
+            continue  # not installed: its configs cannot be used anyway
+        register_doconv_model(importlib.import_module(f'{scope}.registry').MODELS)
+
+
+_register_downstream()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
+from mmdet.registry import MODELS as DET_MODELS
 from mmengine.registry import MODELS, init_default_scope
 
 import do_conv_mm
@@ -138,8 +139,8 @@ def test_doconv_model_builds_the_original_model_and_matches_its_output():
     torch.manual_seed(0)
     plain = MODELS.build(dict(type=TinyNet, channels=6))
     torch.manual_seed(0)
-    model = MODELS.build(dict(type='DOConvModel', model_type=TinyNet, channels=6,
-                              doconv=dict(include=['head', 'stem'], exclude=['head.reg'])))
+    model = DET_MODELS.build(dict(type='DOConvModel', model_type=TinyNet, channels=6,
+                                  doconv=dict(include=['head', 'stem'], exclude=['head.reg'])))
     assert type(model) is TinyNet  # no wrapper: state_dict keys carry no prefix
     assert [n for n, m in model.named_modules() if isinstance(m, DOConv2d)] == [
         'stem', 'head.cls']
@@ -151,11 +152,13 @@ def test_doconv_model_builds_the_original_model_and_matches_its_output():
 
 def test_doconv_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"unknown doconv keys \['includes'\]"):
-        MODELS.build(dict(type='DOConvModel', model_type=TinyNet, doconv=dict(includes=['x'])))
+        DET_MODELS.build(dict(type='DOConvModel', model_type=TinyNet,
+                              doconv=dict(includes=['x'])))
     with pytest.raises(ValueError, match='not .DOConvModel. itself'):
-        MODELS.build(dict(type='DOConvModel', model_type='DOConvModel'))
+        DET_MODELS.build(dict(type='DOConvModel', model_type='DOConvModel'))
     with pytest.raises(ValueError, match='matches no module name'):
-        MODELS.build(dict(type='DOConvModel', model_type=TinyNet, doconv=dict(include=['nek'])))
+        DET_MODELS.build(dict(type='DOConvModel', model_type=TinyNet,
+                              doconv=dict(include=['nek'])))
 
 
 def test_check_doconv_cfg_flags_dcn_with_doconv():
