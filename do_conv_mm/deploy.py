@@ -444,9 +444,17 @@ class _Run:
         from mmengine.registry import DefaultScope
         deploy_cfg = _reload_config(deploy_cfg_file)
         deployed = build_model(deploy_cfg)
-        deployed.load_state_dict(state_dict, strict=True)
+        try:
+            deployed.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:  # a fold/deploy-config bug, not bad input: still one line
+            raise FoldError(f'verify: the folded weights do not load into the deploy model '
+                            f'({" ".join(str(error).split())[:300]}); nothing was '
+                            f'written. This is a do_conv_mm bug, please report it with the '
+                            f'config.') from None
         if _doconv_layers(deployed):
-            raise RuntimeError('the deploy model still has DO-Conv layers')
+            raise FoldError('verify: the deploy model still has DO-Conv layers; nothing was '
+                            'written. This is a do_conv_mm bug, please report it with the '
+                            'config.')
         with DefaultScope.overwrite_default_scope(self.cfg.get('default_scope')):
             try:
                 batch = make_verify_batch(self.model, self.cfg, image, size)
