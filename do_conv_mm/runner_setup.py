@@ -52,7 +52,7 @@ def _check_doconv(cfg: Config) -> None:
     if 'model' not in cfg:
         return
     try:
-        check_doconv_cfg(cfg.model)
+        check_doconv_cfg(cfg.model, scope=cfg.get('default_scope'))
     except DOConvNotApplicableError as error:
         raise ToolError(str(error)) from None
 
@@ -153,11 +153,20 @@ def build_runner(cfg: Config):
     if cfg.get('default_scope') == 'mmdet':
         from mmdet.utils import setup_cache_size_limit_of_dynamo
         setup_cache_size_limit_of_dynamo()  # as mmdet's own tools do
-    if 'runner_type' not in cfg:
-        return Runner.from_cfg(cfg)
-    scope = cfg.get('default_scope')
-    registry = importlib.import_module(f'{scope}.registry') if scope else None
-    runners = getattr(registry, 'RUNNERS', None)
-    if runners is None:
-        from mmengine.registry import RUNNERS as runners
-    return runners.build(cfg)
+    try:
+        if 'runner_type' not in cfg:
+            return Runner.from_cfg(cfg)
+        scope = cfg.get('default_scope')
+        registry = importlib.import_module(f'{scope}.registry') if scope else None
+        runners = getattr(registry, 'RUNNERS', None)
+        if runners is None:
+            from mmengine.registry import RUNNERS as runners
+        return runners.build(cfg)
+    except Exception as error:
+        # A known DO-Conv build failure (e.g. D_mul below a 7x7 stem's kh*kw): one line that
+        # names the module and the fix instead of mmengine's nested build traceback.
+        from .convert import explain_build_error
+        message = explain_build_error(cfg.model, error, cfg.get('default_scope'))
+        if message is None:
+            raise
+        raise ToolError(message) from None

@@ -565,6 +565,11 @@ def _bad_cases(tmp: Path):
     fold_checkpoint(str(TOY_DET), str(good), str(tmp / 'made' / 'folded.pth'), log=lambda s: None)
     cases['already folded'] = (TOY_DET, tmp / 'made' / 'folded.pth', tmp / 'o.pth',
                                'is already folded')
+    new_checkpoint(TOY_RTMDET, tmp / 'rtmdet.pth', seed=9)
+    cases['DO-Conv checkpoint of another model'] = (
+        TOY_DET, tmp / 'rtmdet.pth', tmp / 'o.pth',
+        'is a DO-Conv checkpoint of another model: it has 40 DO-Conv ".D" keys '
+        '(backbone.stem.0.conv.D')
     plain = {k: v for k, v in state.items() if not k.endswith('.D')}
     torch.save(dict(state_dict=plain), tmp / 'plain.pth')
     cases['plain checkpoint'] = (TOY_DET, tmp / 'plain.pth', tmp / 'o.pth',

@@ -25,17 +25,16 @@ from training_helpers import (REPO, free_port, logged_scalars, run, run_tool,  #
 
 
 
-def _toy_doconv_config(scope):
-    """The one DO-Conv toy config (configs/toy/*doconv*.py) of ``scope``."""
+def _toy_doconv_config(name, scope):
+    """configs/toy/<name>, a DO-Conv toy config of ``scope``."""
     from mmengine.config import Config
-    found = [path for path in sorted(glob.glob(osp.join(REPO, 'configs', 'toy', '*doconv*.py')))
-             if Config.fromfile(path).get('default_scope') == scope]
-    assert len(found) == 1, f'expected one DO-Conv toy config for {scope}, found {found}'
-    return found[0]
+    path = osp.join(REPO, 'configs', 'toy', name)
+    assert Config.fromfile(path).get('default_scope') == scope, path
+    return path
 
 
-DET_CFG = _toy_doconv_config('mmdet')
-SEG_CFG = _toy_doconv_config('mmseg')
+DET_CFG = _toy_doconv_config('retinanet_r18-tiny-doconv_fpn_toy.py', 'mmdet')
+SEG_CFG = _toy_doconv_config('fpn_r18-tiny-doconv_toy.py', 'mmseg')
 
 # Overrides that make each toy config a seconds-long run: 4 images, batch 2, no warm-up, raw
 # per-iteration losses in the log (window 1). Evaluation uses 4 val images.
