@@ -19,7 +19,7 @@ from mmengine.logging import print_log
 from .checkpoint import CheckpointError, load_checkpoint_file
 
 __all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'prepare_cpu_distributed',
-           'prepare_toy_data', 'set_work_dir']
+           'prepare_toy_data', 'revert_sync_bn_cfg', 'set_work_dir']
 
 # The packages that own each default_scope, for the "not installed" message.
 _SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2'}
@@ -98,10 +98,21 @@ def prepare_cpu_distributed(cfg: Config) -> None:
     ``MMDistributedDataParallel(device_ids=[LOCAL_RANK])`` (DDP rejects device ids for CPU
     modules). Without CUDA this initialises the gloo process group from torchrun's environment
     (the Runner then skips ``init_dist``) and sets ``device_ids=None``; sampling, gradient
-    all-reduce and checkpointing stay mmengine's.
+    all-reduce and checkpointing stay mmengine's. SyncBN only runs on GPUs (DDP refuses CPU
+    modules with SyncBatchNorm layers), so SyncBN in the model config becomes BN, with a warning
+    (:func:`revert_sync_bn_cfg`); a single process needs nothing, mmengine's Runner reverts
+    SyncBN itself when not distributed.
     """
     if torch.cuda.is_available() or cfg.launcher == 'none':
         return
+    if 'model' in cfg:
+        reverted = revert_sync_bn_cfg(cfg.model)
+        if reverted:
+            print_log(f'No CUDA device: SyncBN needs GPUs, so the {len(reverted)} SyncBN '
+                      f'norm_cfg(s) of the model ({", ".join(reverted[:4])}'
+                      f'{", ..." if len(reverted) > 4 else ""}) become BN: each process '
+                      f'normalises its own batch (statistics are not synchronised).',
+                      logger='current', level=logging.WARNING)
     if cfg.launcher != 'pytorch':
         raise ToolError(f'--launcher {cfg.launcher} needs CUDA devices; on CPU use '
                         f'--launcher pytorch through torchrun (bash tools/dist_train.sh).')
@@ -125,6 +136,21 @@ def prepare_cpu_distributed(cfg: Config) -> None:
             import datetime
             kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
         torch.distributed.init_process_group(backend='gloo', **kwargs)
+
+
+_SYNC_BN_TYPES = ('SyncBN', 'MMSyncBN')
+
+
+def revert_sync_bn_cfg(model_cfg) -> list:
+    """Replace every ``dict(type='SyncBN' | 'MMSyncBN', ...)`` in a model config by BN, in
+    place (config-level ``mmengine.model.revert_sync_batchnorm``); returns the config paths."""
+    from .convert import walk_cfg
+    changed = []
+    for path, node in walk_cfg(model_cfg, 'model'):
+        if isinstance(node.get('type'), str) and node['type'] in _SYNC_BN_TYPES:
+            node['type'] = 'BN'
+            changed.append(path)
+    return changed
 
 
 def prepare_toy_data(cfg: Config, wait_s: float = 600) -> None:

@@ -562,3 +562,48 @@ def test_conv_type_typo_names_the_close_match(tmp_path):
     check_doconv_cfg(dict(type='RetinaNet', neck=dict(conv_cfg=dict(type='Conv2d'))),
                      scope='mmdet')
 
+
+# ----------------------------------------------------------------------------------------------
+# SyncBN in the shipped mmseg configs
+# ----------------------------------------------------------------------------------------------
+MMSEG_SHIPPED = [name for name, _, _ in SHIPPED if name.startswith('mmseg/')]
+
+
+def _sync_bn_paths(model_cfg):
+    from do_conv_mm.convert import walk_cfg
+    return [p for p, node in walk_cfg(model_cfg, 'model') if node.get('type') == 'SyncBN']
+
+
+def test_readme_syncbn_advice_works_as_written():
+    """The README's --cfg-options for plain BN, applied as written, leave no SyncBN in any
+    shipped mmseg config (norm_cfg is nested per component: a top-level norm_cfg.type=BN
+    changes a variable nothing reads any more)."""
+    import argparse
+    import re
+    import shlex
+    from mmengine.config import DictAction
+    with open(osp.join(REPO, 'README.md')) as f:
+        readme = f.read()
+    section = readme[readme.index('SyncBN'):]
+    snippet = re.search(r'`(--cfg-options [^`]*norm_cfg[^`]*)`', section).group(1)
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    options = parser.parse_args(shlex.split(snippet)).cfg_options
+    for name in MMSEG_SHIPPED:
+        cfg = Config.fromfile(_config_path(name))
+        assert _sync_bn_paths(cfg.model), name  # the base recipes use SyncBN
+        cfg.merge_from_dict(options)
+        assert _sync_bn_paths(cfg.model) == [], name
+
+
+def test_cpu_distributed_reverts_sync_bn_in_the_config():
+    from do_conv_mm.runner_setup import revert_sync_bn_cfg
+    for name in MMSEG_SHIPPED:
+        cfg = Config.fromfile(_config_path(name))
+        reverted = revert_sync_bn_cfg(cfg.model)
+        assert {'model.backbone.norm_cfg', 'model.decode_head.norm_cfg',
+                'model.auxiliary_head.norm_cfg'} <= set(reverted), name
+        assert _sync_bn_paths(cfg.model) == []
+        model = _build(cfg) if name == MMSEG_SHIPPED[0] else None
+        if model is not None:
+            assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())

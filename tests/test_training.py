@@ -177,9 +177,12 @@ def test_segmentation_test_tool_reports_metric(seg_run, toy_configs, tmp_path):
 # Distributed (2 CPU processes, gloo, through tools/dist_train.sh and mmengine's Runner)
 # ----------------------------------------------------------------------------------------------
 def test_distributed_two_processes_keep_doconv_parameters_identical(toy_configs, tmp_path):
+    # SyncBN, as in the shipped mmseg configs: on CPU the tools make it BN (with a warning).
     config = _write_config(tmp_path, 'dist_seg.py', f"""_base_ = {toy_configs['seg']!r}
 custom_imports = dict(imports=['do_conv_mm', 'training_helpers'], allow_failed_imports=False)
 custom_hooks = [dict(type='DOConvParamDumpHook')]
+model = dict(backbone=dict(norm_cfg=dict(type='SyncBN', requires_grad=True)),
+             decode_head=dict(norm_cfg=dict(type='SyncBN', requires_grad=True)))
 train_cfg = dict(max_iters=3, val_interval=100)
 val_cfg = None
 val_dataloader = None
@@ -187,8 +190,10 @@ val_evaluator = None
 default_hooks = dict(checkpoint=dict(interval=3))
 """)
     work_dir = str(tmp_path / 'work')
-    run(['bash', 'tools/dist_train.sh', config, '2', '--work-dir', work_dir], threads=1,
-        env_extra=dict(PORT=str(free_port())))
+    proc = run(['bash', 'tools/dist_train.sh', config, '2', '--work-dir', work_dir], threads=1,
+               env_extra=dict(PORT=str(free_port())))
+    assert 'SyncBN needs GPUs, so the 2 SyncBN norm_cfg(s) of the model' in proc.stdout + \
+        proc.stderr
     load = lambda rank, tag: torch.load(  # noqa: E731
         osp.join(work_dir, f'doconv_params_rank{rank}_{tag}.pth'), weights_only=True)
     final0, final1, init0 = load(0, 'final'), load(1, 'final'), load(0, 'init')
