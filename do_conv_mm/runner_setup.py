@@ -18,8 +18,8 @@ from mmengine.logging import print_log
 
 from .checkpoint import CheckpointError, load_checkpoint_file
 
-__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'prepare_cpu_distributed',
-           'prepare_toy_data', 'revert_sync_bn_cfg', 'set_work_dir']
+__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'load_config_file',
+           'prepare_cpu_distributed', 'prepare_toy_data', 'revert_sync_bn_cfg', 'set_work_dir']
 
 # The packages that own each default_scope, for the "not installed" message.
 _SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2'}
@@ -35,7 +35,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     if not osp.isfile(path):
         raise ToolError(f'config {path!r} does not exist; pass a config file such as '
                         f'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py.')
-    cfg = Config.fromfile(path)
+    cfg = load_config_file(path, ToolError)
     cfg.launcher = launcher
     if cfg_options is not None:
         cfg.merge_from_dict(cfg_options)
@@ -44,6 +44,19 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     if launcher != 'none':
         prepare_cpu_distributed(cfg)
     return cfg
+
+
+def load_config_file(path: str, error_type=None) -> Config:
+    """``Config.fromfile``; a file that does not load (syntax, a bad ``_base_``, a child dict over
+    a base None such as conv_cfg, a failing custom import) raises ``error_type`` (ToolError by
+    default) with the loader's first line instead of a traceback through mmengine."""
+    try:
+        return Config.fromfile(path)
+    except Exception as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+        raise (error_type or ToolError)(
+            f'config {path!r} could not be loaded ({type(error).__name__}: {text}); fix the '
+            f'config file.') from None
 
 
 def _check_doconv(cfg: Config) -> None:

@@ -563,6 +563,27 @@ def test_conv_type_typo_names_the_close_match(tmp_path):
                      scope='mmdet')
 
 
+def test_config_that_does_not_load_is_one_line(tmp_path, analyze_tool):
+    """mmseg's UNet sets conv_cfg=None: a child conv_cfg dict cannot merge into it (mmengine
+    says to use _delete_); the tools report that in one line instead of a loader traceback."""
+    from do_conv_mm.runner_setup import ToolError, load_config
+    path = tmp_path / 'unet.py'
+    path.write_text("_base_ = 'mmseg::unet/unet-s5-d16_fcn_4xb4-160k_cityscapes-512x1024.py'\n"
+                    "custom_imports = dict(imports=['do_conv_mm'], allow_failed_imports=False)\n"
+                    "model = dict(backbone=dict(conv_cfg=dict(type='DOConv')))\n")
+    expected = (r"config '.*unet\.py' could not be loaded \(TypeError: conv_cfg=\{'type': "
+                r"'DOConv'\} in child config cannot inherit from base.*_delete_=True")
+    with pytest.raises(ToolError, match=expected):
+        load_config(str(path))
+    with pytest.raises(SystemExit, match='error: ' + expected):
+        analyze_tool.main([str(path)])
+    # The fix mmengine names works: the UNet backbone's 18 k×k convs become DO-Conv.
+    path.write_text(path.read_text().replace("dict(type='DOConv')",
+                                             "dict(_delete_=True, type='DOConv')"))
+    cfg = load_config(str(path))
+    assert len([n for n in _kxk_convs(_build(cfg))[0] if n.startswith('backbone.')]) == 18
+
+
 # ----------------------------------------------------------------------------------------------
 # SyncBN in the shipped mmseg configs
 # ----------------------------------------------------------------------------------------------

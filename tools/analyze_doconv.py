@@ -26,6 +26,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage  # noqa: E402
 from do_conv_mm.convert import (DOConvNotApplicableError, check_doconv_cfg,  # noqa: E402
                                 explain_build_error)
+from do_conv_mm.runner_setup import load_config_file  # noqa: E402
 
 DEFAULT_DET_SHAPE = (800, 1344)
 DEFAULT_SEG_SHAPE = (512, 1024)
@@ -220,7 +221,10 @@ def main(argv=None):
     if not osp.isfile(args.config):
         sys.exit(f'error: config {args.config!r} does not exist; pass a config file such as '
                  f'configs/mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py.')
-    cfg = Config.fromfile(args.config)
+    try:
+        cfg = load_config_file(args.config, AnalyzeError)
+    except AnalyzeError as error:
+        sys.exit(f'error: {error}')
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     try:
