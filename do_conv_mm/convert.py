@@ -461,9 +461,8 @@ def _explain_d_mul(model_cfg: Dict, error: BaseException, scope: Optional[str]) 
         return (f'DO-Conv cannot build module {name!r}{others}: its {kernel} kernel has kh*kw='
                 f'{taps} taps, but {path}.conv_cfg sets D_mul={d_mul}, and D_mul must be >= '
                 f'kh*kw of every conv a conv_cfg builds. Fix: leave D_mul out of {path}.conv_cfg '
-                f'(default kh*kw per layer), or set D_mul >= {need} there, or give {path} its '
-                f"own conv_cfg=dict(type='DOConv') and keep D_mul={d_mul} for the other "
-                f'components.')
+                f'(default kh*kw per layer; if a shared conv_cfg variable sets it, give {path} '
+                f"its own conv_cfg=dict(type='DOConv')), or set D_mul >= {need} there.")
     paths = ', '.join(f'{p} (D_mul={d})' for p, d in sources) or 'a DOConvModel doconv.D_mul'
     return (f'DO-Conv cannot build a {kernel} conv (kh*kw={taps} taps) with D_mul={d_mul}: D_mul '
             f'must be >= kh*kw of every conv it applies to. It is set in {paths}; leave D_mul '
