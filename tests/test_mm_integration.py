@@ -67,16 +67,23 @@ def test_mmcv_build_conv_layer_check_still_passes(monkeypatch):
     (in_channels, out_channels, kernel_size, dilation). Registering DO-Conv must not change what
     stock code sees: only the layer names DOConv / DOConv2d join the root; DOConvModel (a model
     builder) lives in the mmdet and mmseg registries and still works under those scopes."""
-    import mmcv.cnn  # noqa: F401  (mmcv's conv types, as in mmcv's test)
+    import mmcv.ops  # noqa: F401  (every conv type mmcv registers, sparse convs included)
     from mmengine.registry import MODELS
     monkeypatch.setattr(DefaultScope, '_instance_dict', OrderedDict())  # mmcv's test: no scope
+    # mmcv's loop, verbatim apart from collecting the names (groups was popped before it).
     kwargs = dict(in_channels=4, out_channels=8, kernel_size=3, dilation=2)
     built = []
     for type_name, module in MODELS.module_dict.items():
+        cfg = dict(type=type_name)
+        # SparseInverseConv2d and SparseInverseConv3d do not have the argument 'dilation'
+        if type_name == 'SparseInverseConv2d' or type_name == 'SparseInverseConv3d':
+            kwargs.pop('dilation')
         if 'conv' in type_name.lower():
-            layer = build_conv_layer(dict(type=type_name), **kwargs)
+            layer = build_conv_layer(cfg, **kwargs)
             assert isinstance(layer, module), type_name
-            assert layer.in_channels == 4 and layer.out_channels == 8, type_name
+            assert layer.in_channels == kwargs['in_channels'], type_name
+            assert layer.out_channels == kwargs['out_channels'], type_name
+            kwargs['dilation'] = 2  # recover the key
             built.append(type_name)
     assert {'DOConv', 'DOConv2d'} <= set(built) and 'DOConvModel' not in MODELS.module_dict
     ours = {n for n, m in MODELS.module_dict.items() if m.__module__.startswith('do_conv_mm')}
