@@ -2,11 +2,13 @@
 
 Importing the package registers ``DOConv`` (alias ``DOConv2d``) as an mmcv conv layer type, so
 ``conv_cfg=dict(type='DOConv')`` works in any mmdet / mmseg config that imports it through
-``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False)``.
+``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False)``. The by-name
+converter ``DOConvModel`` goes into mmdet's and mmseg's ``MODELS`` (not mmengine's root, where
+only conv layers belong).
 """
 from .amp import BF16AmpOptimWrapper
 from .checkpoint import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file
-from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv
+from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv, register_doconv_model
 from .deploy import FoldError, fold_checkpoint, fold_checkpoints, make_deploy_config
 from .doconv import DOConv2d, compose_kernel
 from .fold import count_doconv, fold_doconv, fold_state_dict
@@ -17,7 +19,7 @@ register_model_tools()
 
 __all__ = [
     'DOConv2d', 'compose_kernel', 'count_doconv', 'fold_doconv', 'fold_state_dict',
-    'DOConvModel', 'check_doconv_cfg', 'convert_to_doconv',
+    'DOConvModel', 'check_doconv_cfg', 'convert_to_doconv', 'register_doconv_model',
     'FoldError', 'fold_checkpoint', 'fold_checkpoints', 'make_deploy_config',
     'BF16AmpOptimWrapper', 'CheckpointError', 'allow_mmengine_checkpoint_types',
     'load_checkpoint_file', '__version__'

@@ -7,8 +7,10 @@ RetinaHead's ``retina_cls``, DeepLabV3+'s separable ASPP branches, ...). Two way
 
       convert_to_doconv(model, include=['rpn_head', 'bbox_head.retina_*'], exclude=[...])
 
-* the ``DOConvModel`` builder, config only (registered in mmengine's root ``MODELS``, so it is
-  visible from the mmdet and mmseg scopes)::
+* the ``DOConvModel`` builder, config only (registered in the ``MODELS`` registries of mmdet and
+  mmseg, whichever are installed, so ``type='DOConvModel'`` works under both default scopes; it
+  stays out of mmengine's root ``MODELS``, where mmcv treats every name containing "conv" as a
+  conv layer; :func:`register_doconv_model` adds it to another scope's registry)::
 
       model = dict(type='DOConvModel', model_type='RetinaNet',
                    doconv=dict(include=['bbox_head.retina_cls', 'bbox_head.retina_reg']))
@@ -21,15 +23,17 @@ computes exactly what it computed before and its state_dict keys only gain ``<co
 ``<conv>.weight_extra`` when D_mul > kh*kw). Plain checkpoints still load (missing D = identity).
 """
 import difflib
+import re
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
-from mmengine.registry import MODELS
+from mmengine.registry import MODELS, Registry
 
 from .doconv import DOConv2d, is_doconv_layer_type
 
-__all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError']
+__all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError',
+           'register_doconv_model']
 
 Patterns = Union[None, str, Sequence[str]]
 _DEFORM_CLASS_NAMES = ('DeformConv2d', 'ModulatedDeformConv2d')
@@ -129,56 +133,128 @@ def convert_to_doconv(model: nn.Module,
         D_mul: depth of the over-parameterisation (default kh*kw); see :class:`DOConv2d`.
 
     Returns:
-        Names of the converted convs, in ``named_modules()`` order (a conv registered under
-        several names is converted once and listed under its first name).
+        Names of the converted convs, in ``named_modules()`` order. A conv registered under
+        several names (shared between parents, e.g. RTMDet's ``share_conv`` head) becomes one
+        DOConv2d at all of its names and is listed under its first name.
 
-    1×1 convs and layers that already are DOConv2d are skipped. A selected conv-like module that
-    cannot become DO-Conv (deformable, transposed, Conv1d/3d, a Conv2d subclass with its own
-    forward) raises :class:`DOConvNotApplicableError` naming it and the ``exclude`` fix when it
-    was selected by ``include``; with ``include=None`` such layers are skipped. A pattern that
-    matches no module name raises ValueError with the closest names. State-dict keys of the model
-    are unchanged apart from the added ``.D`` / ``.weight_extra``.
+    1×1 convs and layers that already are DOConv2d are skipped. Refused with an error naming
+    the module or pattern and the fix (nothing is converted then): a selected conv-like module
+    that cannot become DO-Conv (deformable, transposed, Conv1d/3d, a Conv2d subclass with its own
+    forward) when it was selected by ``include`` (with ``include=None`` such layers are
+    skipped); a pattern that matches no module name (the closest names are listed); an include
+    pattern that selects no k×k conv (e.g. only 1×1 convs: it would convert nothing); a ``D_mul``
+    smaller than a selected conv's kh*kw; a shared conv that ``include`` selects under one name
+    and ``exclude`` leaves out under another. State-dict keys of the model are unchanged apart
+    from the added ``.D`` / ``.weight_extra``.
     """
     include_patterns = _as_patterns(include, 'include')
     exclude_patterns = _as_patterns(exclude, 'exclude') or []
-    all_names = [name for name, _ in model.named_modules() if name]
+    # Every name of every module: a module shared by several parents has several.
+    names_of: Dict[int, List[str]] = {}
+    module_of: Dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
+        module_of[id(module)] = module
+    all_names = [name for names in names_of.values() for name in names if name]
     if include_patterns is not None:
         _check_patterns_match(include_patterns, all_names, 'include')
     _check_patterns_match(exclude_patterns, all_names, 'exclude')
 
     selected: List[Tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if not _is_conv_like(module) or isinstance(module, DOConv2d):
+    # include pattern -> [k×k DO-Conv names it yields, 1×1 conv names, excluded k×k names]
+    outcome = {pattern: ([], [], []) for pattern in include_patterns or []}
+    for key, names in names_of.items():
+        module = module_of[key]
+        if not _is_conv_like(module):
             continue
-        if include_patterns is not None:
-            by = _matches(name, include_patterns) if name else None
-            if by is None:
+        named = [n for n in names if n]
+        if include_patterns is None:
+            by = {}
+        else:
+            by = {n: p for n, p in ((n, _matches(n, include_patterns)) for n in named) if p}
+            if not by:
                 continue
-        if name and _matches(name, exclude_patterns) is not None:
+        excluded_as = [n for n in named if _matches(n, exclude_patterns) is not None]
+        kept_as = [n for n in (by if include_patterns is not None else named)
+                   if n not in excluded_as]
+        if kept_as and excluded_as:
+            how = (f'include pattern {by[kept_as[0]]!r} selects it' if by else 'it is selected')
+            raise DOConvNotApplicableError(
+                f'convert_to_doconv: module {kept_as[0]!r} is shared: the same conv is also '
+                f'registered as {[n for n in named if n != kept_as[0]]}; {how} as '
+                f'{kept_as[0]!r} but exclude leaves it out as {excluded_as[0]!r}. One module '
+                f'cannot be both DO-Conv and plain: exclude all of its names or none.')
+        name = named[0] if named else ''
+        taps = None
+        if isinstance(module, nn.Conv2d):
+            taps = module.kernel_size[0] * module.kernel_size[1]
+        for pattern in set(by.values()):
+            doconv_kxk, one_by_one, excluded_kxk = outcome[pattern]
+            if taps == 1:
+                one_by_one.append(name)
+            elif excluded_as:
+                excluded_kxk.append(name)
+            elif isinstance(module, DOConv2d) or _why_not_convertible(module) is None:
+                doconv_kxk.append(name)
+        if excluded_as or isinstance(module, DOConv2d):
             continue
         reason = _why_not_convertible(module)
         if reason is not None:
             if include_patterns is None:
                 continue
             raise DOConvNotApplicableError(
-                f'convert_to_doconv: module {name!r} (selected by include pattern {by!r}) cannot '
-                f'be converted to DO-Conv: {reason}. Leave it out with '
-                f'exclude=[{name!r}] (in a config: doconv=dict(include=[...], '
+                f'convert_to_doconv: module {name!r} (selected by include pattern '
+                f'{next(iter(by.values()))!r}) cannot be converted to DO-Conv: {reason}. Leave it '
+                f'out with exclude=[{name!r}] (in a config: doconv=dict(include=[...], '
                 f'exclude=[{name!r}])) or narrow the include pattern.')
-        if module.kernel_size[0] * module.kernel_size[1] == 1:
+        if taps == 1:
             continue  # a 1×1 DO-Conv is a plain 1×1 conv
         if not name:
             raise DOConvNotApplicableError(
                 'convert_to_doconv: the model itself is a Conv2d; use DOConv2d.from_conv2d(conv) '
                 'to convert a bare layer.')
+        if D_mul is not None and isinstance(D_mul, int) and not isinstance(D_mul, bool) \
+                and D_mul < taps:
+            kernel = 'x'.join(map(str, module.kernel_size))
+            raise DOConvNotApplicableError(
+                f'convert_to_doconv: D_mul={D_mul} is smaller than kh*kw={taps} of module '
+                f'{name!r} ({kernel} kernel); D_mul must be >= kh*kw of every conv it converts. '
+                f'Use D_mul >= {taps}, leave D_mul unset (default kh*kw per layer), or leave the '
+                f'module out with exclude=[{name!r}].')
         selected.append((name, module))
+    _check_include_outcome(outcome)
 
     replacements = {id(conv): _to_doconv(conv, D_mul) for _, conv in selected}
-    for parent in model.modules():
+    for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if id(child) in replacements:
                 setattr(parent, child_name, replacements[id(child)])
     return [name for name, _ in selected]
+
+
+def _check_include_outcome(outcome: Dict[str, Tuple[List[str], List[str], List[str]]]) -> None:
+    """An include pattern that yields no k×k DO-Conv layer would convert nothing: refuse it."""
+    for pattern, (doconv_kxk, one_by_one, excluded_kxk) in outcome.items():
+        if doconv_kxk:
+            continue
+        if excluded_kxk:
+            why = (f'every k×k conv it selects is left out by exclude ({_few(excluded_kxk)}); '
+                   f'narrow exclude or drop the include pattern')
+        elif one_by_one:
+            why = (f'it selects only 1×1 convs ({_few(one_by_one)}), and a 1×1 DO-Conv is a plain '
+                   f'1×1 conv (D_mul >= kh*kw = 1 adds nothing), so nothing would change; select '
+                   f'the k×k convs you mean (see tools/analyze_doconv.py for the plain k×k convs '
+                   f'left) or drop the pattern')
+        else:
+            why = ('it selects no convolution at all; select modules that contain k×k convs or '
+                   'drop the pattern')
+        raise DOConvNotApplicableError(
+            f'convert_to_doconv: include pattern {pattern!r} converts nothing: {why}.')
+
+
+def _few(names: List[str], limit: int = 4) -> str:
+    shown = ', '.join(names[:limit])
+    return shown + (f', ... ({len(names) - limit} more)' if len(names) > limit else '')
 
 
 def _to_doconv(conv: nn.Conv2d, D_mul: Optional[int]) -> DOConv2d:
@@ -219,13 +295,18 @@ def _dcn_stages(component: Dict) -> List[int]:
     return [i + 1 for i, on in enumerate(stage_with_dcn) if on]
 
 
-def check_doconv_cfg(model_cfg: Dict, where: str = 'model') -> None:
+def check_doconv_cfg(model_cfg: Dict, where: str = 'model', scope: Optional[str] = None) -> None:
     """Raise :class:`DOConvNotApplicableError` if ``model_cfg`` asks for DO-Conv where it cannot
-    apply; otherwise return None. Call it on ``cfg.model`` before building.
+    apply or names a conv type that does not exist; otherwise return None. Call it on
+    ``cfg.model`` before building (``scope``: the config's ``default_scope``, where the conv types
+    are looked up as mmcv's ``build_conv_layer`` does; None keeps the current default scope).
 
     Detected: a ResNet-style component with ``dcn`` and ``conv_cfg=dict(type='DOConv')`` (mmdet
-    and mmseg Bottleneck/BasicBlock assert ``conv_cfg is None`` for DCN blocks).
+    and mmseg Bottleneck/BasicBlock assert ``conv_cfg is None`` for DCN blocks); a ``conv_cfg``
+    whose type is not registered (a typo such as 'DOconv', or a missing ``custom_imports``),
+    named with the closest registered conv types.
     """
+    _check_conv_types(model_cfg, where, scope)
     for path, component in walk_cfg(model_cfg, where):
         if not _is_doconv_cfg(component.get('conv_cfg')):
             continue
@@ -242,6 +323,150 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model') -> None:
                 f'from {path} and convert its other k×k convs by name instead: '
                 f"model=dict(type='DOConvModel', model_type=..., doconv=dict(include=['{name}'], "
                 f'exclude={exclude})).')
+
+
+def _conv_registry_lookup(type_name: str, scope: Optional[str]):
+    """(found, candidate names) as mmcv's build_conv_layer resolves ``type_name``: in the
+    registry of the default scope (``scope`` if given), then its parents up to the root."""
+    from mmengine.registry import DefaultScope
+    context = (DefaultScope.overwrite_default_scope(scope) if scope is not None else
+               _null_context())
+    with context, MODELS.switch_scope_and_registry(None) as registry:
+        found = registry.get(type_name)
+        names = []
+        node = registry
+        while node is not None:
+            names += [n for n in node.module_dict if n not in names]
+            node = node.parent
+    return found, names
+
+
+class _null_context:
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _check_conv_types(model_cfg: Dict, where: str, scope: Optional[str]) -> None:
+    """Every string ``conv_cfg.type`` must resolve the way build_conv_layer looks it up."""
+    checked = {}
+    for path, component in walk_cfg(model_cfg, where):
+        conv_cfg = component.get('conv_cfg')
+        if not isinstance(conv_cfg, dict) or not isinstance(conv_cfg.get('type'), str):
+            continue
+        type_name = conv_cfg['type']
+        if type_name not in checked:
+            checked[type_name] = _conv_registry_lookup(type_name, scope)
+        found, names = checked[type_name]
+        if found is not None:
+            continue
+        convs = [n for n in names if 'conv' in n.lower()]
+        short = type_name.rpartition('.')[2]
+        close = [n for n in convs if n.lower() == short.lower()]
+        close += [n for n in difflib.get_close_matches(short, convs, n=3, cutoff=0.6)
+                  if n not in close]
+        if close:
+            hint = f'did you mean {close[0]!r}' + (
+                f' (or {", ".join(map(repr, close[1:]))})' if close[1:] else '') + '?'
+        else:
+            hint = (f'registered conv types: {sorted(convs)}; a type from a plugin needs '
+                    f"custom_imports=dict(imports=['<package>']) in the config.")
+        raise DOConvNotApplicableError(
+            f'{path}.conv_cfg: conv type {type_name!r} is not registered (mmcv would stop with '
+            f'"Cannot find None in registry"); {hint}')
+
+
+def explain_build_error(model_cfg: Dict, error: BaseException,
+                        scope: Optional[str] = None) -> Optional[str]:
+    """One clear message for a known DO-Conv failure while building ``model_cfg`` (the error
+    mmengine raised), or None when the error is not one of ours.
+
+    Known: ``conv_cfg`` on a component that does not take it (or cannot, e.g. DCN blocks), and a
+    ``D_mul`` smaller than kh*kw of a conv its conv_cfg builds (named by module, from a probe
+    build of the same model without D_mul).
+    """
+    uses_doconv = any(is_doconv_layer_type(c.get('type')) or
+                      str(c.get('type', '')).rpartition('.')[2] == 'DOConvModel'
+                      for _, c in walk_cfg(model_cfg, 'model'))
+    if not uses_doconv:
+        return None
+    return _explain_build_error(model_cfg, error) or _explain_d_mul(model_cfg, error, scope)
+
+
+_D_MUL_ERROR = re.compile(r'DOConv2d: D_mul=(\d+) is smaller than kh\*kw=(\d+) for kernel '
+                          r'\((\d+), (\d+)\)')
+
+
+def _d_mul_sources(model_cfg: Dict) -> List[Tuple[str, int]]:
+    """(config path, D_mul) of every conv_cfg=DOConv that sets D_mul."""
+    return [(path, component['conv_cfg']['D_mul'])
+            for path, component in walk_cfg(model_cfg, 'model')
+            if _is_doconv_cfg(component.get('conv_cfg'))
+            and component['conv_cfg'].get('D_mul') is not None]
+
+
+def _without_d_mul(node: Any) -> Any:
+    """A copy of a config with D_mul dropped from every conv_cfg=DOConv (default per layer)."""
+    if isinstance(node, dict):
+        out = {k: _without_d_mul(v) for k, v in node.items()}
+        if is_doconv_layer_type(out.get('type')):
+            out.pop('D_mul', None)
+        return out
+    if isinstance(node, (list, tuple)):
+        return type(node)(_without_d_mul(v) for v in node)
+    return node
+
+
+def _module_prefix(path: str) -> str:
+    """Config path 'model.roi_head.bbox_head[0]' -> module name 'roi_head.bbox_head.0'."""
+    return re.sub(r'\[(\d+)\]', r'.\1', path).partition('.')[2]
+
+
+def _explain_d_mul(model_cfg: Dict, error: BaseException, scope: Optional[str]) -> Optional[str]:
+    match = _D_MUL_ERROR.search(str(error))
+    if match is None:
+        return None
+    d_mul, taps = int(match.group(1)), int(match.group(2))
+    kernel = f'{match.group(3)}x{match.group(4)}'
+    sources = _d_mul_sources(model_cfg)
+    offenders = []  # (module name, kernel, taps, config path, D_mul)
+    try:
+        from mmengine.registry import DefaultScope
+        context = (DefaultScope.overwrite_default_scope(scope) if scope is not None else
+                   _null_context())
+        with context:
+            probe = MODELS.build(_without_d_mul(model_cfg))
+        for name, module in probe.named_modules():
+            if not isinstance(module, DOConv2d) or module.D is None:
+                continue
+            owners = [(p, d) for p, d in sources
+                      if name.startswith(_module_prefix(p) + '.') or not _module_prefix(p)]
+            if not owners:
+                continue
+            path, value = max(owners, key=lambda o: len(o[0]))
+            layer_taps = module.kernel_size[0] * module.kernel_size[1]
+            if layer_taps > value:
+                offenders.append((name, 'x'.join(map(str, module.kernel_size)), layer_taps,
+                                  path, value))
+    except Exception:  # the probe is best effort; the message below still names the kernel
+        offenders = []
+    if offenders:
+        name, kernel, taps, path, d_mul = offenders[0]
+        more = [o[0] for o in offenders[1:]]
+        others = f' (also: {_few(more)})' if more else ''
+        need = max(o[2] for o in offenders)
+        return (f'DO-Conv cannot build module {name!r}{others}: its {kernel} kernel has kh*kw='
+                f'{taps} taps, but {path}.conv_cfg sets D_mul={d_mul}, and D_mul must be >= '
+                f'kh*kw of every conv a conv_cfg builds. Fix: leave D_mul out of {path}.conv_cfg '
+                f'(default kh*kw per layer; if a shared conv_cfg variable sets it, give {path} '
+                f"its own conv_cfg=dict(type='DOConv')), or set D_mul >= {need} there.")
+    paths = ', '.join(f'{p} (D_mul={d})' for p, d in sources) or 'a DOConvModel doconv.D_mul'
+    return (f'DO-Conv cannot build a {kernel} conv (kh*kw={taps} taps) with D_mul={d_mul}: D_mul '
+            f'must be >= kh*kw of every conv it applies to. It is set in {paths}; leave D_mul '
+            f'unset there (default kh*kw per layer) or raise it to >= {taps}.')
 
 
 def _explain_build_error(model_cfg: Dict, exc: BaseException) -> Optional[str]:
@@ -287,8 +512,8 @@ def DOConvModel(model_type: Union[str, type], doconv: Optional[Dict] = None, **k
     check_doconv_cfg(model_cfg)
     try:
         model = MODELS.build(model_cfg)
-    except (AssertionError, TypeError) as exc:
-        message = _explain_build_error(model_cfg, exc)
+    except (AssertionError, TypeError, ValueError) as exc:
+        message = explain_build_error(model_cfg, exc)
         if message is None:
             raise
         raise DOConvNotApplicableError(message) from exc
@@ -297,4 +522,29 @@ def DOConvModel(model_type: Union[str, type], doconv: Optional[Dict] = None, **k
     return model
 
 
-MODELS.register_module(name='DOConvModel', module=DOConvModel)
+# Scopes whose MODELS registry gets DOConvModel at import (when the package is installed).
+DOWNSTREAM_SCOPES = ('mmdet', 'mmseg')
+
+
+def register_doconv_model(registry: Registry) -> None:
+    """Make ``type='DOConvModel'`` buildable from ``registry`` (a downstream ``MODELS``, e.g.
+    ``mmpretrain.registry.MODELS``) and from its scope. mmdet's and mmseg's are done at import.
+
+    DOConvModel is deliberately not in mmengine's root ``MODELS``: mmcv's build_conv_layer looks
+    conv layer types up there, and stock code (mmcv's own tests) treats every root name that
+    contains "conv" as a conv layer it can build with ``(in_channels, out_channels, ...)``.
+    """
+    if registry.module_dict.get('DOConvModel') is not DOConvModel:
+        registry.register_module(name='DOConvModel', module=DOConvModel)
+
+
+def _register_downstream() -> None:
+    import importlib
+    import importlib.util
+    for scope in DOWNSTREAM_SCOPES:
+        if importlib.util.find_spec(scope) is None:
+            continue  # not installed: its configs cannot be used anyway
+        register_doconv_model(importlib.import_module(f'{scope}.registry').MODELS)
+
+
+_register_downstream()

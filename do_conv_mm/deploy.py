@@ -16,6 +16,7 @@ Invariants of :func:`fold_checkpoint` / :func:`fold_checkpoints`:
   :class:`FoldError` with one line naming the problem and the fix.
 """
 import os
+import re
 import tempfile
 import time
 from copy import deepcopy
@@ -32,7 +33,7 @@ from .deploy_config import doconv_references, make_deploy_config
 from .deploy_verify import (DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs,
                             format_diffs, make_verify_batch, model_outputs)
 from .doconv import DOConv2d
-from .fold import fold_doconv
+from .fold import _is_doconv_entry, fold_doconv
 from .version import __version__
 
 __all__ = ['FoldError', 'FoldVerificationError', 'FoldResult', 'fold_checkpoint',
@@ -96,10 +97,19 @@ def build_model(cfg: Config) -> nn.Module:
     """Build ``cfg.model`` on the CPU in the config's default scope, SyncBN reverted to BN."""
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import MODELS, DefaultScope
+    from .convert import DOConvNotApplicableError, check_doconv_cfg, explain_build_error
+    scope = cfg.get('default_scope')
     try:
-        with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        check_doconv_cfg(cfg.model, scope=scope)
+    except DOConvNotApplicableError as error:
+        raise FoldError(f'CONFIG {cfg.filename or "<Config>"}: {error}') from None
+    try:
+        with DefaultScope.overwrite_default_scope(scope):
             model = MODELS.build(deepcopy(cfg.model))  # some builders edit their cfg
     except Exception as error:
+        message = explain_build_error(cfg.model, error, scope)
+        if message is not None:
+            raise FoldError(f'CONFIG {cfg.filename or "<Config>"}: {message}') from None
         raise FoldError(f'CONFIG {cfg.filename or "<Config>"} could not build its model '
                         f'({type(error).__name__}: {_first_line(error)}); check that the '
                         f'config builds with tools/train.py and that mmdet/mmseg are '
@@ -170,6 +180,15 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
         if isinstance(meta, dict) and meta.get('doconv_folded'):
             raise FoldError(f'{name} is already folded (its meta["doconv_folded"] is set by this '
                             f'tool); use it as is with its deploy config: nothing to fold.')
+        foreign = [k[:-len('.D')] for k in state_dict if _is_doconv_entry(state_dict, k)]
+        if foreign:
+            raise FoldError(
+                f'{name} ({what}) is a DO-Conv checkpoint of another model: it has '
+                f'{len(foreign)} DO-Conv ".D" keys ({_listing([f + ".D" for f in foreign])}) '
+                f'that the model of {config_name} lacks (its {len(layers)} DOConv layers: '
+                f'{_listing(layers)}). Pass the DO-Conv training config the checkpoint was '
+                f'trained with{_trained_with(meta)}; do not load it into a plain or deploy '
+                f'config (its D would be ignored).')
         raise FoldError(f'{name} ({what}) holds no DO-Conv parameters (no ".D" for any of the '
                         f'{len(layers)} DOConv layers {config_name} builds): it is already '
                         f'folded or a plain-conv checkpoint, so there is nothing to fold; use it '
@@ -191,6 +210,19 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
         raise FoldError(f'checkpoint does not match CONFIG: {name} ({what}) vs {config_name}: '
                         f'{"; ".join(problems)}. Pass the config the checkpoint was trained with '
                         f'(its meta["cfg"] holds it for mmengine checkpoints).')
+
+
+def _trained_with(meta: Any) -> str:
+    """' (... config ...)' from an mmengine checkpoint's meta, or ''."""
+    if not isinstance(meta, dict):
+        return ''
+    experiment = meta.get('experiment_name')
+    if isinstance(experiment, str) and experiment:
+        stem = re.sub(r'_\d{8}_\d{6}$', '', experiment)  # Runner appends _YYYYMMDD_HHMMSS
+        return f' (its meta names the experiment {experiment!r}: config {stem}.py)'
+    if isinstance(meta.get('cfg'), str):
+        return ' (its meta["cfg"] holds that config\'s text)'
+    return ''
 
 
 def _fold_weights(model: nn.Module, state_dict) -> 'Dict[str, torch.Tensor]':
@@ -444,9 +476,17 @@ class _Run:
         from mmengine.registry import DefaultScope
         deploy_cfg = _reload_config(deploy_cfg_file)
         deployed = build_model(deploy_cfg)
-        deployed.load_state_dict(state_dict, strict=True)
+        try:
+            deployed.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:  # a fold/deploy-config bug, not bad input: still one line
+            raise FoldError(f'verify: the folded weights do not load into the deploy model '
+                            f'({" ".join(str(error).split())[:300]}); nothing was '
+                            f'written. This is a do_conv_mm bug, please report it with the '
+                            f'config.') from None
         if _doconv_layers(deployed):
-            raise RuntimeError('the deploy model still has DO-Conv layers')
+            raise FoldError('verify: the deploy model still has DO-Conv layers; nothing was '
+                            'written. This is a do_conv_mm bug, please report it with the '
+                            'config.')
         with DefaultScope.overwrite_default_scope(self.cfg.get('default_scope')):
             try:
                 batch = make_verify_batch(self.model, self.cfg, image, size)

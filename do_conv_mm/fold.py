@@ -24,17 +24,21 @@ def fold_doconv(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every DOConv2d in ``model`` by the equivalent plain nn.Conv2d.
 
     Returns the folded model (a deep copy unless ``inplace``). A bare DOConv2d is returned as its
-    folded nn.Conv2d. Attributes, device, dtype and the training flag are kept.
+    folded nn.Conv2d. Attributes, device, dtype and the training flag are kept. A DOConv2d
+    registered under several names (shared between parents, e.g. RTMDet's head with
+    ``share_conv=True``) becomes one nn.Conv2d at every one of its names: sharing is kept.
     """
     if isinstance(model, DOConv2d):
         return model.to_conv2d()
     if not inplace:
-        model = deepcopy(model)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, DOConv2d)]
-    for name, layer in targets:
-        parent_name, _, child_name = name.rpartition('.')
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, layer.to_conv2d())
+        model = deepcopy(model)  # deepcopy keeps shared submodules shared
+    folded = {}  # id(DOConv2d) -> (the layer, its folded conv); the layer is held so ids stay
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, DOConv2d):
+                if id(child) not in folded:
+                    folded[id(child)] = (child, child.to_conv2d())
+                setattr(parent, child_name, folded[id(child)][1])
     return model
 
 
@@ -48,11 +52,14 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> 'OrderedDict[str,
     Every ``<prefix>D`` that has a ``<prefix>weight`` beside it is a DOConv: its weight becomes
     the composed kernel, and ``<prefix>D`` / ``<prefix>weight_extra`` are dropped. groups is read
     from the shapes (C = D.shape[0], Cg = weight.shape[1]). The result strict-loads into the same
-    architecture built with plain convs. Key order and ``_metadata`` are kept.
+    architecture built with plain convs. Key order and ``_metadata`` are kept. A layer shared
+    under several prefixes (its tensors are the same storage, as in ``model.state_dict()`` and
+    in checkpoints saved from it) is folded once, and every prefix gets that same tensor.
     """
     folded = OrderedDict()
     dropped = set()
     kernels = {}
+    by_source = {}  # the same (weight, D, weight_extra) tensors under several prefixes: fold once
     for key in state_dict:
         if not _is_doconv_entry(state_dict, key):
             continue
@@ -60,8 +67,11 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> 'OrderedDict[str,
         D = state_dict[key]
         weight = state_dict[prefix + 'weight']
         extra = state_dict.get(prefix + 'weight_extra')
-        _check_shapes(prefix, weight, D, extra)
-        kernels[prefix + 'weight'] = fold_kernel(weight, D, extra, D.shape[0] // weight.shape[1])
+        source = tuple(_tensor_identity(t) for t in (weight, D, extra))
+        if source not in by_source:
+            _check_shapes(prefix, weight, D, extra)
+            by_source[source] = fold_kernel(weight, D, extra, D.shape[0] // weight.shape[1])
+        kernels[prefix + 'weight'] = by_source[source]
         dropped.update({key, prefix + 'weight_extra'})
     for key, value in state_dict.items():
         if key not in dropped:
@@ -70,6 +80,14 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> 'OrderedDict[str,
     if metadata is not None:
         folded._metadata = deepcopy(metadata)
     return folded
+
+
+def _tensor_identity(tensor):
+    """What makes two state-dict entries the same tensor data (None for a missing entry)."""
+    if tensor is None:
+        return None
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype, tensor.device)
 
 
 def _check_shapes(prefix, weight, D, extra) -> None:

@@ -18,8 +18,8 @@ from mmengine.logging import print_log
 
 from .checkpoint import CheckpointError, load_checkpoint_file
 
-__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'prepare_cpu_distributed',
-           'prepare_toy_data', 'set_work_dir']
+__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'load_config_file',
+           'prepare_cpu_distributed', 'prepare_toy_data', 'revert_sync_bn_cfg', 'set_work_dir']
 
 # The packages that own each default_scope, for the "not installed" message.
 _SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2'}
@@ -35,7 +35,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     if not osp.isfile(path):
         raise ToolError(f'config {path!r} does not exist; pass a config file such as '
                         f'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py.')
-    cfg = Config.fromfile(path)
+    cfg = load_config_file(path, ToolError)
     cfg.launcher = launcher
     if cfg_options is not None:
         cfg.merge_from_dict(cfg_options)
@@ -46,13 +46,26 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     return cfg
 
 
+def load_config_file(path: str, error_type=None) -> Config:
+    """``Config.fromfile``; a file that does not load (syntax, a bad ``_base_``, a child dict over
+    a base None such as conv_cfg, a failing custom import) raises ``error_type`` (ToolError by
+    default) with the loader's first line instead of a traceback through mmengine."""
+    try:
+        return Config.fromfile(path)
+    except Exception as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+        raise (error_type or ToolError)(
+            f'config {path!r} could not be loaded ({type(error).__name__}: {text}); fix the '
+            f'config file.') from None
+
+
 def _check_doconv(cfg: Config) -> None:
     """DO-Conv asked for where it cannot apply (e.g. DCN blocks): one clear line, no trace."""
     from .convert import DOConvNotApplicableError, check_doconv_cfg
     if 'model' not in cfg:
         return
     try:
-        check_doconv_cfg(cfg.model)
+        check_doconv_cfg(cfg.model, scope=cfg.get('default_scope'))
     except DOConvNotApplicableError as error:
         raise ToolError(str(error)) from None
 
@@ -98,10 +111,21 @@ def prepare_cpu_distributed(cfg: Config) -> None:
     ``MMDistributedDataParallel(device_ids=[LOCAL_RANK])`` (DDP rejects device ids for CPU
     modules). Without CUDA this initialises the gloo process group from torchrun's environment
     (the Runner then skips ``init_dist``) and sets ``device_ids=None``; sampling, gradient
-    all-reduce and checkpointing stay mmengine's.
+    all-reduce and checkpointing stay mmengine's. SyncBN only runs on GPUs (DDP refuses CPU
+    modules with SyncBatchNorm layers), so SyncBN in the model config becomes BN, with a warning
+    (:func:`revert_sync_bn_cfg`); a single process needs nothing, mmengine's Runner reverts
+    SyncBN itself when not distributed.
     """
     if torch.cuda.is_available() or cfg.launcher == 'none':
         return
+    if 'model' in cfg:
+        reverted = revert_sync_bn_cfg(cfg.model)
+        if reverted:
+            print_log(f'No CUDA device: SyncBN needs GPUs, so the {len(reverted)} SyncBN '
+                      f'norm_cfg(s) of the model ({", ".join(reverted[:4])}'
+                      f'{", ..." if len(reverted) > 4 else ""}) become BN: each process '
+                      f'normalises its own batch (statistics are not synchronised).',
+                      logger='current', level=logging.WARNING)
     if cfg.launcher != 'pytorch':
         raise ToolError(f'--launcher {cfg.launcher} needs CUDA devices; on CPU use '
                         f'--launcher pytorch through torchrun (bash tools/dist_train.sh).')
@@ -125,6 +149,21 @@ def prepare_cpu_distributed(cfg: Config) -> None:
             import datetime
             kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
         torch.distributed.init_process_group(backend='gloo', **kwargs)
+
+
+_SYNC_BN_TYPES = ('SyncBN', 'MMSyncBN')
+
+
+def revert_sync_bn_cfg(model_cfg) -> list:
+    """Replace every ``dict(type='SyncBN' | 'MMSyncBN', ...)`` in a model config by BN, in
+    place (config-level ``mmengine.model.revert_sync_batchnorm``); returns the config paths."""
+    from .convert import walk_cfg
+    changed = []
+    for path, node in walk_cfg(model_cfg, 'model'):
+        if isinstance(node.get('type'), str) and node['type'] in _SYNC_BN_TYPES:
+            node['type'] = 'BN'
+            changed.append(path)
+    return changed
 
 
 def prepare_toy_data(cfg: Config, wait_s: float = 600) -> None:
@@ -153,11 +192,20 @@ def build_runner(cfg: Config):
     if cfg.get('default_scope') == 'mmdet':
         from mmdet.utils import setup_cache_size_limit_of_dynamo
         setup_cache_size_limit_of_dynamo()  # as mmdet's own tools do
-    if 'runner_type' not in cfg:
-        return Runner.from_cfg(cfg)
-    scope = cfg.get('default_scope')
-    registry = importlib.import_module(f'{scope}.registry') if scope else None
-    runners = getattr(registry, 'RUNNERS', None)
-    if runners is None:
-        from mmengine.registry import RUNNERS as runners
-    return runners.build(cfg)
+    try:
+        if 'runner_type' not in cfg:
+            return Runner.from_cfg(cfg)
+        scope = cfg.get('default_scope')
+        registry = importlib.import_module(f'{scope}.registry') if scope else None
+        runners = getattr(registry, 'RUNNERS', None)
+        if runners is None:
+            from mmengine.registry import RUNNERS as runners
+        return runners.build(cfg)
+    except Exception as error:
+        # A known DO-Conv build failure (e.g. D_mul below a 7x7 stem's kh*kw): one line that
+        # names the module and the fix instead of mmengine's nested build traceback.
+        from .convert import explain_build_error
+        message = explain_build_error(cfg.model, error, cfg.get('default_scope'))
+        if message is None:
+            raise
+        raise ToolError(message) from None

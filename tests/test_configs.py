@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
+from mmdet.registry import MODELS as DET_MODELS
 from mmengine.registry import MODELS, init_default_scope
 
 import do_conv_mm
@@ -103,6 +104,71 @@ def test_convert_replaces_every_reference_to_a_shared_conv():
     assert isinstance(model.alias, DOConv2d) and model.alias is model.head.cls
 
 
+def test_convert_shared_conv_selected_by_any_of_its_names():
+    model = TinyNet()
+    model.alias = model.head.cls  # registered second: named_modules() alone never yields 'alias'
+    assert convert_to_doconv(model, include=['alias']) == ['head.cls']
+    assert isinstance(model.head.cls, DOConv2d) and model.alias is model.head.cls
+    assert {'head.cls.D', 'alias.D'} <= set(model.state_dict())
+    # One module cannot be DO-Conv under one name and plain under another: refused, untouched.
+    model = TinyNet()
+    model.alias = model.head.cls
+    with pytest.raises(DOConvNotApplicableError,
+                       match=r"'head\.cls' is shared: the same conv is also registered as "
+                             r"\['alias'\].*exclude leaves it out as 'alias'"):
+        convert_to_doconv(model, include=['head'], exclude=['alias'])
+    assert count_doconv(model) == 0
+
+
+def test_convert_rtmdet_shared_head_convs_by_a_later_level_name():
+    """RTMDet's head shares its stacked convs across levels (cls_convs[n][i].conv is
+    cls_convs[0][i].conv): selecting level 1 by name converts the one shared conv everywhere."""
+    cfg = Config.fromfile(_config_path('toy/rtmdet_tiny_toy.py'))
+    cfg.model = dict(type='DOConvModel', model_type=cfg.model.pop('type'),
+                     doconv=dict(include=['bbox_head.reg_convs.1']), **cfg.model)
+    model = _build(cfg)
+    head = model.bbox_head
+    assert [n for n, m in model.named_modules() if isinstance(m, DOConv2d)] == [
+        'bbox_head.reg_convs.0.0.conv', 'bbox_head.reg_convs.0.1.conv']
+    for level in (1, 2):
+        for i in (0, 1):
+            assert head.reg_convs[level][i].conv is head.reg_convs[0][i].conv
+            assert type(head.cls_convs[level][i].conv) is nn.Conv2d
+
+
+def test_include_pattern_that_converts_nothing_is_an_error():
+    with pytest.raises(DOConvNotApplicableError,
+                       match=r"include pattern 'head\.pw' converts nothing: it selects only 1×1 "
+                             r"convs \(head\.pw\), and a 1×1 DO-Conv is a plain 1×1 conv"):
+        convert_to_doconv(TinyNet(), include=['head.pw'])
+    with pytest.raises(DOConvNotApplicableError, match="'body.1' converts nothing: it selects no "
+                                                        "convolution"):
+        convert_to_doconv(TinyNet(), include=['body.1'])  # the ReLU
+    model = TinyNet()
+    with pytest.raises(DOConvNotApplicableError, match="'head' converts nothing: every k×k"):
+        convert_to_doconv(model, include=['stem', 'head'], exclude=['head.cls', 'head.reg'])
+    assert count_doconv(model) == 0  # nothing half-converted (stem was fine)
+    # Already DO-Conv is not "nothing": converting again is a no-op, not an error.
+    convert_to_doconv(model, include=['head'])
+    assert convert_to_doconv(model, include=['head']) == []
+    # From a config: RTMDet's predictors are 1×1 (pred_kernel_size=1).
+    cfg = Config.fromfile(_config_path('toy/rtmdet_tiny-doconv_toy.py'))
+    cfg.model.doconv.include.append('bbox_head.rtm_cls')
+    with pytest.raises(DOConvNotApplicableError,
+                       match=r"include pattern 'bbox_head\.rtm_cls' converts nothing: it selects "
+                             r"only 1×1 convs \(bbox_head\.rtm_cls\.0"):
+        _build(cfg)
+
+
+def test_convert_with_d_mul_below_a_kernel_names_the_module():
+    model = TinyNet()
+    with pytest.raises(DOConvNotApplicableError,
+                       match=r"D_mul=4 is smaller than kh\*kw=5 of module 'body\.2' \(1x5 "
+                             r"kernel\).*exclude=\['body\.2'\]"):
+        convert_to_doconv(model, include=['body.2'], D_mul=4)
+    assert count_doconv(model) == 0
+
+
 def test_convert_pattern_that_matches_nothing_names_close_modules():
     with pytest.raises(ValueError, match=r"include pattern 'head\.clss'.*head\.cls"):
         convert_to_doconv(TinyNet(), include=['head.clss'])
@@ -138,8 +204,8 @@ def test_doconv_model_builds_the_original_model_and_matches_its_output():
     torch.manual_seed(0)
     plain = MODELS.build(dict(type=TinyNet, channels=6))
     torch.manual_seed(0)
-    model = MODELS.build(dict(type='DOConvModel', model_type=TinyNet, channels=6,
-                              doconv=dict(include=['head', 'stem'], exclude=['head.reg'])))
+    model = DET_MODELS.build(dict(type='DOConvModel', model_type=TinyNet, channels=6,
+                                  doconv=dict(include=['head', 'stem'], exclude=['head.reg'])))
     assert type(model) is TinyNet  # no wrapper: state_dict keys carry no prefix
     assert [n for n, m in model.named_modules() if isinstance(m, DOConv2d)] == [
         'stem', 'head.cls']
@@ -151,11 +217,13 @@ def test_doconv_model_builds_the_original_model_and_matches_its_output():
 
 def test_doconv_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"unknown doconv keys \['includes'\]"):
-        MODELS.build(dict(type='DOConvModel', model_type=TinyNet, doconv=dict(includes=['x'])))
+        DET_MODELS.build(dict(type='DOConvModel', model_type=TinyNet,
+                              doconv=dict(includes=['x'])))
     with pytest.raises(ValueError, match='not .DOConvModel. itself'):
-        MODELS.build(dict(type='DOConvModel', model_type='DOConvModel'))
+        DET_MODELS.build(dict(type='DOConvModel', model_type='DOConvModel'))
     with pytest.raises(ValueError, match='matches no module name'):
-        MODELS.build(dict(type='DOConvModel', model_type=TinyNet, doconv=dict(include=['nek'])))
+        DET_MODELS.build(dict(type='DOConvModel', model_type=TinyNet,
+                              doconv=dict(include=['nek'])))
 
 
 def test_check_doconv_cfg_flags_dcn_with_doconv():
@@ -213,6 +281,15 @@ SHIPPED = [
     ('mmseg/deeplabv3plus_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 26, 0),
     ('mmseg/upernet_r50-doconv_4xb2-80k_cityscapes-512x1024.py', 25, 0),
 ]
+# The DO-Conv toy configs (configs/toy), same columns. Plain k×k left: RetinaHead's retina_cls /
+# retina_reg (built without conv_cfg). RTMDet: 21 by conv_cfg + 11 by name (CSPNeXt stem and
+# CSPNeXtBlock conv1); its head's stacked 3×3 convs are shared across the 3 levels (counted once)
+# and its predictors are 1×1.
+TOY = [
+    ('toy/retinanet_r18-tiny-doconv_fpn_toy.py', 24, 2),
+    ('toy/fpn_r18-tiny-doconv_toy.py', 30, 0),
+    ('toy/rtmdet_tiny-doconv_toy.py', 32, 0),
+]
 # A ResNet-18 RetinaNet with 16-channel FPN/head: the same config code path at a tiny size.
 TINY_RETINANET = {
     'model.backbone.depth': 18, 'model.backbone.init_cfg': None,
@@ -266,19 +343,29 @@ def _kxk_convs(model):
     return doconv, plain
 
 
-@pytest.mark.parametrize('name,n_doconv,n_plain', SHIPPED, ids=[s[0] for s in SHIPPED])
+@pytest.mark.parametrize('name,n_doconv,n_plain', SHIPPED + TOY,
+                         ids=[s[0] for s in SHIPPED + TOY])
 def test_shipped_config_builds_in_its_scope_with_stated_doconv(name, n_doconv, n_plain):
     cfg = Config.fromfile(_config_path(name))
     assert cfg.custom_imports == dict(imports=['do_conv_mm'], allow_failed_imports=False)
-    assert cfg.default_scope == name.split('/')[0]
+    if not name.startswith('toy/'):
+        assert cfg.default_scope == name.split('/')[0]
     model = _build(cfg)
     doconv, plain = _kxk_convs(model)
     assert len(doconv) == n_doconv, doconv
     assert len(plain) == n_plain, plain
-    # Every backbone 3×3 / stem conv is DO-Conv, and DOConvModel returned the bare model.
-    assert all(isinstance(m, DOConv2d) for n, m in model.backbone.named_modules()
-               if n.endswith(('conv2', 'stem.0', 'stem.3', 'stem.6')) or n == 'conv1')
+    # Every backbone k×k conv is DO-Conv, and DOConvModel returned the bare model.
+    assert doconv and not [n for n in plain if n.startswith('backbone.')]
+    if type(model.backbone).__name__.startswith('ResNet'):
+        assert all(isinstance(m, DOConv2d) for n, m in model.backbone.named_modules()
+                   if n.endswith(('conv2', 'stem.0', 'stem.3', 'stem.6')) or n == 'conv1')
     assert type(model).__name__ == cfg.model.get('model_type', cfg.model.type)
+    if cfg.model.get('bbox_head', {}).get('share_conv'):  # RTMDet: one DOConv2d per shared conv
+        head = model.bbox_head
+        for level in range(1, len(head.cls_convs)):
+            for i in range(head.stacked_convs):
+                assert head.cls_convs[level][i].conv is head.cls_convs[0][i].conv
+                assert isinstance(head.cls_convs[level][i].conv, DOConv2d)
 
 
 def test_shipped_config_equals_base_model_and_loads_base_checkpoint(tmp_path, analyze_tool):
@@ -360,7 +447,10 @@ def test_convert_names_unconvertible_mmcv_and_mmdet_layers():
     with pytest.raises(DOConvNotApplicableError,
                        match=r"'layer2\.0\.conv2'.*deformable.*exclude=\['layer2\.0\.conv2'\]"):
         convert_to_doconv(backbone, include=['layer2'])
-    assert convert_to_doconv(backbone, include=['layer2'], exclude=['layer2.*.conv2']) == []
+    with pytest.raises(DOConvNotApplicableError,
+                       match=r"include pattern 'layer2' converts nothing: every k×k conv it "
+                             r"selects is left out by exclude \(layer2\.0\.conv2"):
+        convert_to_doconv(backbone, include=['layer2'], exclude=['layer2.*.conv2'])
     assert len(convert_to_doconv(backbone, exclude=['layer2'])) == 1 + 3 + 6 + 3
     cfg = Config.fromfile(_config_path('mmdet/mask-rcnn_r50-doconv_fpn_1x_coco.py'))
     cfg.model.doconv = dict(include=['roi_head'])
@@ -394,3 +484,147 @@ def test_analyze_tool_matches_direct_count(capsys, analyze_tool):
                      if 'convolution' in str(op))
     assert 2 * total['conv_flops'] == conv_flops
     assert total['doconv_flop_share'] == 1.0 and total['kxk_flops'] > 0
+
+
+def test_analyze_tool_loss_mode_on_rtmdet_and_mask_rcnn(capsys, analyze_tool):
+    """The default --mode loss: the dummy batch carries masks only when the config's training
+    pipeline loads them (RTMDet's assigner reads gt masks as a tensor when present)."""
+    capsys.readouterr()
+    analyze_tool.main([_config_path('toy/rtmdet_tiny-doconv_toy.py'), '--json'])
+    result = json.loads(capsys.readouterr().out)
+    assert result['mode'] == 'loss' and result['shape'] == [800, 1344]
+    assert result['total']['doconv_kxk'] == 32 and result['total']['plain_kxk'] == []
+    assert result['total']['doconv_flop_share'] == 1.0 and result['not_run'] == []
+    cfg = Config.fromfile(_config_path('mmdet/mask-rcnn_r50-doconv_fpn_1x_coco.py'))
+    model = _build(cfg)
+    assert analyze_tool.loads_masks(cfg, model)
+    assert analyze_tool._det_batch(model, 64, 64, True)[0].gt_instances.masks.masks.shape == (
+        3, 64, 64)
+    rtmdet = Config.fromfile(_config_path('toy/rtmdet_tiny-doconv_toy.py'))
+    assert not analyze_tool.loads_masks(rtmdet, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config mistakes: one line that names the module / the close match and the fix
+# ----------------------------------------------------------------------------------------------
+TOY_RETINA_PLAIN = _config_path('toy/retinanet_r18-tiny_fpn_toy.py')
+
+
+def _toy_config_with(tmp_path, conv_cfg):
+    path = tmp_path / 'mistake.py'
+    path.write_text(f"""_base_ = {TOY_RETINA_PLAIN!r}
+custom_imports = dict(imports=['do_conv_mm'], allow_failed_imports=False)
+conv_cfg = {conv_cfg}
+model = dict(backbone=dict(conv_cfg=conv_cfg), neck=dict(conv_cfg=conv_cfg),
+             bbox_head=dict(conv_cfg=conv_cfg))
+""")
+    return str(path)
+
+
+def test_global_conv_cfg_with_d_mul_below_the_7x7_stem_names_the_module(tmp_path, analyze_tool):
+    from do_conv_mm.runner_setup import ToolError, build_runner, load_config, set_work_dir
+    config = _toy_config_with(tmp_path, "dict(type='DOConv', D_mul=16)")
+    expected = (r"DO-Conv cannot build module 'backbone\.conv1': its 7x7 kernel has kh\*kw=49 "
+                r"taps, but model\.backbone\.conv_cfg sets D_mul=16, and D_mul must be >= kh\*kw "
+                r"of every conv a conv_cfg builds\. Fix: leave D_mul out of "
+                r"model\.backbone\.conv_cfg")
+    cfg = load_config(config)
+    set_work_dir(cfg, config, str(tmp_path / 'work'))
+    with pytest.raises(ToolError, match=expected):  # tools/train.py and tools/test.py
+        build_runner(cfg)
+    with pytest.raises(SystemExit, match='error: ' + expected):
+        analyze_tool.main([config, '--shape', '64', '64'])
+    from do_conv_mm.deploy import FoldError, build_model
+    with pytest.raises(FoldError, match=expected):  # tools/fold_doconv.py
+        build_model(Config.fromfile(config))
+    # The fix as the message gives it: D_mul on the components whose convs are all 3×3.
+    cfg = Config.fromfile(config)
+    cfg.model.backbone.conv_cfg = dict(type='DOConv')
+    assert len(_kxk_convs(_build(cfg))[0]) == 24
+
+
+def test_conv_type_typo_names_the_close_match(tmp_path):
+    from do_conv_mm.runner_setup import ToolError, load_config
+    config = _toy_config_with(tmp_path, "dict(type='DOconv')")
+    with pytest.raises(ToolError, match=r"model\.backbone\.conv_cfg: conv type 'DOconv' is not "
+                                        r"registered \(mmcv would stop with \"Cannot find None in "
+                                        r"registry\"\); did you mean 'DOConv'"):
+        load_config(config)
+    with pytest.raises(DOConvNotApplicableError, match=r"did you mean 'DOConv2d'"):
+        check_doconv_cfg(dict(type='EncoderDecoder', backbone=dict(
+            type='ResNetV1c', conv_cfg=dict(type='DOConv2D'))), scope='mmseg')
+    with pytest.raises(DOConvNotApplicableError, match=r"registered conv types: .*'DOConv'.*"
+                                                        r"custom_imports"):
+        check_doconv_cfg(dict(type='RetinaNet', neck=dict(conv_cfg=dict(type='Zebra'))),
+                         scope='mmdet')
+    check_doconv_cfg(dict(type='RetinaNet', neck=dict(conv_cfg=dict(type='DOConv'))),
+                     scope='mmdet')
+    check_doconv_cfg(dict(type='RetinaNet', neck=dict(conv_cfg=dict(type='Conv2d'))),
+                     scope='mmdet')
+
+
+def test_config_that_does_not_load_is_one_line(tmp_path, analyze_tool):
+    """mmseg's UNet sets conv_cfg=None: a child conv_cfg dict cannot merge into it (mmengine
+    says to use _delete_); the tools report that in one line instead of a loader traceback."""
+    from do_conv_mm.runner_setup import ToolError, load_config
+    path = tmp_path / 'unet.py'
+    path.write_text("_base_ = 'mmseg::unet/unet-s5-d16_fcn_4xb4-160k_cityscapes-512x1024.py'\n"
+                    "custom_imports = dict(imports=['do_conv_mm'], allow_failed_imports=False)\n"
+                    "model = dict(backbone=dict(conv_cfg=dict(type='DOConv')))\n")
+    expected = (r"config '.*unet\.py' could not be loaded \(TypeError: conv_cfg=\{'type': "
+                r"'DOConv'\} in child config cannot inherit from base.*_delete_=True")
+    with pytest.raises(ToolError, match=expected):
+        load_config(str(path))
+    with pytest.raises(SystemExit, match='error: ' + expected):
+        analyze_tool.main([str(path)])
+    # The fix mmengine names works: the UNet backbone's 18 k×k convs become DO-Conv.
+    path.write_text(path.read_text().replace("dict(type='DOConv')",
+                                             "dict(_delete_=True, type='DOConv')"))
+    cfg = load_config(str(path))
+    assert len([n for n in _kxk_convs(_build(cfg))[0] if n.startswith('backbone.')]) == 18
+
+
+# ----------------------------------------------------------------------------------------------
+# SyncBN in the shipped mmseg configs
+# ----------------------------------------------------------------------------------------------
+MMSEG_SHIPPED = [name for name, _, _ in SHIPPED if name.startswith('mmseg/')]
+
+
+def _sync_bn_paths(model_cfg):
+    from do_conv_mm.convert import walk_cfg
+    return [p for p, node in walk_cfg(model_cfg, 'model') if node.get('type') == 'SyncBN']
+
+
+def test_readme_syncbn_advice_works_as_written():
+    """The README's --cfg-options for plain BN, applied as written, leave no SyncBN in any
+    shipped mmseg config (norm_cfg is nested per component: a top-level norm_cfg.type=BN
+    changes a variable nothing reads any more)."""
+    import argparse
+    import re
+    import shlex
+    from mmengine.config import DictAction
+    with open(osp.join(REPO, 'README.md')) as f:
+        readme = f.read()
+    section = readme[readme.index('SyncBN'):]
+    snippet = re.search(r'`(--cfg-options [^`]*norm_cfg[^`]*)`', section).group(1)
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    options = parser.parse_args(shlex.split(snippet)).cfg_options
+    for name in MMSEG_SHIPPED:
+        cfg = Config.fromfile(_config_path(name))
+        assert _sync_bn_paths(cfg.model), name  # the base recipes use SyncBN
+        cfg.merge_from_dict(options)
+        assert _sync_bn_paths(cfg.model) == [], name
+
+
+def test_cpu_distributed_reverts_sync_bn_in_the_config():
+    from do_conv_mm.runner_setup import revert_sync_bn_cfg
+    for name in MMSEG_SHIPPED:
+        cfg = Config.fromfile(_config_path(name))
+        reverted = revert_sync_bn_cfg(cfg.model)
+        assert {'model.backbone.norm_cfg', 'model.decode_head.norm_cfg',
+                'model.auxiliary_head.norm_cfg'} <= set(reverted), name
+        assert _sync_bn_paths(cfg.model) == []
+        model = _build(cfg) if name == MMSEG_SHIPPED[0] else None
+        if model is not None:
+            assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())

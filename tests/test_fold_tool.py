@@ -32,21 +32,18 @@ REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'fold_doconv.py'
 
 
-def _toy_doconv_config(scope: str) -> Path:
-    """The DO-Conv toy config of a scope ('mmdet' / 'mmseg'); its plain twin drops '-doconv'."""
-    for path in sorted((REPO / 'configs' / 'toy').glob('*-doconv*.py')):
-        if Config.fromfile(str(path)).get('default_scope') == scope:
-            return path
-    raise FileNotFoundError(f'no DO-Conv toy config for {scope} in configs/toy')
-
-
 def _plain_twin(path: Path) -> Path:
+    """The plain twin of a DO-Conv toy config: the same name without '-doconv'."""
     return path.with_name(path.name.replace('-doconv', ''))
 
 
-TOY_DET = _toy_doconv_config('mmdet')
+TOY_DET = REPO / 'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py'
 TOY_DET_PLAIN = _plain_twin(TOY_DET)
-TOY_SEG = _toy_doconv_config('mmseg')
+TOY_SEG = REPO / 'configs/toy/fpn_r18-tiny-doconv_toy.py'
+# RTMDet-tiny: its head's stacked convs are one module each, shared by the 3 levels.
+TOY_RTMDET = REPO / 'configs/toy/rtmdet_tiny-doconv_toy.py'
+SHARED_CONV_ALIASES = [f'bbox_head.{branch}_convs.{level}.{i}.conv' for branch in ('cls', 'reg')
+                       for level in (1, 2) for i in (0, 1)]
 FRCNN = REPO / 'configs/mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py'
 PSPNET = REPO / 'configs/mmseg/pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py'
 
@@ -207,7 +204,7 @@ def _without_none_conv_cfg(node):
     return node
 
 
-@pytest.mark.parametrize('doconv', [TOY_DET, TOY_SEG], ids=['det', 'seg'])
+@pytest.mark.parametrize('doconv', [TOY_DET, TOY_SEG, TOY_RTMDET], ids=['det', 'seg', 'rtmdet'])
 def test_deploy_config_of_toy_twin_equals_the_plain_twin(doconv):
     plain = _plain_twin(doconv)
     deploy_cfg = make_deploy_config(Config.fromfile(str(doconv))).to_dict()
@@ -235,6 +232,51 @@ def test_fold_and_verify_pspnet(tmp_path):
                             'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py')
     names = [d.name for d in result.verify]
     assert 'decode_head' in names and 'auxiliary_head[0]' in names
+
+
+def test_shared_convs_fold_once_and_stay_shared():
+    """A DOConv2d registered under several names (RTMDet's share_conv head) folds into one plain
+    conv at every name, on the model and on tensors alone; no D is left under any alias."""
+    cfg = Config.fromfile(str(TOY_RTMDET))
+    model = randomise(build_model(cfg), seed=4)
+    state = model.state_dict()
+    assert all(f'{alias}.D' in state for alias in SHARED_CONV_ALIASES)
+    folded = do_conv_mm.fold_doconv(model)
+    head, folded_head = model.bbox_head, folded.bbox_head
+    assert isinstance(head.cls_convs[2][1].conv, do_conv_mm.DOConv2d)  # input untouched
+    for convs in (folded_head.cls_convs, folded_head.reg_convs):
+        for level in (1, 2):
+            for i in (0, 1):
+                assert type(convs[0][i].conv) is nn.Conv2d
+                assert convs[level][i].conv is convs[0][i].conv
+    assert do_conv_mm.count_doconv(folded) == 0
+    folded_state = folded.state_dict()
+    assert not [k for k in folded_state if k.endswith(('.D', '.weight_extra'))]
+    by_tensors = do_conv_mm.fold_state_dict(state)
+    assert list(by_tensors) == list(folded_state)
+    assert all(torch.equal(by_tensors[k], v) for k, v in folded_state.items())
+    alias = by_tensors['bbox_head.reg_convs.2.1.conv.weight']
+    assert alias is by_tensors['bbox_head.reg_convs.0.1.conv.weight']  # folded once, shared
+    deployed = build_model(make_deploy_config(cfg))
+    deployed.load_state_dict(by_tensors, strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for ref, got in zip(model(x, mode='tensor'), deployed(x, mode='tensor')):
+            for a, b in zip(ref, got):
+                assert (a - b).abs().max() <= 1e-5 + 1e-4 * a.abs().max()
+
+
+def test_cli_folds_and_verifies_a_shared_conv_checkpoint(tmp_path, capsys):
+    ckpt = new_checkpoint(TOY_RTMDET, tmp_path / 'train.pth', seed=5)
+    for extra in ([], ['--verify']):
+        out = tmp_path / f'out{len(extra)}' / 'folded.pth'
+        assert fold_cli.main([str(TOY_RTMDET), str(ckpt), str(out), *extra]) == 0
+        text = capsys.readouterr().out
+        assert 'folded 32 DOConv layers' in text
+        assert ('verify PASS' in text) == bool(extra)
+        state = torch.load(out, weights_only=True)['state_dict']
+        assert not [k for k in state if k.endswith('.D')]
+        assert all(f'{alias}.weight' in state for alias in SHARED_CONV_ALIASES)
 
 
 def test_verify_fails_on_a_wrong_fold_and_writes_nothing(tmp_path, monkeypatch):
@@ -377,6 +419,34 @@ def _fold_trained(config: Path, tmp_path: Path):
     return ckpt, out, result.out_config
 
 
+def test_round_trip_trained_toy_rtmdet_gives_identical_metrics(tmp_path, capsys):
+    """RTMDet-tiny (shared head convs): train -> tools/fold_doconv.py --verify -> tools/test.py
+    on both: identical mAP and the same detections."""
+    ckpt = _train_a_few_iterations(TOY_RTMDET, tmp_path / 'train')
+    out = tmp_path / 'deploy' / 'folded.pth'
+    capsys.readouterr()
+    assert fold_cli.main([str(TOY_RTMDET), str(ckpt), str(out), '--verify']) == 0
+    assert 'verify PASS' in capsys.readouterr().out
+    deploy_config = out.parent / (TOY_RTMDET.stem + '_deploy.py')
+    keep_all = ['--cfg-options', 'model.test_cfg.score_thr=0.0']
+    before = _test_py(TOY_RTMDET, ckpt, tmp_path / 'before', '--out', str(tmp_path / 'a.pkl'),
+                      *keep_all)
+    after = _test_py(deploy_config, out, tmp_path / 'after', '--out', str(tmp_path / 'b.pkl'),
+                     *keep_all)
+    assert before == after and 'coco/bbox_mAP' in before
+    preds = []
+    for name in ('a.pkl', 'b.pkl'):
+        with open(tmp_path / name, 'rb') as f:
+            preds.append(pickle.load(f))
+    # Barely trained from random D: many boxes decode to negative sizes and are dropped, but
+    # every image keeps some, so the metrics compare real detections.
+    assert all(len(p['pred_instances']['scores']) > 0 for p in preds[0])
+    for p, q in zip(*preds):
+        a = np.sort(p['pred_instances']['scores'].numpy())[::-1][:90]
+        b = np.sort(q['pred_instances']['scores'].numpy())[::-1][:90]
+        assert np.allclose(a, b, atol=1e-4)
+
+
 def test_round_trip_trained_toy_segmentor_gives_identical_metrics(tmp_path):
     """Runner-trained toy segmentor -> fold -> tools/test.py on both: identical mIoU and maps."""
     ckpt, out, deploy_config = _fold_trained(TOY_SEG, tmp_path)
@@ -500,6 +570,11 @@ def _bad_cases(tmp: Path):
     fold_checkpoint(str(TOY_DET), str(good), str(tmp / 'made' / 'folded.pth'), log=lambda s: None)
     cases['already folded'] = (TOY_DET, tmp / 'made' / 'folded.pth', tmp / 'o.pth',
                                'is already folded')
+    new_checkpoint(TOY_RTMDET, tmp / 'rtmdet.pth', seed=9)
+    cases['DO-Conv checkpoint of another model'] = (
+        TOY_DET, tmp / 'rtmdet.pth', tmp / 'o.pth',
+        'is a DO-Conv checkpoint of another model: it has 40 DO-Conv ".D" keys '
+        '(backbone.stem.0.conv.D')
     plain = {k: v for k, v in state.items() if not k.endswith('.D')}
     torch.save(dict(state_dict=plain), tmp / 'plain.pth')
     cases['plain checkpoint'] = (TOY_DET, tmp / 'plain.pth', tmp / 'o.pth',

@@ -61,6 +61,62 @@ def test_build_conv_layer_in_every_scope(scope, name, monkeypatch):
     assert layer.stride == (2, 2) and layer.D_mul == 12
 
 
+def test_mmcv_build_conv_layer_check_still_passes(monkeypatch):
+    """mmcv's own tests/test_cnn/test_build_layers.py::test_build_conv_layer, as it is: every name
+    in the root MODELS that contains "conv" must build as a conv layer of that class from
+    (in_channels, out_channels, kernel_size, dilation). Registering DO-Conv must not change what
+    stock code sees: only the layer names DOConv / DOConv2d join the root; DOConvModel (a model
+    builder) lives in the mmdet and mmseg registries and still works under those scopes."""
+    import mmcv.ops  # noqa: F401  (every conv type mmcv registers, sparse convs included)
+    from mmengine.registry import MODELS
+    monkeypatch.setattr(DefaultScope, '_instance_dict', OrderedDict())  # mmcv's test: no scope
+    # mmcv's loop, verbatim apart from collecting the names (groups was popped before it).
+    kwargs = dict(in_channels=4, out_channels=8, kernel_size=3, dilation=2)
+    built = []
+    for type_name, module in MODELS.module_dict.items():
+        cfg = dict(type=type_name)
+        # SparseInverseConv2d and SparseInverseConv3d do not have the argument 'dilation'
+        if type_name == 'SparseInverseConv2d' or type_name == 'SparseInverseConv3d':
+            kwargs.pop('dilation')
+        if 'conv' in type_name.lower():
+            layer = build_conv_layer(cfg, **kwargs)
+            assert isinstance(layer, module), type_name
+            assert layer.in_channels == kwargs['in_channels'], type_name
+            assert layer.out_channels == kwargs['out_channels'], type_name
+            kwargs['dilation'] = 2  # recover the key
+            built.append(type_name)
+    assert {'DOConv', 'DOConv2d'} <= set(built) and 'DOConvModel' not in MODELS.module_dict
+    ours = {n for n, m in MODELS.module_dict.items() if m.__module__.startswith('do_conv_mm')}
+    assert ours == {'DOConv', 'DOConv2d'}
+    import mmdet.registry
+    import mmseg.registry
+    for scope, registry in (('mmdet', mmdet.registry.MODELS), ('mmseg', mmseg.registry.MODELS)):
+        assert registry.module_dict['DOConvModel'] is do_conv_mm.DOConvModel
+        with DefaultScope.overwrite_default_scope(scope):
+            model = MODELS.build(dict(type='DOConvModel', model_type=_TwoConvs,
+                                      doconv=dict(include=['head'])))
+        assert type(model) is _TwoConvs and type(model.stem) is nn.Conv2d
+        assert isinstance(model.head, DOConv2d)
+
+
+class _TwoConvs(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.head = nn.Conv2d(4, 4, 3)
+
+
+def test_register_doconv_model_in_another_scope():
+    from mmengine.registry import MODELS, Registry
+    registry = Registry('model', parent=MODELS, scope='doconv_test_scope')
+    do_conv_mm.register_doconv_model(registry)
+    do_conv_mm.register_doconv_model(registry)  # idempotent
+    model = registry.build(dict(type='DOConvModel', model_type=nn.Conv2d, in_channels=2,
+                                out_channels=2, kernel_size=3))
+    assert type(model) is nn.Conv2d  # built in the current scope; a bare conv is not converted
+
+
 def test_conv_module_with_doconv_bn_act():
     module = ConvModule(8, 16, 3, padding=1, conv_cfg=dict(type='DOConv'),
                         norm_cfg=dict(type='BN'), act_cfg=dict(type='ReLU'))

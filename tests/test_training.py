@@ -25,17 +25,16 @@ from training_helpers import (REPO, free_port, logged_scalars, run, run_tool,  #
 
 
 
-def _toy_doconv_config(scope):
-    """The one DO-Conv toy config (configs/toy/*doconv*.py) of ``scope``."""
+def _toy_doconv_config(name, scope):
+    """configs/toy/<name>, a DO-Conv toy config of ``scope``."""
     from mmengine.config import Config
-    found = [path for path in sorted(glob.glob(osp.join(REPO, 'configs', 'toy', '*doconv*.py')))
-             if Config.fromfile(path).get('default_scope') == scope]
-    assert len(found) == 1, f'expected one DO-Conv toy config for {scope}, found {found}'
-    return found[0]
+    path = osp.join(REPO, 'configs', 'toy', name)
+    assert Config.fromfile(path).get('default_scope') == scope, path
+    return path
 
 
-DET_CFG = _toy_doconv_config('mmdet')
-SEG_CFG = _toy_doconv_config('mmseg')
+DET_CFG = _toy_doconv_config('retinanet_r18-tiny-doconv_fpn_toy.py', 'mmdet')
+SEG_CFG = _toy_doconv_config('fpn_r18-tiny-doconv_toy.py', 'mmseg')
 
 # Overrides that make each toy config a seconds-long run: 4 images, batch 2, no warm-up, raw
 # per-iteration losses in the log (window 1). Evaluation uses 4 val images.
@@ -178,9 +177,12 @@ def test_segmentation_test_tool_reports_metric(seg_run, toy_configs, tmp_path):
 # Distributed (2 CPU processes, gloo, through tools/dist_train.sh and mmengine's Runner)
 # ----------------------------------------------------------------------------------------------
 def test_distributed_two_processes_keep_doconv_parameters_identical(toy_configs, tmp_path):
+    # SyncBN, as in the shipped mmseg configs: on CPU the tools make it BN (with a warning).
     config = _write_config(tmp_path, 'dist_seg.py', f"""_base_ = {toy_configs['seg']!r}
 custom_imports = dict(imports=['do_conv_mm', 'training_helpers'], allow_failed_imports=False)
 custom_hooks = [dict(type='DOConvParamDumpHook')]
+model = dict(backbone=dict(norm_cfg=dict(type='SyncBN', requires_grad=True)),
+             decode_head=dict(norm_cfg=dict(type='SyncBN', requires_grad=True)))
 train_cfg = dict(max_iters=3, val_interval=100)
 val_cfg = None
 val_dataloader = None
@@ -188,8 +190,10 @@ val_evaluator = None
 default_hooks = dict(checkpoint=dict(interval=3))
 """)
     work_dir = str(tmp_path / 'work')
-    run(['bash', 'tools/dist_train.sh', config, '2', '--work-dir', work_dir], threads=1,
-        env_extra=dict(PORT=str(free_port())))
+    proc = run(['bash', 'tools/dist_train.sh', config, '2', '--work-dir', work_dir], threads=1,
+               env_extra=dict(PORT=str(free_port())))
+    assert 'SyncBN needs GPUs, so the 2 SyncBN norm_cfg(s) of the model' in proc.stdout + \
+        proc.stderr
     load = lambda rank, tag: torch.load(  # noqa: E731
         osp.join(work_dir, f'doconv_params_rank{rank}_{tag}.pth'), weights_only=True)
     final0, final1, init0 = load(0, 'final'), load(1, 'final'), load(0, 'init')
@@ -233,6 +237,88 @@ def test_amp_flag_trains_detector_with_bf16_on_cpu(toy_configs, tmp_path):
     checkpoint = load_checkpoint_file(osp.join(work_dir, 'epoch_1.pth'))
     assert all(v.dtype == torch.float32 for k, v in checkpoint['state_dict'].items()
                if k.endswith(('.D', '.weight')))
+
+
+def test_bf16_reaches_mmcv_ops_as_float32():
+    """mmcv's compiled ops have no bfloat16 kernels: under BF16AmpOptimWrapper they compute in
+    float32 (NMS keeps the same boxes, RoIAlign the same features, gradients flow back)."""
+    from mmcv.ops import RoIAlign, batched_nms, nms
+    from do_conv_mm import BF16AmpOptimWrapper
+    BF16AmpOptimWrapper(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g) * 20], dim=1)
+    scores = torch.rand(50, generator=g)
+    expected = nms(boxes.bfloat16().float(), scores.bfloat16().float(), 0.5)[1]
+    _, keep = nms(boxes.bfloat16(), scores.bfloat16(), 0.5)
+    assert torch.equal(keep, expected)
+    _, keep = batched_nms(boxes.bfloat16(), scores.bfloat16(), torch.zeros(50, dtype=torch.long),
+                          dict(type='nms', iou_threshold=0.5))
+    assert torch.equal(keep, expected)
+    feats = torch.randn(1, 4, 16, 16, generator=g).bfloat16().requires_grad_()
+    rois = torch.tensor([[0., 1., 1., 9., 9.], [0., 4., 2., 15., 12.]])
+    align = RoIAlign((3, 3), spatial_scale=1.0, sampling_ratio=2)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = align(feats, rois.bfloat16())
+    assert out.dtype == torch.bfloat16  # computed in float32, returned in the caller's dtype
+    leaf = feats.detach().float().requires_grad_()
+    reference = align(leaf, rois.bfloat16().float())
+    assert torch.equal(out, reference.bfloat16())
+    out.float().square().sum().backward()
+    reference.bfloat16().float().square().sum().backward()
+    assert feats.grad.dtype == torch.bfloat16 and feats.grad.abs().sum() > 0
+    assert torch.equal(feats.grad, leaf.grad.bfloat16())
+
+
+# A Mask R-CNN from the shipped DO-Conv config, shrunk to the toy data (ResNet-18, 32-channel
+# FPN/heads, 128 px, 3 classes, masks from the toy polygons): the path mmcv's NMS and RoIAlign take.
+TINY_MASK_RCNN = """_base_ = {base!r}
+toy_data_root = {root!r}
+data_root = toy_data_root + '/coco/'
+classes = ('circle', 'square', 'triangle')
+model = dict(
+    backbone=dict(depth=18, init_cfg=None, frozen_stages=-1),
+    neck=dict(in_channels=[64, 128, 256, 512], out_channels=32),
+    rpn_head=dict(in_channels=32, feat_channels=32),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=32),
+        bbox_head=dict(in_channels=32, fc_out_channels=64, num_classes=3),
+        mask_roi_extractor=dict(out_channels=32),
+        mask_head=dict(in_channels=32, conv_out_channels=32, num_classes=3)))
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=(128, 128), keep_ratio=True),
+    dict(type='PackDetInputs')
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=dict(classes=classes), indices=4,
+                 ann_file='annotations/instances_train.json', data_prefix=dict(img='train/'),
+                 pipeline=train_pipeline))
+train_cfg = dict(max_epochs=1)
+val_cfg = None
+val_dataloader = None
+val_evaluator = None
+param_scheduler = []
+log_processor = dict(window_size=1)
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
+"""
+
+
+def test_amp_flag_trains_mask_rcnn_with_bf16_on_cpu(toy_configs, tmp_path):
+    """--amp on CPU for a two-stage detector with masks: mmcv's NMS and RoIAlign under bf16."""
+    config = _write_config(tmp_path, 'mask_rcnn.py', TINY_MASK_RCNN.format(
+        base=osp.join(REPO, 'configs', 'mmdet', 'mask-rcnn_r50-doconv_fpn_1x_coco.py'),
+        root=osp.join(REPO, 'data', 'toy')))
+    work_dir = str(tmp_path / 'work')
+    proc = run_tool('train.py', config, '--amp', '--work-dir', work_dir)
+    assert 'bfloat16 CPU autocast' in proc.stdout + proc.stderr
+    records = [r for r in logged_scalars(work_dir) if 'loss' in r]
+    assert [r['iter'] for r in records] == [1, 2]
+    assert all(math.isfinite(r[k]) for r in records for k in ('loss', 'loss_mask', 'loss_rpn_cls'))
+    checkpoint = load_checkpoint_file(osp.join(work_dir, 'epoch_1.pth'))
+    assert checkpoint['state_dict']['rpn_head.rpn_conv.D'].dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------------------------

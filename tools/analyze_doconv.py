@@ -24,6 +24,9 @@ from mmengine.registry import MODELS, init_default_scope
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage  # noqa: E402
+from do_conv_mm.convert import (DOConvNotApplicableError, check_doconv_cfg,  # noqa: E402
+                                explain_build_error)
+from do_conv_mm.runner_setup import load_config_file  # noqa: E402
 
 DEFAULT_DET_SHAPE = (800, 1344)
 DEFAULT_SEG_SHAPE = (512, 1024)
@@ -44,11 +47,27 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+class AnalyzeError(Exception):
+    """A config this tool cannot analyse; the message names the problem and the fix."""
+
+
 def build_model(cfg: Config) -> torch.nn.Module:
     """The config's model on CPU, random weights (seed 0), SyncBN reverted to BN, eval mode."""
-    init_default_scope(cfg.get('default_scope', None) or 'mmengine')
+    scope = cfg.get('default_scope', None) or 'mmengine'
+    init_default_scope(scope)
+    try:
+        check_doconv_cfg(cfg.model, scope=scope)
+    except DOConvNotApplicableError as error:
+        raise AnalyzeError(str(error)) from None
     torch.manual_seed(0)
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    try:
+        model = MODELS.build(cfg.model)
+    except Exception as error:
+        message = explain_build_error(cfg.model, error, scope)
+        if message is None:
+            raise
+        raise AnalyzeError(message) from None
+    model = revert_sync_batchnorm(model)
     model.eval()
     return model
 
@@ -66,8 +85,8 @@ def _task(model) -> str:
             return 'seg'
     except ImportError:
         pass
-    raise ValueError(f'analyze_doconv: {type(model).__name__} is neither an mmdet detector nor an '
-                     f'mmseg segmentor; only those get a dummy batch.')
+    raise AnalyzeError(f'{type(model).__name__} is neither an mmdet detector nor an '
+                       f'mmseg segmentor; only those get a dummy batch.')
 
 
 def default_shape(cfg: Config, task: str) -> Tuple[int, int]:
@@ -76,10 +95,34 @@ def default_shape(cfg: Config, task: str) -> Tuple[int, int]:
     return DEFAULT_DET_SHAPE if task == 'det' else DEFAULT_SEG_SHAPE
 
 
-def _det_batch(model, h: int, w: int):
+def _train_pipeline(cfg: Config):
+    """The training pipeline of the config (through dataset wrappers), or None."""
+    dataset = (cfg.get('train_dataloader') or {}).get('dataset') or {}
+    while 'pipeline' not in dataset and isinstance(dataset.get('dataset'), dict):
+        dataset = dataset['dataset']  # RepeatDataset, ClassBalancedDataset, ...
+    return dataset.get('pipeline') or cfg.get('train_pipeline')
+
+
+def loads_masks(cfg: Config, model) -> bool:
+    """Whether real training batches carry instance masks: the train pipeline's LoadAnnotations
+    has with_mask=True (the model's ``with_mask`` when the config has no pipeline). Heads that
+    do not train on masks may still read them when present (RTMDet's assigner takes the centre
+    of mass of ``gt_instances.masks`` as a tensor), so the dummy batch mirrors the pipeline."""
+    pipeline = _train_pipeline(cfg)
+    if pipeline:
+        return any(str(t.get('type', '')).endswith('LoadAnnotations') and t.get('with_mask')
+                   for t in pipeline if isinstance(t, dict))
+    return bool(getattr(model, 'with_mask', False))
+
+
+def _det_batch(model, h: int, w: int, with_mask: bool = None):
+    """One synthetic training sample; masks (BitmapMasks, as LoadAnnotations(with_mask=True)
+    makes them) only when ``with_mask`` (None: the model's own ``with_mask``)."""
     from mmengine.structures import InstanceData
     from mmdet.structures import DetDataSample
     from mmdet.structures.mask import BitmapMasks
+    if with_mask is None:
+        with_mask = bool(getattr(model, 'with_mask', False))
     shape = (h, w)
     sample = DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape,
                                          batch_input_shape=shape, scale_factor=(1.0, 1.0),
@@ -89,9 +132,9 @@ def _det_batch(model, h: int, w: int):
     for mask, (x1, y1, x2, y2) in zip(masks, boxes.round().int().tolist()):
         mask[y1:y2, x1:x2] = 1
     # Plain tensors, as DetDataPreprocessor(boxtype2tensor=True) hands them to the model.
-    sample.gt_instances = InstanceData(bboxes=boxes,
-                                       labels=torch.arange(len(boxes)),
-                                       masks=BitmapMasks(masks, h, w))
+    sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.arange(len(boxes)))
+    if with_mask:
+        sample.gt_instances.masks = BitmapMasks(masks, h, w)
     sample.ignored_instances = InstanceData(bboxes=torch.zeros(0, 4),
                                             labels=torch.zeros(0, dtype=torch.long))
     return [sample]
@@ -115,7 +158,8 @@ def analyze(cfg: Config, shape=None, mode: str = 'loss') -> Dict:
     task = _task(model)
     h, w = shape or default_shape(cfg, task)
     inputs = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    samples = _det_batch(model, h, w) if task == 'det' else _seg_batch(model, h, w)
+    samples = (_det_batch(model, h, w, loads_masks(cfg, model)) if task == 'det' else
+               _seg_batch(model, h, w))
     flops = conv_flops_by_module(model, lambda: model(inputs, samples, mode=mode))
     coverage = doconv_coverage(model, flops)
     total = coverage['total']
@@ -174,10 +218,19 @@ def print_report(result: Dict, config: str) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
+    if not osp.isfile(args.config):
+        sys.exit(f'error: config {args.config!r} does not exist; pass a config file such as '
+                 f'configs/mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py.')
+    try:
+        cfg = load_config_file(args.config, AnalyzeError)
+    except AnalyzeError as error:
+        sys.exit(f'error: {error}')
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    result = analyze(cfg, args.shape, args.mode)
+    try:
+        result = analyze(cfg, args.shape, args.mode)
+    except AnalyzeError as error:
+        sys.exit(f'error: {error}')
     result['config'] = args.config
     if args.json:
         print(json.dumps(result, indent=2))

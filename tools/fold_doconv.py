@@ -13,6 +13,7 @@ on any error nothing is written and the inputs are untouched.
 import argparse
 import os
 import sys
+import traceback
 
 from mmengine.config import DictAction
 
@@ -83,6 +84,14 @@ def main(argv=None) -> int:
     except FoldError as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
+    except Exception as error:  # not bad input but a bug: still one line (traceback on request)
+        if os.environ.get('DO_CONV_MM_TRACEBACK'):
+            traceback.print_exc()
+        text = ' '.join(str(error).split())[:300] or type(error).__name__
+        print(f'error: unexpected {type(error).__name__} while folding: {text}. Outputs not '
+              f'completed were not written. This is a do_conv_mm bug: please report it with the '
+              f'command (DO_CONV_MM_TRACEBACK=1 prints the traceback).', file=sys.stderr)
+        return 2
     return 0
 
 
