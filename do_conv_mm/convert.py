@@ -24,6 +24,7 @@ computes exactly what it computed before and its state_dict keys only gain ``<co
 """
 import difflib
 import re
+from contextlib import nullcontext
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -330,7 +331,7 @@ def _conv_registry_lookup(type_name: str, scope: Optional[str]):
     registry of the default scope (``scope`` if given), then its parents up to the root."""
     from mmengine.registry import DefaultScope
     context = (DefaultScope.overwrite_default_scope(scope) if scope is not None else
-               _null_context())
+               nullcontext())
     with context, MODELS.switch_scope_and_registry(None) as registry:
         found = registry.get(type_name)
         names = []
@@ -339,15 +340,6 @@ def _conv_registry_lookup(type_name: str, scope: Optional[str]):
             names += [n for n in node.module_dict if n not in names]
             node = node.parent
     return found, names
-
-
-class _null_context:
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_conv_types(model_cfg: Dict, where: str, scope: Optional[str]) -> None:
@@ -436,7 +428,7 @@ def _explain_d_mul(model_cfg: Dict, error: BaseException, scope: Optional[str]) 
     try:
         from mmengine.registry import DefaultScope
         context = (DefaultScope.overwrite_default_scope(scope) if scope is not None else
-                   _null_context())
+                   nullcontext())
         with context:
             probe = MODELS.build(_without_d_mul(model_cfg))
         for name, module in probe.named_modules():

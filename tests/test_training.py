@@ -4,7 +4,6 @@ Tiny settings throughout (4 training images, batch 2, a handful of iterations; c
 few steps visibly lower the loss). One trained work dir per task is shared by the resume and test
 checks (module-scoped fixtures). Tools run as subprocesses, as a user runs them.
 """
-import glob
 import math
 import os.path as osp
 import pickle
