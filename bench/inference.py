@@ -68,7 +68,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup_run(args)
     sections = [
-        'Plain vs DO-Conv unfolded (eval mode, cached composed kernel) vs DO-Conv folded to plain '
+        'Plain vs DO-Conv unfolded (eval mode, kernel composed on every call) vs DO-Conv folded to plain '
         'convs (`do_conv_mm.fold_doconv`), mmengine `test_step` (preprocess + predict incl. '
         f'post-processing), batch {args.batch}, {args.size}×{args.size}. Targets (issue 5): '
         f'unfolded ≤ {TARGET_UNFOLDED}, folded {TARGET_FOLDED:.2f} within noise.',
