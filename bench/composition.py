@@ -152,7 +152,8 @@ def trained_layers(model: torch.nn.Module):
     from do_conv_mm import DOConv2d
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, DOConv2d) and m.D is not None and m._needs_graph():
+        if isinstance(m, DOConv2d) and m.D is not None and any(
+                p.requires_grad for p in m._doconv_parameters()):
             out.append((name, m))
     return out
 
