@@ -1,0 +1,21 @@
+# mmdet detectors -> ONNX Runtime, fixed input shape.
+# input_shape=None: the shape the test pipeline gives the export image (toy configs: 128x128);
+# tools/deploy_onnx.py --shape H W fixes it (the pipeline then resizes to exactly H x W).
+# Outputs: dets (1, N, 5) = x1, y1, x2, y2, score; labels (1, N).
+# post_processing: used where the model's test_cfg leaves a value open; score_thr, nms
+# iou_threshold and max_per_img come from the model's test_cfg (mmdeploy's rule), so the ONNX
+# model keeps the PyTorch model's thresholds.
+_base_ = ['./_onnxruntime_base.py']
+onnx_config = dict(output_names=['dets', 'labels'], input_shape=None)
+codebase_config = dict(
+    type='mmdet',
+    task='ObjectDetection',
+    model_type='end2end',
+    post_processing=dict(
+        score_threshold=0.05,
+        confidence_threshold=0.005,
+        iou_threshold=0.5,
+        max_output_boxes_per_class=200,
+        pre_top_k=5000,
+        keep_top_k=100,
+        background_label_id=-1))

@@ -1,0 +1,85 @@
+"""Run mmdeploy 1.3.1's ONNX export on torch >= 2.9 (used by ``tools/deploy_onnx.py``).
+
+mmdeploy 1.3.1 (Dec 2023) was written for torch <= 2.1's TorchScript-based ONNX exporter. On the
+torch of this stack (2.13) three things break, each fixed here for the duration of one export
+and undone afterwards (nothing in site-packages is modified):
+
+1. ``torch.onnx.export`` defaults to ``dynamo=True`` since torch 2.9. mmdeploy calls it without
+   ``dynamo``, so the export goes to the torch.export-based exporter, which needs onnxscript and
+   ignores everything mmdeploy does (function rewriters run, but its symbolic functions - NMS,
+   RoIAlign, ... - are TorchScript-exporter symbolics). The shim passes ``dynamo=False``, the
+   TorchScript exporter mmdeploy was written for (still shipped, deprecated, in torch 2.13).
+2. ``torch.onnx.utils`` became a re-export of ``torch.onnx._internal.torchscript_exporter.utils``
+   without private names, so mmdeploy's rewriter of ``torch.onnx.utils._model_to_graph`` (where
+   it runs its graph passes, e.g. the opset-13 Squeeze/Unsqueeze fix) found nothing and was
+   skipped with a warning. The shim exposes the real ``_model_to_graph`` under the old name;
+   mmdeploy then replaces every reference to it, including the exporter's own.
+3. ``torch.onnx.symbolic_opset9._cast_Long`` was removed; mmdeploy's RoIAlign symbolic for
+   ONNX Runtime (two-stage detectors) imports it. The shim provides it (an ONNX ``Cast`` to
+   int64, what the removed helper emitted).
+
+Use::
+
+    with mmdeploy_export_compat():
+        mmdeploy.apis.torch2onnx(...)
+"""
+import contextlib
+import functools
+from typing import Iterator, List, Tuple
+
+import torch
+
+__all__ = ['mmdeploy_export_compat', 'SHIMS']
+
+# What the shim changes, for the README and the report: (name, reason).
+SHIMS: List[Tuple[str, str]] = [
+    ('torch.onnx.export(dynamo=False)',
+     'torch >= 2.9 defaults to the torch.export-based exporter, which ignores mmdeploy\'s '
+     'symbolics and needs onnxscript'),
+    ('torch.onnx.utils._model_to_graph',
+     'private name no longer re-exported; mmdeploy hooks its graph passes there'),
+    ('torch.onnx.symbolic_opset9._cast_Long',
+     'removed helper imported by mmdeploy\'s RoIAlign symbolic'),
+]
+
+_MISSING = object()
+
+
+def _cast_long(g, input, non_blocking):  # noqa: A002  (torch's signature)
+    """The removed ``symbolic_opset9._cast_Long``: ONNX Cast to int64 (TensorProto.INT64 = 7)."""
+    return g.op('Cast', input, to_i=7)
+
+
+@contextlib.contextmanager
+def _patched(obj, name: str, value) -> Iterator[None]:
+    old = getattr(obj, name, _MISSING)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if old is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def mmdeploy_export_compat() -> Iterator[None]:
+    """Patch torch's ONNX entry points the way mmdeploy 1.3.1 expects them, then restore them."""
+    import torch.onnx
+    import torch.onnx.symbolic_opset9 as opset9
+    import torch.onnx.utils as onnx_utils
+    with contextlib.ExitStack() as stack:
+        export = torch.onnx.export
+        if 'dynamo' in getattr(export, '__kwdefaults__', None) or {}:
+            @functools.wraps(export)
+            def export_torchscript(*args, **kwargs):
+                kwargs.setdefault('dynamo', False)
+                return export(*args, **kwargs)
+            stack.enter_context(_patched(torch.onnx, 'export', export_torchscript))
+        if not hasattr(onnx_utils, '_model_to_graph'):
+            from torch.onnx._internal.torchscript_exporter import utils as ts_utils
+            stack.enter_context(_patched(onnx_utils, '_model_to_graph', ts_utils._model_to_graph))
+        if not hasattr(opset9, '_cast_Long'):
+            stack.enter_context(_patched(opset9, '_cast_Long', _cast_long))
+        yield
