@@ -378,6 +378,117 @@ def _evaluate(model: nn.Module, cfg: Config) -> Tuple[Dict[str, float], float]:
             time.perf_counter() - start)
 
 
+class _Comparer:
+    """Runs one preprocessed input through ONNX Runtime and PyTorch and compares (see module doc).
+
+    Dense: raw head maps (``raw_outputs.onnx`` vs the PyTorch head forward); segmentation logits
+    (``end2end.onnx`` vs ``encode_decode``). Detections: ``end2end.onnx`` vs the PyTorch model
+    running the *same* function (mmdeploy's rewritten forward and post-processing, under its
+    RewriterContext), asserted; and ONNX Runtime's final predictions vs mmdet's own
+    ``predict`` (its own post-processing), reported (mmdeploy's RPN runs one NMS over all
+    levels where mmdet runs one per level, so two-stage detectors legitimately differ there).
+    """
+
+    def __init__(self, task, torch_model, raw_module, names, raw_session, backend_model, dcfg,
+                 atol, rtol, score_atol, box_atol, log):
+        self.task, self.torch_model, self.raw_module = task, torch_model, raw_module
+        self.names, self.raw_session, self.backend_model = names, raw_session, backend_model
+        self.dcfg, self.log = dcfg, log
+        self.atol, self.rtol, self.score_atol, self.box_atol = atol, rtol, score_atol, box_atol
+        self.results: Dict[str, Dict[str, Any]] = {}
+
+    @torch.no_grad()
+    def __call__(self, data, inputs, key: str) -> List[str]:
+        result: Dict[str, Any] = dict(shape=list(inputs.shape))
+        self.results[key] = result
+        failures = []
+        ref = self.raw_module(inputs)
+        ort_raw = self.raw_session.run(self.names, {'input': inputs.numpy()})
+        diffs = compare_outputs(
+            {n: t for n, t in zip(self.raw_module.names, ref)},
+            {n: torch.from_numpy(a) for n, a in zip(self.raw_module.names, ort_raw)},
+            self.atol, self.rtol)
+        result['raw_outputs'] = diffs
+        self.log(f'[{key} {tuple(inputs.shape)}] raw head outputs, ONNX Runtime vs PyTorch:\n'
+                 + format_diffs(diffs, self.atol, self.rtol))
+        failures += [f'{key} raw {d.name}' for d in diffs if not d.ok]
+        end2end = self.backend_model.wrapper({'input': inputs})
+        samples = data['data_samples']
+        if self.task == 'det':
+            failures += self._detections(data, inputs, samples, end2end, result, key)
+        else:
+            failures += self._segmentation(inputs, samples, end2end, result, key)
+        return failures
+
+    def _detections(self, data, inputs, samples, end2end, result, key) -> List[str]:
+        score_thr, max_per_img = _det_test_cfg(self.torch_model)
+        dets, labels = _rewritten_detections(self.torch_model, inputs, samples, self.dcfg)
+        ort = _dets_labels(end2end['dets'], end2end['labels'])
+        match = match_detections(_dets_labels(dets, labels), ort, score_thr, max_per_img,
+                                 self.score_atol, self.box_atol)
+        result['detections'] = match
+        self.log(f'[{key}] detections, ONNX Runtime vs PyTorch (same post-processing): '
+                 f'{_match_line(match)}')
+        mmdet_ref = self.torch_model.test_step(deepcopy(data))
+        ort_pred = self.backend_model.test_step(deepcopy(data))
+        vs_mmdet = match_detections(_detections(mmdet_ref[0]), _detections(ort_pred[0]),
+                                    score_thr, max_per_img, self.score_atol, self.box_atol)
+        result['detections_vs_mmdet'] = vs_mmdet
+        self.log(f'[{key}] final detections, ONNX Runtime vs mmdet\'s own predict '
+                 f'(reported): {_match_line(vs_mmdet)}')
+        return [] if match['ok'] else [f'{key} detections']
+
+    def _segmentation(self, inputs, samples, end2end, result, key) -> List[str]:
+        ort_out = end2end[self.backend_model.output_names[0]]
+        ref_logits = self.torch_model.encode_decode(inputs, [s.metainfo for s in samples])
+        failures = []
+        if ort_out.shape[1] == ref_logits.shape[1]:  # logits (with_argmax=False)
+            diffs = compare_outputs({'seg_logits': ref_logits}, {'seg_logits': ort_out},
+                                    self.atol, self.rtol)
+            result['seg_logits'] = diffs
+            self.log(f'[{key}] segmentation logits, ONNX Runtime vs PyTorch:\n'
+                     + format_diffs(diffs, self.atol, self.rtol))
+            failures += [f'{key} {d.name}' for d in diffs if not d.ok]
+            labels = _label_agreement(ref_logits, ort_out, self.atol, self.rtol)
+        else:  # labels (with_argmax=True)
+            differ = ref_logits.argmax(1, keepdim=True) != ort_out
+            labels = dict(pixels=int(differ.numel()), differing=int(differ.sum()),
+                          unexplained=int(differ.sum()), ok=not bool(differ.any()))
+        result['seg_labels'] = labels
+        self.log(f'[{key}] segmentation labels: {labels["differing"]} of {labels["pixels"]} '
+                 f'pixels differ, {labels["unexplained"]} not at a logit tie -> '
+                 f'{"PASS" if labels["ok"] else "FAIL"}')
+        if not labels['ok']:
+            failures.append(f'{key} seg_labels')
+        return failures
+
+
+def _rewritten_detections(model, inputs, samples, dcfg):
+    """(dets, labels) of ``model`` run in PyTorch with mmdeploy's rewrites (the exported
+    function: same pre-NMS top-k, NMS and top-k as the ONNX graph)."""
+    from mmdeploy.core import RewriterContext, patch_model
+    from mmdeploy.utils import IR
+    opset = dcfg.onnx_config.get('opset_version', 11)
+    patched = patch_model(model, cfg=dcfg, backend='onnxruntime', ir=IR.ONNX)
+    with RewriterContext(cfg=dcfg, backend='onnxruntime', ir=IR.ONNX, opset=opset):
+        dets, labels = patched(inputs, deepcopy(samples), mode='predict')[:2]
+    return dets, labels
+
+
+def _dets_labels(dets, labels) -> Dict[str, np.ndarray]:
+    dets = torch.as_tensor(dets).detach().cpu().double()[0]
+    return dict(bboxes=dets[:, :4].numpy().reshape(-1, 4), scores=dets[:, 4].numpy().reshape(-1),
+                labels=torch.as_tensor(labels).detach().cpu()[0].numpy().reshape(-1))
+
+
+def _match_line(match: Dict[str, Any]) -> str:
+    return (f'{match["num_ort"]} vs {match["num_ref"]}, {match["matched"]} matched (same label, '
+            f'max box diff {match["max_box_diff"]:.2e} px, max score diff '
+            f'{match["max_score_diff"]:.2e}); unmatched {match["unmatched_ref"]}/'
+            f'{match["unmatched_ort"]}, {match["unexplained"]} not at a score tie -> '
+            f'{"PASS" if match["ok"] else "FAIL"}')
+
+
 # ------------------------------------------------------------------------------------------------
 # Main entry
 # ------------------------------------------------------------------------------------------------
@@ -502,6 +613,7 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     dcfg.dump(deploy_cfg_file)
 
     # 2. the PyTorch model and the input (one image through the test pipeline)
+    sdk_model_cfg = deepcopy(model_cfg)  # create_input edits the pipeline of model_cfg
     processor = build_task_processor(model_cfg, dcfg, 'cpu')
     torch_model = processor.build_pytorch_model(None)
     state = load_checkpoint_file(weights)
@@ -534,7 +646,7 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     seconds['export_end2end'] = time.perf_counter() - start
     raw_module = RawHeadOutputs(torch_model, task).eval()
     with torch.no_grad():
-        raw_ref = raw_module(inputs)
+        raw_module(inputs)  # records the output names
     names = [_onnx_name(n) for n in raw_module.names]
     dynamic_axes = None
     if report['dynamic']:
@@ -553,7 +665,7 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     seconds['export_raw'] = time.perf_counter() - start
     try:
         from mmdeploy.backend.sdk.export_info import export2SDK
-        export2SDK(dcfg, model_cfg, stage, pth=weights, device='cpu')
+        export2SDK(dcfg, sdk_model_cfg, stage, pth=weights, device='cpu')
         report['sdk_meta'] = ['deploy.json', 'pipeline.json', 'detail.json']
     except Exception as error:  # SDK meta is a convenience; the ONNX files are the product
         log(f'mmdeploy SDK meta not written ({type(error).__name__}: {_first_line(error)})')
@@ -568,7 +680,8 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     log(f'{END2END}: {sum(report["ops"][END2END].values())} nodes, standard ops only '
         f'({", ".join(report["ops"][END2END])})')
 
-    # 5. ONNX Runtime vs PyTorch
+    # 5. ONNX Runtime vs PyTorch on the test pipeline's input (and, for dynamic-shape configs,
+    #    on a second input of another shape)
     import onnxruntime as ort
     start = time.perf_counter()
     backend_model = processor.build_backend_model(
@@ -577,62 +690,30 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     raw_session = ort.InferenceSession(os.path.join(stage, RAW),
                                        providers=['CPUExecutionProvider'])
     seconds['ort_session'] = time.perf_counter() - start
-    failures = []
+    compare = _Comparer(task, torch_model, raw_module, names, raw_session, backend_model, dcfg,
+                        atol, rtol, score_atol, box_atol, log)
+    failures = compare(data, inputs, 'input')
+    report['comparisons'] = {'input': compare.results['input']}
+    if report['dynamic']:
+        height, width = inputs.shape[2:]
+        other = (max(32, int(height) * 3 // 4), int(width) * 5 // 4)
+        rng = np.random.default_rng(1)
+        img2 = rng.integers(0, 256, (*other, 3), dtype=np.uint8)
+        data2, inputs2 = processor.create_input(img2, None,
+                                                data_preprocessor=torch_model.data_preprocessor)
+        log(f'dynamic shape: second input {tuple(inputs2.shape)} (random image {other[0]}x'
+            f'{other[1]} through the test pipeline)')
+        failures += compare(data2, inputs2, 'second_input')
+        report['comparisons']['second_input'] = compare.results['second_input']
     with torch.no_grad():
-        raw_ort = raw_session.run(names, {'input': inputs.numpy()})
-        raw_diffs = compare_outputs(
-            {n: t for n, t in zip(raw_module.names, raw_ref)},
-            {n: torch.from_numpy(a) for n, a in zip(raw_module.names, raw_ort)}, atol, rtol)
-        report['raw_outputs'] = raw_diffs
-        log('raw head outputs, ONNX Runtime vs PyTorch:\n' + format_diffs(raw_diffs, atol, rtol))
-        failures += [f'raw {d.name}' for d in raw_diffs if not d.ok]
-
-        ort_result = backend_model.test_step(deepcopy(data))
-        torch_result = torch_model.test_step(deepcopy(data))
-        if task == 'det':
-            score_thr, max_per_img = _det_test_cfg(torch_model)
-            match = match_detections(_detections(torch_result[0]), _detections(ort_result[0]),
-                                     score_thr, max_per_img, score_atol, box_atol)
-            report['detections'] = match
-            log(f'detections, ONNX Runtime vs PyTorch: {match["num_ort"]} vs {match["num_ref"]}, '
-                f'{match["matched"]} matched (label equal, max box diff '
-                f'{match["max_box_diff"]:.2e} px, max score diff {match["max_score_diff"]:.2e}); '
-                f'unmatched {match["unmatched_ref"]}/{match["unmatched_ort"]}, unexplained '
-                f'{match["unexplained"]} -> {"PASS" if match["ok"] else "FAIL"}')
-            if not match['ok']:
-                failures.append('detections')
-        else:
-            ort_out = backend_model.wrapper({'input': inputs})
-            ort_out = ort_out[backend_model.output_names[0]]
-            ref_logits = torch_model.encode_decode(inputs, [s.metainfo for s in
-                                                            data['data_samples']])
-            if ort_out.shape[1] == ref_logits.shape[1]:  # logits (with_argmax=False)
-                seg_diffs = compare_outputs({'seg_logits': ref_logits}, {'seg_logits': ort_out},
-                                            atol, rtol)
-                report['seg_logits'] = seg_diffs
-                log('segmentation logits, ONNX Runtime vs PyTorch:\n'
-                    + format_diffs(seg_diffs, atol, rtol))
-                failures += [d.name for d in seg_diffs if not d.ok]
-                labels = _label_agreement(ref_logits, ort_out, atol, rtol)
-            else:  # labels (with_argmax=True)
-                differ = ref_logits.argmax(1, keepdim=True) != ort_out
-                labels = dict(pixels=int(differ.numel()), differing=int(differ.sum()),
-                              unexplained=int(differ.sum()), ok=not bool(differ.any()))
-            report['seg_labels'] = labels
-            log(f'segmentation labels: {labels["differing"]} of {labels["pixels"]} pixels differ, '
-                f'{labels["unexplained"]} not at a logit tie -> '
-                f'{"PASS" if labels["ok"] else "FAIL"}')
-            if not labels['ok']:
-                failures.append('seg_labels')
-
         seconds['ort_ms_per_image'] = _median_ms(lambda: backend_model.test_step(deepcopy(data)),
                                                  runs)
         seconds['torch_ms_per_image'] = _median_ms(lambda: torch_model.test_step(deepcopy(data)),
                                                    runs)
     report['verify_ok'] = not failures
     report['verify_failures'] = ', '.join(failures) or None
-    log(f'per image (median of {runs}): ONNX Runtime {seconds["ort_ms_per_image"]:.1f} ms, '
-        f'PyTorch {seconds["torch_ms_per_image"]:.1f} ms')
+    log(f'per image, test_step incl. pre/post-processing (median of {runs}): ONNX Runtime '
+        f'{seconds["ort_ms_per_image"]:.1f} ms, PyTorch {seconds["torch_ms_per_image"]:.1f} ms')
 
     # 6. evaluation on the test set
     if evaluate:

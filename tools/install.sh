@@ -28,3 +28,7 @@ fi
 if ! (cd / && python -c 'import do_conv_mm, os, sys; sys.exit(not os.path.realpath(do_conv_mm.__file__).startswith(sys.argv[1] + os.sep))' "$(pwd -P)") >/dev/null 2>&1; then
   pip install --no-build-isolation --no-deps -e .
 fi
+# The deploy extra (mmdeploy + ONNX Runtime) goes into its own venv, .venv-deploy, which sees the
+# packages above and changes none of them (tools/install_deploy.sh); tests/test_deploy_onnx.py
+# runs the export tool with it.
+bash tools/install_deploy.sh
