@@ -361,13 +361,16 @@ def _median_ms(fn: Callable[[], Any], runs: int) -> float:
 
 
 def _evaluate(model: nn.Module, cfg: Config) -> Tuple[Dict[str, float], float]:
-    """The config's test evaluator over its test dataloader with ``model``; (metrics, seconds)."""
+    """The config's test evaluator over its test set with ``model``, one image per batch;
+    (metrics, seconds)."""
     from mmengine.evaluator import Evaluator
     from mmengine.registry import DefaultScope
     from mmengine.runner import Runner
     start = time.perf_counter()
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        loader = Runner.build_dataloader(deepcopy(cfg.test_dataloader))
+        loader_cfg = deepcopy(cfg.test_dataloader)
+        loader_cfg['batch_size'] = 1  # the static deploy configs export batch 1
+        loader = Runner.build_dataloader(loader_cfg)
         evaluator = Evaluator(deepcopy(cfg.test_evaluator))
         evaluator.dataset_meta = getattr(loader.dataset, 'metainfo', None)
         with torch.no_grad():
