@@ -223,10 +223,12 @@ def test_toy_retinanet_onnxruntime_matches_pytorch_and_gives_the_same_map(det_de
     assert report['seconds']['ort_ms_per_image'] > 0 and report['seconds']['export_end2end'] > 0
 
 
-def test_toy_semantic_fpn_dynamic_export_matches_at_two_shapes(trained_seg, tmp_path):
+def test_toy_semantic_fpn_dynamic_export_matches_at_two_shapes_and_same_miou(trained_seg, tmp_path):
     out = tmp_path / 'seg'
-    deploy(SEG_CFG, trained_seg[1], out, '--dynamic', '--verify', '--runs', '1')
+    deploy(SEG_CFG, trained_seg[1], out, '--dynamic', '--verify', '--eval', '--runs', '1')
     report = report_of(out)
+    metrics = report['metrics']
+    assert metrics['pytorch']['mIoU'] > 0 and metrics['onnxruntime'] == metrics['pytorch']
     assert report['verify_ok'] and report['dynamic']
     assert report['deploy_cfg'].endswith('segmentation_onnxruntime_dynamic.py')
     assert_standard_ops(report)
