@@ -1,7 +1,7 @@
 """Run mmdeploy 1.3.1's ONNX export on torch >= 2.9 (used by ``tools/deploy_onnx.py``).
 
 mmdeploy 1.3.1 (Dec 2023) was written for torch <= 2.1's TorchScript-based ONNX exporter. On the
-torch of this stack (2.13) three things break, each fixed here for the duration of one export
+torch of this stack (2.13) two things break, each fixed here for the duration of one export
 and undone afterwards (nothing in site-packages is modified):
 
 1. ``torch.onnx.export`` defaults to ``dynamo=True`` since torch 2.9. mmdeploy calls it without
@@ -9,18 +9,13 @@ and undone afterwards (nothing in site-packages is modified):
    ignores everything mmdeploy does (function rewriters run, but its symbolic functions - NMS,
    RoIAlign, ... - are TorchScript-exporter symbolics). The shim passes ``dynamo=False``, the
    TorchScript exporter mmdeploy was written for (still shipped, deprecated, in torch 2.13).
-2. ``torch.onnx.utils`` became a re-export of ``torch.onnx._internal.torchscript_exporter.utils``
-   without private names, so mmdeploy's rewriter of ``torch.onnx.utils._model_to_graph`` (where
-   it runs its graph passes, e.g. the opset-13 Squeeze/Unsqueeze fix) found nothing and was
-   skipped with a warning. The shim exposes the real ``_model_to_graph`` under the old name;
-   mmdeploy then replaces every reference to it, including the exporter's own.
-3. ``torch.onnx.symbolic_opset9._cast_Long`` was removed; mmdeploy's RoIAlign symbolic for
+2. ``torch.onnx.symbolic_opset9._cast_Long`` was removed; mmdeploy's RoIAlign symbolic for
    ONNX Runtime (two-stage detectors) imports it. The shim provides it (an ONNX ``Cast`` to
    int64, what the removed helper emitted).
 
 One more is not about torch's version but about tracing mmseg (mmdeploy has no rewrite for it):
 
-4. ``mmseg.models.utils.Upsample`` (FPNHead's scale heads) computes its output size as
+3. ``mmseg.models.utils.Upsample`` (FPNHead's scale heads) computes its output size as
    ``int(t * scale_factor)`` of the traced input shape; the dynamic-shape ONNX graph then computes
    wrong values at any other input shape (measured: toy Semantic FPN exported at 128x128, run at
    64x128: 1.1e-1 relative difference; at 128x128: 6e-7). For an integer ``scale_factor`` the
@@ -46,8 +41,6 @@ SHIMS: List[Tuple[str, str]] = [
     ('torch.onnx.export(dynamo=False)',
      'torch >= 2.9 defaults to the torch.export-based exporter, which ignores mmdeploy\'s '
      'symbolics and needs onnxscript'),
-    ('torch.onnx.utils._model_to_graph',
-     'private name no longer re-exported; mmdeploy hooks its graph passes there'),
     ('torch.onnx.symbolic_opset9._cast_Long',
      'removed helper imported by mmdeploy\'s RoIAlign symbolic'),
     ('mmseg.models.utils.Upsample.forward (integer scale_factor)',
@@ -94,7 +87,6 @@ def mmdeploy_export_compat() -> Iterator[None]:
     """Patch torch's ONNX entry points the way mmdeploy 1.3.1 expects them, then restore them."""
     import torch.onnx
     import torch.onnx.symbolic_opset9 as opset9
-    import torch.onnx.utils as onnx_utils
     with contextlib.ExitStack() as stack:
         export = torch.onnx.export
         if 'dynamo' in getattr(export, '__kwdefaults__', None) or {}:
@@ -103,9 +95,6 @@ def mmdeploy_export_compat() -> Iterator[None]:
                 kwargs.setdefault('dynamo', False)
                 return export(*args, **kwargs)
             stack.enter_context(_patched(torch.onnx, 'export', export_torchscript))
-        if not hasattr(onnx_utils, '_model_to_graph'):
-            from torch.onnx._internal.torchscript_exporter import utils as ts_utils
-            stack.enter_context(_patched(onnx_utils, '_model_to_graph', ts_utils._model_to_graph))
         if not hasattr(opset9, '_cast_Long'):
             stack.enter_context(_patched(opset9, '_cast_Long', _cast_long))
         try:

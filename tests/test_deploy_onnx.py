@@ -150,16 +150,14 @@ def test_shim_patches_only_inside_and_restores_everything():
     import torch.onnx.utils as onnx_utils
     from do_conv_mm.mmdeploy_compat import mmdeploy_export_compat
     export = torch.onnx.export
-    had_model_to_graph = hasattr(onnx_utils, '_model_to_graph')
     had_cast = hasattr(opset9, '_cast_Long')
+    # mmdeploy hooks its graph passes on this name; torch 2.13 still re-exports it (no shim)
+    assert hasattr(onnx_utils, '_model_to_graph')
     with mmdeploy_export_compat():
         assert torch.onnx.export is not export
         assert torch.onnx.export.__wrapped__ is export  # the wrapper only adds dynamo=False
-        from torch.onnx._internal.torchscript_exporter import utils as ts_utils
-        assert onnx_utils._model_to_graph is ts_utils._model_to_graph
         assert callable(opset9._cast_Long)
     assert torch.onnx.export is export
-    assert hasattr(onnx_utils, '_model_to_graph') == had_model_to_graph
     assert hasattr(opset9, '_cast_Long') == had_cast
 
 
