@@ -35,7 +35,6 @@ Tolerances (fp32; ORT and PyTorch use different conv kernels and summation order
 * segmentation labels (argmax): pixels may differ only where PyTorch's top two logits are within
   the dense tolerance of each other.
 """
-import contextlib
 import json
 import math
 import os

@@ -20,7 +20,7 @@ from mmengine.config import Config
 
 from training_helpers import REPO, run_tool, tool_env
 
-import do_conv_mm
+import do_conv_mm  # noqa: F401  (registers DOConv, safe checkpoint globals)
 from do_conv_mm.checkpoint import CheckpointError, load_checkpoint_file
 from do_conv_mm.checkpoint_guard import check_checkpoint_config, describe_checkpoint
 
