@@ -25,13 +25,17 @@ Tolerances (fp32; ORT and PyTorch use different conv kernels and summation order
   max|torch|`` per output, the fold tool's criterion, with the same defaults ``rtol=1e-4``,
   ``atol=1e-5``. Measured ORT-vs-PyTorch differences are 1e-7 .. 1e-6 of the output's scale (see
   README); a wrong export (a dropped D, a wrong kernel) is O(1e-1).
-* detections: every PyTorch detection must have an ORT detection of the same label with
-  ``|score diff| <= score_atol`` (1e-4: scores are sigmoid/softmax outputs <= 1, so this is the
-  dense criterion on the score map) and box coordinates within ``box_atol`` pixels (default
-  1e-2 px: a box is decoded from deltas through exp() and scaled by the anchor size, so a relative
-  error of 1e-6 .. 1e-5 becomes <= 1e-3 px on 128 px - 1333 px images); and vice versa. A
-  detection may be unmatched only where it is a tie the two runtimes may break differently:
-  its score within ``score_atol`` of the score threshold or of the last kept score.
+* detections: ``end2end.onnx`` is compared with the PyTorch model running the same function
+  (mmdeploy's rewritten forward and post-processing, in PyTorch under its RewriterContext).
+  Every detection must have a counterpart of the same label with ``|score diff| <= score_atol``
+  (1e-4: scores are sigmoid/softmax outputs <= 1, so this is the dense criterion on the score
+  map) and box coordinates within ``box_atol`` pixels (default 1e-2 px: a box is decoded from
+  deltas through exp() and scaled by the anchor size, so a relative error of 1e-6 .. 1e-5
+  becomes <= 1e-3 px on 128 px - 1333 px images); and vice versa. A detection may be unmatched
+  only where it is a tie the two runtimes may break differently: its score within
+  ``score_atol`` of the score threshold or of the last kept score. ONNX Runtime's final
+  predictions are also matched against mmdet's own ``predict`` and reported (mmdeploy's RPN
+  post-processing differs from mmdet's for two-stage detectors; see README).
 * segmentation labels (argmax): pixels may differ only where PyTorch's top two logits are within
   the dense tolerance of each other.
 """
