@@ -25,6 +25,9 @@ Tolerances (fp32; ORT and PyTorch use different conv kernels and summation order
   max|torch|`` per output, the fold tool's criterion, with the same defaults ``rtol=1e-4``,
   ``atol=1e-5``. Measured ORT-vs-PyTorch differences are 1e-7 .. 1e-6 of the output's scale (see
   README); a wrong export (a dropped D, a wrong kernel) is O(1e-1).
+* two-stage detectors, in addition: the RoI head's ``cls_score``/``bbox_pred`` on PyTorch's
+  proposals (``roi_outputs.onnx``), densely as above, so the RoI stage (ONNX ``RoiAlign``) is
+  checked on the same boxes, independent of proposal selection.
 * detections: ``end2end.onnx`` is compared with the PyTorch model running the same function
   (mmdeploy's rewritten forward and post-processing, in PyTorch under its RewriterContext).
   Every detection must have a counterpart of the same label with ``|score diff| <= score_atol``
@@ -70,6 +73,7 @@ FORBIDDEN_OPS = ('Einsum', )
 REPORT = 'deploy_report.json'
 END2END = 'end2end.onnx'
 RAW = 'raw_outputs.onnx'
+ROI = 'roi_outputs.onnx'
 
 
 def _find_deploy_config_dir() -> str:
@@ -235,6 +239,36 @@ class RawHeadOutputs(nn.Module):
         return tuple(t for _, t in flat)
 
 
+class RoIHeadOutputs(nn.Module):
+    """A two-stage detector's RoI head on given RoIs: ``(cls_score, bbox_pred)``.
+
+    Exported as ``roi_outputs.onnx`` (inputs ``input`` and ``rois`` (N, 5): batch index, x1, y1,
+    x2, y2), so ONNX Runtime and PyTorch can be compared on the *same* proposals: the RoI stage
+    densely, independent of the proposal selection (see :class:`_Comparer`).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, rois: torch.Tensor):
+        feats = self.model.extract_feat(inputs)
+        result = self.model.roi_head._bbox_forward(feats, rois)
+        return result['cls_score'], result['bbox_pred']
+
+
+def _proposal_rois(model: nn.Module, inputs: torch.Tensor, samples) -> torch.Tensor:
+    """PyTorch's RPN proposals for ``inputs`` as RoIs (N, 5)."""
+    from mmdet.structures.bbox import bbox2roi
+    feats = model.extract_feat(inputs)
+    proposals = model.rpn_head.predict(feats, deepcopy(samples), rescale=False)
+    return bbox2roi([p.bboxes for p in proposals])
+
+
+def _two_stage(model: nn.Module) -> bool:
+    return bool(getattr(model, 'with_rpn', False)) and hasattr(model, 'roi_head')
+
+
 def _flatten(obj: Any, name: str, out: List[Tuple[str, torch.Tensor]]) -> None:
     if isinstance(obj, torch.Tensor):
         out.append((name, obj))
@@ -388,18 +422,20 @@ class _Comparer:
     """Runs one preprocessed input through ONNX Runtime and PyTorch and compares (see module doc).
 
     Dense: raw head maps (``raw_outputs.onnx`` vs the PyTorch head forward); segmentation logits
-    (``end2end.onnx`` vs ``encode_decode``). Detections: ``end2end.onnx`` vs the PyTorch model
-    running the *same* function (mmdeploy's rewritten forward and post-processing, under its
-    RewriterContext), asserted; and ONNX Runtime's final predictions vs mmdet's own
-    ``predict`` (its own post-processing), reported (mmdeploy's RPN runs one NMS over all
-    levels where mmdet runs one per level, so two-stage detectors legitimately differ there).
+    (``end2end.onnx`` vs ``encode_decode``); two-stage detectors: the RoI head on PyTorch's
+    proposals (``roi_outputs.onnx``). Detections: ``end2end.onnx`` vs the PyTorch model running
+    the *same* function (mmdeploy's rewritten forward and post-processing, under its
+    RewriterContext), asserted; and ONNX Runtime's final predictions vs mmdet's own ``predict``
+    (its own post-processing), reported (mmdeploy's RPN runs one NMS over all levels where mmdet
+    runs one per level).
     """
 
     def __init__(self, task, torch_model, raw_module, names, raw_session, backend_model, dcfg,
-                 atol, rtol, score_atol, box_atol, log):
+                 atol, rtol, score_atol, box_atol, log, roi_module=None, roi_session=None):
         self.task, self.torch_model, self.raw_module = task, torch_model, raw_module
         self.names, self.raw_session, self.backend_model = names, raw_session, backend_model
         self.dcfg, self.log = dcfg, log
+        self.roi_module, self.roi_session = roi_module, roi_session
         self.atol, self.rtol, self.score_atol, self.box_atol = atol, rtol, score_atol, box_atol
         self.results: Dict[str, Dict[str, Any]] = {}
 
@@ -418,8 +454,22 @@ class _Comparer:
         self.log(f'[{key} {tuple(inputs.shape)}] raw head outputs, ONNX Runtime vs PyTorch:\n'
                  + format_diffs(diffs, self.atol, self.rtol))
         failures += [f'{key} raw {d.name}' for d in diffs if not d.ok]
-        end2end = self.backend_model.wrapper({'input': inputs})
         samples = data['data_samples']
+        if self.roi_session is not None:
+            rois = _proposal_rois(self.torch_model, inputs, samples)
+            ref_roi = self.roi_module(inputs, rois)
+            ort_roi = self.roi_session.run(['cls_score', 'bbox_pred'],
+                                           {'input': inputs.numpy(), 'rois': rois.numpy()})
+            roi_diffs = compare_outputs(
+                {'cls_score': ref_roi[0], 'bbox_pred': ref_roi[1]},
+                {'cls_score': torch.from_numpy(ort_roi[0]),
+                 'bbox_pred': torch.from_numpy(ort_roi[1])}, self.atol, self.rtol)
+            result['roi_outputs'] = roi_diffs
+            result['num_rois'] = int(rois.shape[0])
+            self.log(f'[{key}] RoI head on the same {rois.shape[0]} proposals, ONNX Runtime vs '
+                     f'PyTorch:\n' + format_diffs(roi_diffs, self.atol, self.rtol))
+            failures += [f'{key} roi {d.name}' for d in roi_diffs if not d.ok]
+        end2end = self.backend_model.wrapper({'input': inputs})
         if self.task == 'det':
             failures += self._detections(data, inputs, samples, end2end, result, key)
         else:
@@ -648,6 +698,7 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     data, inputs = processor.create_input(img, input_shape,
                                           data_preprocessor=torch_model.data_preprocessor)
     report['input_shape'] = list(inputs.shape)
+    report['opset'] = int(dcfg.onnx_config.get('opset_version', 11))
 
     # 3. export: end-to-end (mmdeploy's torch2onnx) and the raw head outputs (mmdeploy's export)
     start = time.perf_counter()
@@ -674,6 +725,27 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
                         keep_initializers_as_inputs=onnx_cfg.get('keep_initializers_as_inputs',
                                                                  False))
     seconds['export_raw'] = time.perf_counter() - start
+    roi_module = None
+    if task == 'det' and _two_stage(torch_model):
+        roi_module = RoIHeadOutputs(torch_model).eval()
+        with torch.no_grad():
+            rois = _proposal_rois(torch_model, inputs, data['data_samples'])
+        roi_axes = {'rois': {0: 'num_rois'}, 'cls_score': {0: 'num_rois'},
+                    'bbox_pred': {0: 'num_rois'}}
+        if report['dynamic']:
+            roi_axes['input'] = {0: 'batch', 2: 'height', 3: 'width'}
+        start = time.perf_counter()
+        with mmdeploy_export_compat():
+            mmdeploy_export(roi_module, (inputs, rois),
+                            os.path.join(stage, os.path.splitext(ROI)[0]),
+                            backend='onnxruntime', context_info=dict(deploy_cfg=dcfg),
+                            input_names=['input', 'rois'],
+                            output_names=['cls_score', 'bbox_pred'],
+                            opset_version=onnx_cfg.get('opset_version', 11),
+                            dynamic_axes=roi_axes,
+                            keep_initializers_as_inputs=onnx_cfg.get(
+                                'keep_initializers_as_inputs', False))
+        seconds['export_roi'] = time.perf_counter() - start
     try:
         from mmdeploy.backend.sdk.export_info import export2SDK
         export2SDK(dcfg, sdk_model_cfg, stage, pth=weights, device='cpu')
@@ -683,7 +755,7 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
 
     # 4. graph checks
     report['ops'] = {}
-    for name in (END2END, RAW):
+    for name in (END2END, RAW) + ((ROI, ) if roi_module is not None else ()):
         path = os.path.join(stage, name)
         ops = onnx_ops(path)
         _check_ops(path, ops)
@@ -700,9 +772,11 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
         data_preprocessor_updater=processor.update_data_preprocessor)
     raw_session = ort.InferenceSession(os.path.join(stage, RAW),
                                        providers=['CPUExecutionProvider'])
+    roi_session = None if roi_module is None else ort.InferenceSession(
+        os.path.join(stage, ROI), providers=['CPUExecutionProvider'])
     seconds['ort_session'] = time.perf_counter() - start
     compare = _Comparer(task, torch_model, raw_module, names, raw_session, backend_model, dcfg,
-                        atol, rtol, score_atol, box_atol, log)
+                        atol, rtol, score_atol, box_atol, log, roi_module, roi_session)
     failures = compare(data, inputs, 'input')
     report['comparisons'] = {'input': compare.results['input']}
     if report['dynamic']:

@@ -96,17 +96,17 @@ def det_deploy(trained_det, tmp_path_factory):
 
 def random_checkpoint(config: str, path, spread_heads: bool = False):
     """A DO-Conv training checkpoint with random D and BN statistics (tests/test_fold_tool.py);
-    ``spread_heads``: classifier weights with std 0.3, so that scores are spread like a trained
-    model's instead of all near 0.5 / 1/81 (random near-ties make NMS and top-k order arbitrary
-    in any two runtimes)."""
+    ``spread_heads``: RPN / RoI classifier weights with std 0.05 / 0.3, so that scores spread
+    like a trained model's instead of all sitting near 0.5 / 1/81."""
     from test_fold_tool import randomise, training_checkpoint
     from do_conv_mm.deploy import build_model
     cfg = Config.fromfile(config)
+    torch.manual_seed(0)  # the initial weights too: the same model in every run
     model = randomise(build_model(cfg), 0)
     if spread_heads:
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            model.rpn_head.rpn_cls.weight.normal_(0, 0.3, generator=g)
+            model.rpn_head.rpn_cls.weight.normal_(0, 0.05, generator=g)
             model.roi_head.bbox_head.fc_cls.weight.normal_(0, 0.3, generator=g)
     torch.save(training_checkpoint(model, cfg), str(path))
     return str(path)
@@ -261,14 +261,21 @@ def test_faster_rcnn_r50_fpn_exports_with_standard_roialign_and_matches(tmp_path
     report = report_of(out)
     assert report['verify_ok']
     assert_standard_ops(report)
-    assert 'RoiAlign' in report['ops']['end2end.onnx']  # ONNX's own op, no mmdeploy custom op
+    for name in ('end2end.onnx', 'roi_outputs.onnx'):
+        assert 'RoiAlign' in report['ops'][name]  # ONNX's own op, no mmdeploy custom op
     cmp = report['comparisons']['input']
     assert_dense_ok(cmp['raw_outputs'])  # RPN maps, 5 levels
     assert len(cmp['raw_outputs']) == 10
+    assert_dense_ok(cmp['roi_outputs'])  # RoI head on the same proposals: cls_score, bbox_pred
+    assert cmp['num_rois'] > 100
     match = cmp['detections']  # same post-processing: one to one
-    assert match['ok'] and match['num_ref'] > 0 and match['matched'] == match['num_ref']
+    assert match['ok'] and match['num_ref'] > 0 and match['matched'] == match['num_ref'], match
     # mmdet's own RPN runs NMS per level, mmdeploy's over all levels: reported, not asserted
     assert 'detections_vs_mmdet' in cmp
+    assert report['deploy_cfg'].endswith('detection_onnxruntime_static.py')
+    # opset 16: ONNX RoiAlign's half_pixel mode is mmcv's aligned RoIAlign (at opset 11, RoIs
+    # under one feature cell are pooled differently; configs/deploy/detection_*)
+    assert report['opset'] == 16
 
 
 def test_pspnet_r50_d8_exports_and_matches(tmp_path):

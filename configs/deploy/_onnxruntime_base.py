@@ -1,7 +1,7 @@
 # Shared part of the ONNX Runtime deploy configs of do_conv_mm (mmdeploy 1.3.1 config format;
 # mmdeploy's wheel ships no configs, so these are written for this project's models).
-# opset 11: every op our folded detectors/segmentors need (Conv, Resize, TopK,
-# NonMaxSuppression, RoiAlign) exists there, and onnxruntime >= 1.15 runs it.
+# opset 11 (segmentation; detection overrides it with 16, see there): every op the folded
+# segmentors need exists there, and onnxruntime >= 1.15 runs it.
 # optimize=False: mmdeploy's graph optimizer needs its TorchScript extension, which the wheel
 # does not ship (with True it only logs "Can not optimize model").
 onnx_config = dict(
