@@ -21,6 +21,10 @@ setup(
         'mmdet': ['mmdet>=3.0.0,<3.4'],
         'mmseg': ['mmsegmentation>=1.0.0,<1.3', 'ftfy', 'regex'],
         'tests': ['pytest', 'onnx', 'scikit-learn', 'matplotlib'],
+        # mmdeploy + ONNX Runtime. Install into its own venv (bash tools/install_deploy.sh):
+        # mmdeploy pins protobuf<=3.20.2, so onnx is held at 1.17.0 there, which would
+        # downgrade the main stack's onnx/protobuf if installed next to it.
+        'deploy': ['mmdeploy==1.3.1', 'onnxruntime==1.23.2', 'onnx==1.17.0', 'protobuf==3.20.2'],
     },
     license='Apache-2.0',
 )

@@ -110,13 +110,19 @@ def _file_kind(path: str) -> str:
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike],
-                         map_location: Any = 'cpu') -> Dict[str, Any]:
+                         map_location: Any = 'cpu',
+                         *,
+                         config: Any = None) -> Dict[str, Any]:
     """Load a checkpoint with torch's safe unpickler (``weights_only=True``) and the allow-list.
 
     Args:
         path: a ``.pth`` file written by ``torch.save`` (a full mmengine training checkpoint,
             a ``{'state_dict': ...}`` file or a bare state dict).
         map_location: as for ``torch.load``; CPU by default.
+        config: the config (``mmengine.Config``, dict or config path) the weights are meant for.
+            When given, an unfolded DO-Conv checkpoint with a config that has no DO-Conv layer
+            (a deploy/plain config) is refused (see ``do_conv_mm.checkpoint_guard``): mmengine
+            would load it non-strictly, drop ``D`` and compute a different function.
 
     Returns:
         The saved dict, unchanged (e.g. keys ``meta``, ``state_dict``, ``message_hub``, ...).
@@ -125,7 +131,7 @@ def load_checkpoint_file(path: Union[str, os.PathLike],
         CheckpointError: one line naming the problem and the fix, for a missing path, a directory,
             a file that is not a torch checkpoint, a truncated or corrupt file, a file whose
             content is not a dict, or one that needs types outside the allow-list (refused before
-            anything from the file ran).
+            anything from the file ran); with ``config``, also a train/deploy mix-up.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -166,6 +172,12 @@ def load_checkpoint_file(path: Union[str, os.PathLike],
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'Checkpoint {path!r} holds a {type(checkpoint).__name__}, not a '
                               f'dict; save model.state_dict() (or an mmengine checkpoint) instead.')
+    if config is not None:
+        from .checkpoint_guard import check_checkpoint_config
+        if isinstance(config, (str, os.PathLike)):
+            from mmengine.config import Config
+            config = Config.fromfile(os.fspath(config))
+        check_checkpoint_config(checkpoint, config, path)
     return checkpoint
 
 

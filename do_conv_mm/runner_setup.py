@@ -83,16 +83,26 @@ def _check_scope(cfg: Config) -> None:
                         f'tools/install.sh).') from None
 
 
-def check_checkpoint(path: str) -> None:
-    """Fail early, in one line, on a missing, damaged or unsafe local checkpoint."""
+def check_checkpoint(path: str, cfg: Optional[Config] = None) -> Optional[str]:
+    """Fail early, in one line, on a missing, damaged or unsafe local checkpoint.
+
+    With ``cfg`` (the config it will be loaded into) a train/deploy mix-up is refused too (an
+    unfolded DO-Conv checkpoint with a config that has no DO-Conv layer, see
+    :mod:`do_conv_mm.checkpoint_guard`), and a one-line description of the checkpoint (folded
+    by the fold tool / unfolded DO-Conv / plain) is returned for the tool to report.
+    """
     if '://' in path:  # http(s)://, s3://, open-mmlab:// ... are mmengine's to fetch
-        return
+        return None
     checkpoint = load_checkpoint_file(path)
     if not any(k in checkpoint for k in ('state_dict', 'model', 'module')) and not all(
             hasattr(v, 'shape') for v in checkpoint.values()):
         raise CheckpointError(f'Checkpoint {path!r} holds neither a state_dict nor tensors '
                               f'(keys: {", ".join(list(checkpoint)[:5])}); pass a model '
                               f'checkpoint.')
+    if cfg is None:
+        return None
+    from .checkpoint_guard import check_checkpoint_config
+    return check_checkpoint_config(checkpoint, cfg, path)
 
 
 def set_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> None:

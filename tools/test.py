@@ -11,7 +11,10 @@ prediction maps into that directory (IoUMetric output_dir), as the upstream tool
 are printed by mmengine's logger and also written to ``<work_dir>/test_metrics.json``.
 
 The checkpoint is loaded with torch's safe unpickler (``import do_conv_mm`` allow-lists the types
-of mmengine training checkpoints); a damaged or unsafe file is reported in one line.
+of mmengine training checkpoints); a damaged or unsafe file is reported in one line, and so is an
+unfolded DO-Conv checkpoint given with a config that has no DO-Conv layer (it would load
+non-strictly and compute a different function: fold it first). The log names the checkpoint's
+kind (folded by tools/fold_doconv.py, unfolded DO-Conv, or plain).
 """
 import argparse
 import json
@@ -23,6 +26,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.dist import is_main_process  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
 
 import do_conv_mm  # noqa: E402,F401  (DOConv registry entries + safe checkpoint globals)
 from do_conv_mm.checkpoint import CheckpointError  # noqa: E402
@@ -111,7 +115,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.cfg_options, args.launcher)
         set_work_dir(cfg, args.config, args.work_dir)
-        check_checkpoint(args.checkpoint)
+        checkpoint_kind = check_checkpoint(args.checkpoint, cfg)
         cfg.load_from = args.checkpoint
         if args.show or args.show_dir:
             enable_visualization(cfg, args)
@@ -123,6 +127,8 @@ def main(argv=None):
         runner = build_runner(cfg)
     except (ToolError, CheckpointError) as error:
         sys.exit(f'error: {error}')
+    if checkpoint_kind:
+        print_log(f'checkpoint {args.checkpoint}: {checkpoint_kind}', logger='current')
     if args.out is not None:
         attach_output(cfg, runner, args.out)
     metrics = runner.test()

@@ -102,7 +102,7 @@ def main(argv=None):
             cfg.resume = True
             cfg.load_from = args.resume
         if cfg.get('load_from'):
-            check_checkpoint(cfg.load_from)
+            check_checkpoint(cfg.load_from, cfg)
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
     except (ToolError, CheckpointError) as error:
