@@ -1,6 +1,6 @@
 """Deployment: fold -> mmdeploy ONNX export -> ONNX Runtime, and the train/deploy mix-up guard.
 
-The export tool runs in the deploy venv (.venv-deploy, made by tools/install.sh through
+The export tool runs in the deploy venv (.venv-deploy, made by tools/run_tests.sh through
 tools/install_deploy.sh; $DO_CONV_MM_DEPLOY_PYTHON overrides), as a user runs it; the tests read
 its deploy_report.json. Tolerances are the tool's own (see do_conv_mm/onnx_deploy.py): dense
 outputs max|ORT - PyTorch| <= 1e-5 + 1e-4 * max|PyTorch| (measured ~1e-6 relative; a wrong
@@ -37,7 +37,7 @@ RTOL = 1e-4  # the tool's default dense criterion (atol 1e-5 + rtol * max|ref|)
 def deploy(*args, expect_ok=True, timeout=600):
     """Run tools/deploy_onnx.py with the deploy venv's python; (returncode, output)."""
     assert osp.isfile(DEPLOY_PY), (f'{DEPLOY_PY} missing: the deploy venv is made by '
-                                   f'bash tools/install_deploy.sh (run by tools/install.sh)')
+                                   f'bash tools/install_deploy.sh (run by tools/run_tests.sh)')
     proc = subprocess.run([DEPLOY_PY, osp.join(REPO, 'tools', 'deploy_onnx.py'),
                            *map(str, args)], cwd=REPO, env=tool_env(), capture_output=True,
                           text=True, timeout=timeout)
