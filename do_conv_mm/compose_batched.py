@@ -14,11 +14,11 @@ writes directly. Grouped convs whose channel blocks are no single strided batch 
 more than one input channel per group) use the formulas of :mod:`do_conv_mm.composition`.
 Device-independent: tested against ``compose_kernel`` in float64 on CPU tensors.
 """
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from .composition import compose_kernel, compose_kernel_backward
+from .composition import compose_kernel, compose_kernel_backward, plus_identity
 
 __all__ = ['BatchedComposer', 'BATCHED_COMPOSER']
 
@@ -32,20 +32,6 @@ def channel_major(kernel_like: torch.Tensor, groups: int) -> Optional[torch.Tens
     if Cg == 1:
         return kernel_like.view(groups, O // groups, X)
     return None
-
-
-_IDENTITY: Dict[tuple, torch.Tensor] = {}
-
-
-def _plus_identity(D: torch.Tensor) -> torch.Tensor:
-    """P = D + I (C, K, S), I[m, m] = 1 for m < K: one broadcast add of a cached (K, S) identity."""
-    K, S = D.shape[1:]
-    key = (K, S, D.dtype, D.device)
-    eye = _IDENTITY.get(key)
-    if eye is None:
-        with torch.inference_mode(False):
-            eye = _IDENTITY[key] = torch.eye(K, S, dtype=D.dtype, device=D.device)
-    return D + eye
 
 
 class BatchedComposer:
@@ -69,7 +55,7 @@ class BatchedComposer:
 
     def compose(self, weight, D, weight_extra, groups) -> Tuple[torch.Tensor, torch.Tensor]:
         """W' for a forward pass: (kernel, token); hand the token to ``kernel_for_backward``."""
-        P = _plus_identity(D)
+        P = plus_identity(D)
         kernel = self._compose_with(P, weight, weight_extra, groups)
         if kernel is None:
             kernel = compose_kernel(weight, D, weight_extra, groups)

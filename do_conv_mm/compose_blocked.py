@@ -17,20 +17,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from .composition import by_channel, compose_kernel, compose_kernel_backward, full_W
+from .composition import by_channel, compose_kernel, compose_kernel_backward, full_W, \
+    plus_identity
 
 __all__ = ['BlockedComposer', 'compose_kernel_into']
 
 BLOCK_ELEMENTS = 1 << 21  # ~8 MB of fp32 per temporary block
 KEEP_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: bigger blocks always come fresh
-
-
-def _plus_identity(D: torch.Tensor) -> torch.Tensor:
-    """D + I as a new (C, K, S) tensor, I[m, m] = 1 for m < K."""
-    K = D.shape[1]
-    shifted = D.clone()
-    shifted[:, :, :K].diagonal(dim1=1, dim2=2).add_(1)
-    return shifted
 
 
 def _per_channel_matmul_into(rows: torch.Tensor, matrices: torch.Tensor,
@@ -56,7 +49,7 @@ def compose_kernel_into(out: torch.Tensor,
     if groups != 1:
         return out.copy_(compose_kernel(weight, D, weight_extra, groups))
     W_by_channel = by_channel(full_W(weight, weight_extra), 1)  # (C, S, O), a view if S == K
-    _per_channel_matmul_into(out.view(out.shape[0], -1), _plus_identity(D), W_by_channel)
+    _per_channel_matmul_into(out.view(out.shape[0], -1), plus_identity(D), W_by_channel)
     return out
 
 
@@ -65,7 +58,7 @@ def _weight_grad_in_place(grad_kernel: torch.Tensor, D: torch.Tensor) -> torch.T
     (O, C, kh, kw) (groups == 1, S == K). Returns ``grad_kernel``."""
     O, C = grad_kernel.shape[:2]
     grad_by_channel = by_channel(grad_kernel.view(O, C, -1), 1)  # (C, K, O) view
-    _per_channel_matmul_into(grad_kernel.view(O, -1), _plus_identity(D).transpose(1, 2),
+    _per_channel_matmul_into(grad_kernel.view(O, -1), plus_identity(D).transpose(1, 2),
                              grad_by_channel)
     return grad_kernel
 

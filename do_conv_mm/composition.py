@@ -15,12 +15,12 @@ The training path (:mod:`do_conv_mm.composed_conv`) computes the same thing with
 kernels; :func:`fold_kernel` is what deployment uses.
 """
 import contextlib
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['compose_kernel', 'compose_kernel_backward', 'fold_kernel', 'autocast_dtype',
-           'no_autocast']
+__all__ = ['compose_kernel', 'compose_kernel_backward', 'fold_kernel', 'plus_identity',
+           'autocast_dtype', 'no_autocast']
 
 
 def compose_kernel(weight: torch.Tensor,
@@ -66,6 +66,21 @@ def to_kernel_layout(per_channel: torch.Tensor, groups: int) -> torch.Tensor:
         return per_channel.reshape(C * X, Og).t().contiguous().view(Og, C, X)
     Cg = C // groups
     return per_channel.reshape(groups, Cg, X, Og).permute(0, 3, 1, 2).reshape(groups * Og, Cg, X)
+
+
+_IDENTITY: Dict[tuple, torch.Tensor] = {}
+
+
+def plus_identity(D: torch.Tensor) -> torch.Tensor:
+    """P = D + I as a new (C, K, S) tensor, I[m, m] = 1 for m < K: one broadcast add of a cached
+    (K, S) identity (no autograd)."""
+    K, S = D.shape[1:]
+    key = (K, S, D.dtype, D.device)
+    eye = _IDENTITY.get(key)
+    if eye is None:
+        with torch.inference_mode(False):
+            eye = _IDENTITY[key] = torch.eye(K, S, dtype=D.dtype, device=D.device)
+    return D + eye
 
 
 def compose_kernel_backward(grad_kernel: torch.Tensor,
