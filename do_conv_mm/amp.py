@@ -39,19 +39,12 @@ def _tensors(values):
             yield from _tensors(value)
 
 
-def _to_float32(value):
+def _cast(value, source: torch.dtype, target: torch.dtype):
+    """``value`` (a tensor or nested lists / tuples) with ``source`` tensors cast to ``target``."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.dtype == torch.bfloat16 else value
+        return value.to(target) if value.dtype == source else value
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_float32(v) for v in value)
-    return value
-
-
-def _to_bfloat16(value):
-    if isinstance(value, torch.Tensor):
-        return value.bfloat16() if value.dtype == torch.float32 else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_bfloat16(v) for v in value)
+        return type(value)(_cast(v, source, target) for v in value)
     return value
 
 
@@ -64,13 +57,13 @@ def _in_float32(method, cast_back: bool):
         tensors = list(_tensors(list(args) + list(kwargs.values())))
         if not any(t.dtype == torch.bfloat16 for t in tensors):
             return method(ctx, *args, **kwargs)
-        args = _to_float32(args)
-        kwargs = {k: _to_float32(v) for k, v in kwargs.items()}
+        args = _cast(args, torch.bfloat16, torch.float32)
+        kwargs = {k: _cast(v, torch.bfloat16, torch.float32) for k, v in kwargs.items()}
         with ExitStack() as stack:
             for device_type in sorted({t.device.type for t in tensors}):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
             result = method(ctx, *args, **kwargs)
-        return _to_bfloat16(result) if cast_back else result
+        return _cast(result, torch.float32, torch.bfloat16) if cast_back else result
 
     setattr(wrapped, _PATCHED, True)
     return wrapped
