@@ -369,8 +369,7 @@ def _default_image(cfg: Config, shape: Optional[Sequence[int]], log) -> Tuple[An
     from mmengine.registry import DATASETS, DefaultScope
     from .toy_data import ensure_toy_data_for_config
     try:
-        if cfg.get('toy_data_root'):
-            ensure_toy_data_for_config(cfg)
+        ensure_toy_data_for_config(cfg)
         with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
             import importlib
             importlib.import_module(f'{cfg.default_scope}.datasets')

@@ -181,18 +181,15 @@ def prepare_toy_data(cfg: Config, wait_s: float = 600) -> None:
 
     Under a distributed launch only local rank 0 generates; the other ranks wait for it.
     """
-    from .toy_data import ensure_toy_data_for_config, is_complete
-    root = cfg.get('toy_data_root')
-    if not root:
-        return
+    from .toy_data import ensure_toy_data_for_config, toy_data_missing_for_config
     if int(os.environ.get('LOCAL_RANK', 0)) == 0:
         ensure_toy_data_for_config(cfg)
         return
     deadline = time.monotonic() + wait_s
-    while not is_complete(osp.normpath(root)):
+    while toy_data_missing_for_config(cfg):
         if time.monotonic() > deadline:
-            raise ToolError(f'toy data in {root!r} did not appear within {wait_s:.0f} s; run '
-                            f'python tools/make_toy_data.py first.')
+            raise ToolError(f'toy data in {toy_data_missing_for_config(cfg)} did not appear '
+                            f'within {wait_s:.0f} s; run python tools/make_toy_data.py first.')
         time.sleep(1)
 
 

@@ -25,13 +25,13 @@ import os
 import os.path as osp
 import shutil
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 __all__ = ['CLASSES', 'SEG_CLASSES', 'SEG_PALETTE', 'DEFAULT_ROOT', 'ensure_toy_data',
-           'ensure_toy_data_for_config', 'generate_toy_data', 'is_complete', 'render_scene',
-           'toy_settings']
+           'ensure_toy_data_for_config', 'generate_toy_data', 'toy_data_missing_for_config', 'is_complete', 'render_scene',
+           'toy_settings', 'write_dataset_atomically', 'draw_shape']
 
 CLASSES = ('circle', 'square', 'triangle')
 SEG_CLASSES = ('background', ) + CLASSES
@@ -98,17 +98,24 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
     """A filled shape of class ``cls`` at a random position/scale/rotation: (size, size) bool."""
-    import cv2
     radius = rng.uniform(0.07, 0.24) * size  # circumradius: ~3.4x scale variation
     cx = rng.uniform(radius, size - radius)
     cy = rng.uniform(radius, size - radius)
+    start = None if CLASSES[cls] == 'circle' else rng.uniform(0, 2 * np.pi)
+    return draw_shape(cls, size, cx, cy, radius, start)
+
+
+def draw_shape(cls: int, size: int, cx: float, cy: float, radius: float,
+               start: Optional[float] = None) -> np.ndarray:
+    """Filled shape ``CLASSES[cls]`` with circumradius ``radius`` centred at (cx, cy), its first
+    corner at angle ``start`` (polygons): (size, size) bool."""
+    import cv2
     canvas = np.zeros((size, size), np.uint8)
     if CLASSES[cls] == 'circle':
         cv2.circle(canvas, (int(round(cx)), int(round(cy))), int(round(radius)), 1, -1,
                    lineType=cv2.LINE_8)
     else:
         corners = 4 if CLASSES[cls] == 'square' else 3
-        start = rng.uniform(0, 2 * np.pi)
         angles = start + 2 * np.pi * np.arange(corners) / corners
         pts = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
         cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], 1, lineType=cv2.LINE_8)
@@ -239,9 +246,9 @@ def _expected_files(settings: Dict) -> List[str]:
     return files
 
 
-def _read_marker(root: str) -> Optional[Dict]:
+def _read_marker(root: str, marker: str = MARKER) -> Optional[Dict]:
     try:
-        with open(osp.join(root, MARKER)) as f:
+        with open(osp.join(root, marker)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -268,34 +275,53 @@ def generate_toy_data(root: str = DEFAULT_ROOT, num_train: int = 200, num_val: i
     untouched.
     """
     settings = toy_settings(num_train, num_val, img_size, seed)
+
+    def write(tmp_root: str) -> int:
+        for split in _SPLIT_IDS:
+            _write_split(tmp_root, split, settings[f'num_{split}'], settings)
+        return len(_expected_files(settings))
+
+    return write_dataset_atomically(root, settings, write, is_complete, MARKER, force)
+
+
+def write_dataset_atomically(root: str, settings: Dict, write: Callable[[str], int],
+                             complete: Callable[[str, Dict], bool], marker: str,
+                             force: bool = False) -> str:
+    """Generate a dataset into ``root`` all at once; return ``root`` (absolute).
+
+    ``write(tmp_root)`` writes every file into an empty temporary sibling of ``root`` and returns
+    the file count; the marker file (settings + count) is written last and the directory is then
+    renamed into place, so ``root`` is either absent or complete. A complete generation with the
+    same settings (``complete(root, settings)``) is kept unless ``force``; an earlier generation
+    is replaced only with ``force``, and a file or a non-empty directory without ``marker`` never
+    (ValueError).
+    """
     root = osp.abspath(root)
-    if is_complete(root, settings) and not force:
+    if complete(root, settings) and not force:
         return root
     if osp.exists(root):
-        marker = _read_marker(root)
+        found = _read_marker(root, marker)
         if not osp.isdir(root):
             raise ValueError(f'{root} is a file, not a directory; choose another output '
                              'directory for the toy data')
-        if marker is None and os.listdir(root):
+        if found is None and os.listdir(root):
             # Never replaced, even with force: it may be anything (a typo'd --out, the repo).
-            raise ValueError(f'{root} holds files that are not a toy dataset (no {MARKER}); '
+            raise ValueError(f'{root} holds files that are not a toy dataset (no {marker}); '
                              'choose another output directory, or empty it yourself')
-        if marker is not None and not force:
-            what = ('an incomplete toy dataset' if marker.get('settings') == settings else
-                    f'toy data generated with other settings {marker.get("settings")}')
+        if found is not None and not force:
+            what = ('an incomplete toy dataset' if found.get('settings') == settings else
+                    f'toy data generated with other settings {found.get("settings")}')
             raise ValueError(f'{root} already holds {what}; pass force=True (CLI: --force) to '
                              f'regenerate it with {settings}, or choose another output directory')
     parent = osp.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp_root = tempfile.mkdtemp(prefix='.toy_data_tmp_', dir=parent)
     try:
-        for split in _SPLIT_IDS:
-            _write_split(tmp_root, split, settings[f'num_{split}'], settings)
-        with open(osp.join(tmp_root, MARKER), 'w') as f:
-            json.dump(dict(settings=settings, files=len(_expected_files(settings))), f,
-                      indent=2, sort_keys=True)
+        files = write(tmp_root)
+        with open(osp.join(tmp_root, marker), 'w') as f:
+            json.dump(dict(settings=settings, files=files), f, indent=2, sort_keys=True)
         if osp.exists(root):
-            if is_complete(root, settings) and not force:  # a concurrent run finished first
+            if complete(root, settings) and not force:  # a concurrent run finished first
                 return root
             old = tempfile.mkdtemp(prefix='.toy_data_old_', dir=parent)
             os.replace(root, osp.join(old, 'data'))
@@ -305,7 +331,7 @@ def generate_toy_data(root: str = DEFAULT_ROOT, num_train: int = 200, num_val: i
             try:
                 os.replace(tmp_root, root)
             except OSError:  # another process created root in the meantime
-                if not is_complete(root, settings):
+                if not complete(root, settings):
                     raise
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -329,10 +355,28 @@ def ensure_toy_data(root: str = DEFAULT_ROOT, **settings) -> str:
 
 
 def ensure_toy_data_for_config(cfg) -> Optional[str]:
-    """Generate the toy data a config trains on, if it names one; return that root or None.
+    """Generate the toy data a config trains on, if it names any; return the first root or None.
 
-    Toy configs (configs/toy/) declare ``toy_data_root``; other configs are left alone. ``cfg`` is
-    an mmengine ``Config`` or a dict.
+    Toy configs (configs/toy/) declare ``toy_data_root`` (detection / segmentation scenes, this
+    module) and/or ``toy_cls_data_root`` (classification images, :mod:`do_conv_mm.toy_cls_data`);
+    other configs are left alone. ``cfg`` is an mmengine ``Config`` or a dict.
     """
-    root = cfg.get('toy_data_root') if hasattr(cfg, 'get') else None
-    return ensure_toy_data(osp.normpath(root)) if root else None
+    from .toy_cls_data import ensure_toy_cls_data
+    roots = []
+    for key, ensure in (('toy_data_root', ensure_toy_data), ('toy_cls_data_root',
+                                                             ensure_toy_cls_data)):
+        root = cfg.get(key) if hasattr(cfg, 'get') else None
+        if root:
+            roots.append(ensure(osp.normpath(root)))
+    return roots[0] if roots else None
+
+
+def toy_data_missing_for_config(cfg) -> List[str]:
+    """The toy data roots a config names that are not complete yet (empty: nothing to wait for)."""
+    from .toy_cls_data import is_cls_complete
+    missing = []
+    for key, complete in (('toy_data_root', is_complete), ('toy_cls_data_root', is_cls_complete)):
+        root = cfg.get(key) if hasattr(cfg, 'get') else None
+        if root and not complete(osp.normpath(root)):
+            missing.append(root)
+    return missing

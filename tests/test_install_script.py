@@ -1,4 +1,4 @@
-"""tools/install.sh decides right on fresh, existing-CPU and existing-GPU machines (issue 10).
+"""tools/install.sh decides right on fresh, existing-CPU and existing-GPU machines (issues 10, 12).
 
 The decisions are tested without installing anything: ``DOCONV_INSTALL_DRY_RUN=1`` makes the
 script print each install command (``would run: ...``) instead of running it, and ``PYTHON``
@@ -18,14 +18,18 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SCRIPT = osp.join(REPO, 'tools', 'install.sh')
 STACK = ('mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex pytest onnx '
          'scikit-learn matplotlib')
+TORCH = 'python -m pip install torch==2.13.0,!=2.13.0+cpu torchvision==0.28.0'
+PRETRAIN = 'python -m pip install mmpretrain==1.2.0'
 
 FRESH = dict(torch='none', torch_in_range='no', torch_imports='no', torch_cuda='none',
-             gpu_arch='none', mmcv='none', mmcv_in_range='no', mmcv_ops='no',
+             gpu_arch='none', torchvision='none', torchvision_imports='no', mmpretrain='none',
+             mmcv='none', mmcv_in_range='no', mmcv_ops='no',
              mmcv_ops_cuda='none', build_tools='no', stack_missing=STACK, do_conv_mm_here='no')
 # A set-up OpenMMLab GPU machine: CUDA torch, mmcv with CUDA ops, the rest pinned.
 GPU_READY = dict(FRESH, torch='2.11.0+cu130', torch_in_range='yes', torch_imports='yes',
                  torch_cuda='13.0', gpu_arch='9.0', mmcv='2.1.0', mmcv_in_range='yes',
                  mmcv_ops='yes', mmcv_ops_cuda='13.0', build_tools='yes', stack_missing='none',
+                 torchvision='0.26.0+cu130', torchvision_imports='yes', mmpretrain='1.2.0',
                  do_conv_mm_here='yes')
 # A GPU machine with a CUDA torch and nothing else.
 GPU_BARE = dict(FRESH, torch='2.11.0+cu130', torch_in_range='yes', torch_imports='yes',
@@ -61,10 +65,11 @@ def test_fresh_cpu_machine_installs_the_verified_stack_in_order(tmp_path):
     code, commands, _ = dry_run(tmp_path, FRESH)
     assert code == 0
     assert commands == [
-        'python -m pip install torch==2.13.0',
+        TORCH,
         'python -m pip install setuptools==80.9.0 wheel ninja',
         'env MAX_JOBS=2 python -m pip install --no-build-isolation mmcv==2.1.0',
         f'python -m pip install {STACK}',
+        PRETRAIN,
         'python -m pip install --no-build-isolation --no-deps -e .',
     ]
 
@@ -113,11 +118,43 @@ def test_cuda_torch_without_nvcc_builds_cpu_ops_and_says_why(tmp_path):
     assert 'nvcc is not found' in stderr and 'CPU ops only' in stderr
 
 
-def test_no_visible_gpu_builds_cuda_ops_without_arch_pin_and_warns(tmp_path):
+def test_no_visible_gpu_and_no_arch_list_builds_cpu_ops_and_says_how_to_get_cuda(tmp_path):
+    # CI and fresh CPU machines of this kind: PyPI's torch is a CUDA build and nvcc is installed,
+    # but building CUDA ops for every architecture would take hours.
     code, commands, stderr = dry_run(tmp_path, dict(GPU_BARE, gpu_arch='none'), nvcc=True)
-    assert 'env MAX_JOBS=2 FORCE_CUDA=1 python -m pip install --no-build-isolation ' \
-        'mmcv==2.1.0' in commands
-    assert 'TORCH_CUDA_ARCH_LIST unset' in stderr
+    assert code == 0
+    assert 'env MAX_JOBS=2 python -m pip install --no-build-isolation mmcv==2.1.0' in commands
+    assert 'no GPU visible and TORCH_CUDA_ARCH_LIST unset' in stderr
+    assert 'set TORCH_CUDA_ARCH_LIST' in stderr
+
+
+def test_no_visible_gpu_with_arch_list_builds_cuda_ops_for_it(tmp_path):
+    _, commands, _ = dry_run(tmp_path, dict(GPU_BARE, gpu_arch='none'), nvcc=True,
+                             env_extra={'TORCH_CUDA_ARCH_LIST': '8.6'})
+    assert 'env MAX_JOBS=2 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=8.6 python -m pip install ' \
+        '--no-build-isolation mmcv==2.1.0' in commands
+
+
+def test_cpu_only_torch_wheel_without_torchvision_is_replaced_by_the_pypi_build(tmp_path):
+    # The local torch 2.13.0+cpu wheel (this installer's earlier choice) loads no torchvision.
+    facts = dict(GPU_READY, torch='2.13.0+cpu', torch_cuda='none', gpu_arch='none',
+                 mmcv_ops_cuda='not available', torchvision='none', torchvision_imports='no',
+                 mmpretrain='none')
+    code, commands, stderr = dry_run(tmp_path, facts)
+    assert code == 0 and commands == [TORCH, PRETRAIN]
+    assert 'replacing it by PyPI' in stderr
+
+
+def test_own_torch_without_torchvision_is_kept_and_mmpretrain_left_out_with_a_warning(tmp_path):
+    facts = dict(GPU_READY, torchvision='none', torchvision_imports='no', mmpretrain='none')
+    code, commands, stderr = dry_run(tmp_path, facts, nvcc=True)
+    assert code == 0 and commands == []
+    assert 'mmpretrain' in stderr and 'torchvision release built for your torch' in stderr
+
+
+def test_mmpretrain_installed_where_torchvision_imports(tmp_path):
+    code, commands, _ = dry_run(tmp_path, dict(GPU_READY, mmpretrain='none'), nvcc=True)
+    assert code == 0 and commands == [PRETRAIN]
 
 
 @pytest.mark.parametrize('mmcv_version, ops, rebuilt', [
@@ -133,6 +170,9 @@ def test_installed_mmcv_kept_only_in_range_with_working_ops(tmp_path, mmcv_versi
     code, commands, _ = dry_run(tmp_path, facts, nvcc=True)
     assert code == 0
     assert any('mmcv==2.1.0' in c for c in commands) == rebuilt, commands
+    if rebuilt:  # replaces the installed one, and never from a wheel cached for another torch
+        assert any('--force-reinstall --no-deps --no-cache-dir mmcv==2.1.0' in c
+                   for c in commands), commands
 
 
 def test_mmcv_without_cuda_ops_on_cuda_torch_is_kept_with_a_warning(tmp_path):
@@ -147,6 +187,7 @@ def test_cpu_torch_in_range_is_not_replaced_by_the_pinned_one(tmp_path):
     code, commands, _ = dry_run(tmp_path, facts)
     assert code == 0 and commands[0] == 'python -m pip install setuptools==80.9.0 wheel ninja'
     assert not any('torch==' in c for c in commands)
+    assert PRETRAIN not in commands  # no torchvision for that torch: mmpretrain left out
 
 
 @pytest.mark.parametrize('facts', [

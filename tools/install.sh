@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # Installs what do_conv_mm needs that is missing; quick when it is all there already.
 #
-# Fresh machine (CPU, CI): the verified stack of README "Install": torch 2.13.0, setuptools 80.9.0
-# + wheel + ninja, mmcv 2.1.0 built from source (MAX_JOBS=2, --no-build-isolation), mmengine
-# 0.10.7, mmdet 3.3.0, mmsegmentation 1.2.2, ftfy, regex, pytest, onnx, scikit-learn, matplotlib,
-# then this checkout in editable mode.
+# Fresh machine (CPU, CI): the verified stack of README "Install": torch 2.13.0 + torchvision
+# 0.28.0 (PyPI's build, a CUDA build on x86_64 that runs on the CPU: the local CPU-only torch
+# 2.13.0+cpu wheel cannot load any torchvision, which mmpretrain needs), setuptools 80.9.0 +
+# wheel + ninja, mmcv 2.1.0 built from source (MAX_JOBS=2, --no-build-isolation), mmengine 0.10.7,
+# mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain 1.2.0, ftfy, regex, pytest, onnx, scikit-learn,
+# matplotlib, then this checkout in editable mode.
 #
 # Existing environment (e.g. an OpenMMLab GPU environment): never replaces
-#   - an installed torch in the project's range (>= 1.13; CUDA builds included): torch 2.13.0
-#     is installed only where there is no torch;
-#   - an installed mmcv 2.0.x-2.1.x whose ops import (mmcv.ops).
+#   - an installed torch in the project's range (>= 1.13; CUDA builds included). The one
+#     exception is the CPU-only wheel torch 2.13.0+cpu with no torchvision that imports (this
+#     script's own earlier choice): it becomes PyPI's torch 2.13.0 + torchvision 0.28.0;
+#   - an installed mmcv 2.0.x-2.1.x whose ops import (mmcv.ops). One whose ops do not import
+#     (built for another torch) is rebuilt, bypassing pip's wheel cache.
+# mmpretrain (the DO-Conv pretraining extra) needs a torchvision that imports beside the torch;
+# without one it is left out with a warning (its tests then skip) - install the torchvision
+# release of your torch and run this again.
 # Where mmcv must be built and torch is a CUDA build and nvcc is found (PATH or CUDA_HOME), its
-# CUDA ops are built too: FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST = the visible GPU's compute
-# capability (unless TORCH_CUDA_ARCH_LIST is set). MAX_JOBS (default 2) sets the build's jobs.
+# CUDA ops are built for the visible GPU's compute capability (FORCE_CUDA=1,
+# TORCH_CUDA_ARCH_LIST), or for TORCH_CUDA_ARCH_LIST where that is set; with no GPU visible and
+# no TORCH_CUDA_ARCH_LIST, CPU ops only (building every architecture takes hours). MAX_JOBS
+# (default 2) sets the build's jobs.
 #
 # PYTHON=...              the interpreter to install into (default: python on PATH)
 # DOCONV_INSTALL_DRY_RUN=1 print the install commands it would run ('would run: ...'), run none.
@@ -23,6 +32,9 @@ PYTHON="${PYTHON:-python}"
 DRY_RUN="${DOCONV_INSTALL_DRY_RUN:-0}"
 STACK=(mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex pytest onnx scikit-learn
        matplotlib)
+PRETRAIN_STACK=(mmpretrain==1.2.0)
+# torch from PyPI, not the local CPU-only 2.13.0+cpu wheel (no torchvision loads beside that).
+TORCH_SPEC=("torch==2.13.0,!=2.13.0+cpu" torchvision==0.28.0)
 
 RAN=0
 run() {  # run an install command (print it on a dry run), then re-read the facts
@@ -73,6 +85,15 @@ if torch_version:
             facts['gpu_arch'] = f'{major}.{minor}'
     except Exception:
         pass
+facts['torchvision'] = version('torchvision') or 'none'
+facts['torchvision_imports'] = 'no'
+if version('torchvision') and facts['torch_imports'] == 'yes':
+    try:
+        import torchvision.ops  # noqa: F401  (fails where its C++ ops do not match the torch)
+        facts['torchvision_imports'] = 'yes'
+    except Exception:
+        pass
+facts['mmpretrain'] = version('mmpretrain') or 'none'
 mmcv_version = version('mmcv')
 facts['mmcv'] = mmcv_version or 'none'
 facts['mmcv_in_range'] = 'yes' if mmcv_version and (2, 0) <= release(mmcv_version)[:2] <= (2, 1) else 'no'
@@ -111,15 +132,23 @@ have_nvcc() {
 
 FACTS=$(probe)
 
-# torch: keep any installed version in range; install the verified one only where there is none.
+# torch: keep any installed version in range; install the verified one only where there is none,
+# or where it is the CPU-only 2.13.0+cpu wheel that cannot serve torchvision.
+TORCHVISION_INSTALLED=0  # set where this run installs TORCH_SPEC (what a dry run cannot probe)
 if [[ "$(fact torch)" == none ]]; then
-  run "$PYTHON" -m pip install torch==2.13.0
+  run "$PYTHON" -m pip install "${TORCH_SPEC[@]}"
+  TORCHVISION_INSTALLED=1
 elif [[ "$(fact torch_in_range)" != yes || "$(fact torch_imports)" != yes ]]; then
   echo "error: torch $(fact torch) is installed, but do_conv_mm needs a torch >= 1.13 that" \
        "imports (verified: 2.13.0). Upgrade or repair it yourself (a CUDA build of your" \
-       "choice, or pip install torch==2.13.0), then run this again; an installed torch is" \
-       "never replaced by this script." >&2
+       "choice, or pip install torch==2.13.0 torchvision==0.28.0), then run this again; an" \
+       "installed torch is never replaced by this script." >&2
   exit 1
+elif [[ "$(fact torch)" == 2.13.0+cpu && "$(fact torchvision_imports)" != yes ]]; then
+  echo "torch 2.13.0+cpu (the CPU-only wheel) cannot load torchvision, which mmpretrain needs:" \
+       "replacing it by PyPI's torch 2.13.0 (same release) + torchvision 0.28.0." >&2
+  run "$PYTHON" -m pip install "${TORCH_SPEC[@]}"
+  TORCHVISION_INSTALLED=1
 fi
 
 if [[ "$(fact build_tools)" != yes ]]; then
@@ -129,7 +158,7 @@ fi
 # mmcv: keep an installed 2.0-2.1 whose ops import; otherwise build 2.1.0 (no wheel exists for
 # these torch versions), with CUDA ops where torch has CUDA and nvcc is there.
 if [[ "$(fact mmcv_in_range)" == yes && "$(fact mmcv_ops)" == yes ]]; then
-  if [[ "$(fact torch_cuda)" != none && "$(fact mmcv_ops_cuda)" == "not available" ]]; then
+  if [[ "$(fact gpu_arch)" != none && "$(fact mmcv_ops_cuda)" == "not available" ]]; then
     echo "warning: mmcv $(fact mmcv) was built without CUDA ops; detectors that need them" \
          "(RoIAlign, NMS, ...) fail on the GPU. Rebuild it with CUDA (pip uninstall mmcv, then" \
          "run this again where nvcc is installed)." >&2
@@ -137,31 +166,46 @@ if [[ "$(fact mmcv_in_range)" == yes && "$(fact mmcv_ops)" == yes ]]; then
 else
   build_env=("MAX_JOBS=${MAX_JOBS:-2}")
   if [[ "$(fact torch_cuda)" != none ]]; then
-    if have_nvcc; then
-      build_env+=("FORCE_CUDA=1")
-      if [[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-        build_env+=("TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST")
-      elif [[ "$(fact gpu_arch)" != none ]]; then
-        build_env+=("TORCH_CUDA_ARCH_LIST=$(fact gpu_arch)")
-      else
-        echo "warning: no GPU visible and TORCH_CUDA_ARCH_LIST unset: mmcv's CUDA ops are" \
-             "built for every architecture torch knows (slow). Set TORCH_CUDA_ARCH_LIST," \
-             "e.g. 9.0, to build for one." >&2
-      fi
-    else
+    if ! have_nvcc; then
       echo "warning: torch $(fact torch) has CUDA $(fact torch_cuda) but nvcc is not found" \
            "(PATH, CUDA_HOME): mmcv is built with CPU ops only, and detectors that need its" \
            "CUDA ops (RoIAlign, NMS, ...) will fail on the GPU. Install the CUDA toolkit" \
            "$(fact torch_cuda) and run this again for CUDA ops." >&2
+    elif [[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+      build_env+=("FORCE_CUDA=1" "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST")
+    elif [[ "$(fact gpu_arch)" != none ]]; then
+      build_env+=("FORCE_CUDA=1" "TORCH_CUDA_ARCH_LIST=$(fact gpu_arch)")
+    else
+      echo "note: no GPU visible and TORCH_CUDA_ARCH_LIST unset: mmcv is built with CPU ops" \
+           "only. For CUDA ops, set TORCH_CUDA_ARCH_LIST to your GPUs' compute capability" \
+           "(e.g. 9.0), pip uninstall mmcv, and run this again." >&2
     fi
   fi
   # No wheel exists for these torch versions: built from source (~17 min on 2 cores for the CPU
-  # ops, cached by pip afterwards; CUDA ops take longer).
-  run env "${build_env[@]}" "$PYTHON" -m pip install --no-build-isolation mmcv==2.1.0
+  # ops, cached by pip afterwards; CUDA ops take longer). An installed mmcv (other version, or
+  # ops built for another torch) is replaced, and then pip's cache, which may hold a wheel built
+  # against that other torch, is bypassed.
+  rebuild=()
+  if [[ "$(fact mmcv)" != none ]]; then
+    rebuild=(--force-reinstall --no-deps --no-cache-dir)
+  fi
+  run env "${build_env[@]}" "$PYTHON" -m pip install --no-build-isolation "${rebuild[@]}" \
+      mmcv==2.1.0
 fi
 
 if [[ "$(fact stack_missing)" != none ]]; then
   run "$PYTHON" -m pip install "${STACK[@]}"
+fi
+# mmpretrain: needs a torchvision that imports beside this torch.
+if [[ "$(fact mmpretrain)" != 1.2.0 ]]; then
+  if [[ "$(fact torchvision_imports)" == yes || "$TORCHVISION_INSTALLED" == 1 ]]; then
+    run "$PYTHON" -m pip install "${PRETRAIN_STACK[@]}"
+  else
+    echo "warning: no torchvision imports beside torch $(fact torch): mmpretrain (DO-Conv" \
+         "pretraining, configs/mmpretrain) is not installed and its tests skip. Install the" \
+         "torchvision release built for your torch (torch 2.13 -> torchvision 0.28) and run" \
+         "this again." >&2
+  fi
 fi
 # The package must import from this checkout from anywhere (checked outside the repo root, where
 # the current directory would shadow the installed package).
