@@ -169,6 +169,13 @@ class DOConv2d(nn.Conv2d):
                                           missing_keys, unexpected_keys, error_msgs)
         finally:
             self.__dict__['_loading'] = False
+        theirs = state_dict.get(prefix + 'D')
+        if (self.D is not None and isinstance(theirs, torch.Tensor) and theirs.dim() == 3
+                and theirs.shape != self.D.shape):  # torch said "size mismatch"; say why
+            error_msgs.append(
+                f'DO-Conv {prefix}D: the checkpoint has D_mul={theirs.shape[-1]}, this layer '
+                f'D_mul={self.D_mul} (D is (in_channels, kh*kw, D_mul)); build the model with '
+                f'conv_cfg=dict(type=\'DOConv\', D_mul={theirs.shape[-1]}) to load it.')
         if plain_source:
             for name in ('D', 'weight_extra'):
                 if prefix + name in missing_keys:

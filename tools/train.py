@@ -1,4 +1,5 @@
-"""Train a detector or segmentor from an mmdet / mmseg config (DO-Conv registered).
+"""Train a detector, segmentor or classifier from an mmdet / mmseg / mmpretrain config (DO-Conv
+registered).
 
 Usage (the OpenMMLab command line):
     python tools/train.py CONFIG [--work-dir DIR] [--amp] [--resume [CHECKPOINT]]
@@ -8,7 +9,10 @@ Usage (the OpenMMLab command line):
 
 The config's ``default_scope`` ('mmdet' or 'mmseg') picks the registries, as in the upstream tools.
 ``import do_conv_mm`` registers DOConv and allow-lists the types of mmengine checkpoints, so
-``--resume`` and ``load_from`` work on torch >= 2.6 with safe loading on.
+``--resume`` and ``load_from`` work on torch >= 2.6 with safe loading on. Each local
+``init_cfg=dict(type='Pretrained', ...)`` checkpoint is compared with its module first
+(do_conv_mm.pretrained): a DO-Conv checkpoint into plain convs, a D_mul mismatch or missing weights
+stop with one line instead of mmengine's non-strict partial load.
 """
 import argparse
 import logging
@@ -84,6 +88,16 @@ def enable_auto_scale_lr(cfg) -> None:
                         'base_batch_size=...) in the config; add it or drop the flag.')
 
 
+def check_pretrained(runner) -> None:
+    """Compare each local init_cfg Pretrained checkpoint with its module before mmengine loads it
+    non-strictly: DO-Conv D dropped, D_mul differing or weights missing stop training here."""
+    from mmengine.model import is_model_wrapper
+    from do_conv_mm.pretrained import check_pretrained_inits
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    for line in check_pretrained_inits(model):
+        print_log(f'pretrained: {line}', logger='current')
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -105,6 +119,7 @@ def main(argv=None):
             check_checkpoint(cfg.load_from, cfg)
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
+        check_pretrained(runner)
     except (ToolError, CheckpointError) as error:
         sys.exit(f'error: {error}')
     runner.train()

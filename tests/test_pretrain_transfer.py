@@ -1,0 +1,209 @@
+"""Pretrain a DO-Conv classifier (mmpretrain), carry its backbone, D included, into the toy DO-Conv
+detector and segmentor, train, fold and evaluate them (issue 12).
+
+The classifiers train for 2 epochs on the toy classification set: enough for D to move far from
+0 (checked), which is all the transfer needs. Equalities are exact where the same tensors are
+copied (checkpoint -> module: torch.equal); metrics before and after folding are compared as the
+fold tests do (identical, since outputs agree to ~1e-6 and metrics round far coarser).
+"""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('mmpretrain', reason='mmpretrain (the pretraining extra) is not installed')
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import MODELS, DefaultScope  # noqa: E402
+
+from do_conv_mm import DOConv2d  # noqa: E402
+from do_conv_mm.checkpoint import load_checkpoint_file  # noqa: E402
+from do_conv_mm.pretrained import (PretrainedMismatchError, backbone_state_dict,  # noqa: E402
+                                   check_pretrained_inits, strip_prefix)
+from training_helpers import REPO, run_tool, tool_env  # noqa: E402
+
+TOY = osp.join(REPO, 'configs', 'toy')
+CLS = osp.join(TOY, 'cls_r18-tiny-doconv_toy.py')
+CLS_V1C = osp.join(TOY, 'cls_r18v1c-tiny-doconv_toy.py')
+CLS_PLAIN = osp.join(TOY, 'cls_r18-tiny_toy.py')
+DET = osp.join(TOY, 'retinanet_r18-tiny-doconv-pretrained_fpn_toy.py')
+DET_PLAIN = osp.join(TOY, 'retinanet_r18-tiny_fpn_toy.py')
+SEG = osp.join(TOY, 'fpn_r18-tiny-doconv-pretrained_toy.py')
+SEG_DOCONV = osp.join(TOY, 'fpn_r18-tiny-doconv_toy.py')
+
+
+def _train_classifiers(work_dir):
+    """Both toy DO-Conv classifiers, 2 epochs each, side by side (one core each)."""
+    procs = {}
+    for name, config in (('cls', CLS), ('cls_v1c', CLS_V1C)):
+        cmd = [sys.executable, osp.join(REPO, 'tools', 'train.py'), config, '--work-dir',
+               str(work_dir / name), '--cfg-options', 'train_cfg.max_epochs=2',
+               'default_hooks.checkpoint.interval=2']
+        procs[name] = subprocess.Popen(cmd, cwd=REPO, env=tool_env(threads=1),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
+    return {name: work_dir / name / 'epoch_2.pth' for name in procs}
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('pretrain')
+    ckpts = _train_classifiers(work_dir)
+    ckpts['backbone_v1c'] = work_dir / 'backbone_v1c.pth'
+    proc = run_tool('extract_backbone.py', ckpts['cls_v1c'], ckpts['backbone_v1c'],
+                    '--config', SEG)
+    assert 'loads completely into the backbone' in proc.stdout, proc.stdout
+    return ckpts
+
+
+def _build(config, **cfg_options):
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(cfg_options)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        import importlib
+        importlib.import_module(f'{cfg.default_scope}.models')
+        return MODELS.build(cfg.model)
+
+
+def _doconv_d(module):
+    return {f'{name}.D': m.D.detach().clone() for name, m in module.named_modules()
+            if isinstance(m, DOConv2d) and m.D is not None}
+
+
+def test_pretrained_d_is_trained_and_moves_exactly_into_detector_and_segmentor(pretrained):
+    cls_weights = load_checkpoint_file(pretrained['cls'])['state_dict']
+    cls_d = {k: v for k, v in strip_prefix(cls_weights, 'backbone.').items() if k.endswith('.D')}
+    assert len(cls_d) == 17  # 7x7 stem + 2 per BasicBlock x 8
+    assert max(v.abs().max().item() for v in cls_d.values()) > 1e-2  # D trained away from 0
+
+    detector = _build(DET, **{'model.backbone.init_cfg.checkpoint': str(pretrained['cls'])})
+    assert all(torch.count_nonzero(d) == 0 for d in _doconv_d(detector.backbone).values())
+    detector.init_weights()  # mmengine's PretrainedInit: the path training takes
+    det_d = _doconv_d(detector.backbone)
+    assert det_d.keys() == cls_d.keys()
+    assert all(torch.equal(det_d[k], cls_d[k]) for k in cls_d)
+    assert torch.equal(detector.backbone.layer4[1].conv2.weight,
+                       cls_weights['backbone.layer4.1.conv2.weight'])
+
+    v1c_weights = load_checkpoint_file(pretrained['cls_v1c'])['state_dict']
+    segmentor = _build(SEG, **{'model.backbone.init_cfg.checkpoint':
+                               str(pretrained['backbone_v1c'])})
+    segmentor.init_weights()
+    seg_d = _doconv_d(segmentor.backbone)
+    assert len(seg_d) == 19  # deep stem: 3 convs
+    # mmpretrain's stem.N.conv is mmseg's stem.3N.
+    for n in range(3):
+        assert torch.equal(seg_d[f'stem.{3 * n}.D'], v1c_weights[f'backbone.stem.{n}.conv.D'])
+        assert torch.equal(segmentor.backbone.stem[3 * n + 1].running_var,
+                           v1c_weights[f'backbone.stem.{n}.bn.running_var'])
+    assert torch.equal(seg_d['layer3.0.conv1.D'], v1c_weights['backbone.layer3.0.conv1.D'])
+
+
+def test_extracted_backbone_loads_strictly_into_mmseg_resnetv1c(pretrained):
+    extracted = torch.load(pretrained['backbone_v1c'], weights_only=True)
+    assert extracted['meta']['stem_keys_renamed'] == 3 * (2 + 5)  # conv: weight, D; bn: 5
+    assert extracted['meta']['doconv_layers'] == 19
+    segmentor = _build(SEG_DOCONV)
+    result = segmentor.backbone.load_state_dict(extracted['state_dict'], strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def _test_metrics(config, checkpoint, work_dir, *extra):
+    run_tool('test.py', config, checkpoint, '--work-dir', work_dir, *extra)
+    return json.loads((work_dir / 'test_metrics.json').read_text())['metrics']
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+def test_pretrained_model_trains_folds_and_evaluates_equally(pretrained, tmp_path, task):
+    if task == 'det':
+        config, start = DET, pretrained['cls']
+        schedule = ['train_cfg.max_epochs=2', 'default_hooks.checkpoint.interval=2']
+        ckpt_name, n_d, metric = 'epoch_2.pth', 17, 'coco/bbox_mAP'
+        extra_test = ['--cfg-options', 'model.test_cfg.score_thr=0.0',
+                      'test_dataloader.dataset.indices=12']
+    else:
+        config, start = SEG, pretrained['backbone_v1c']
+        schedule = ['train_cfg.max_iters=30', 'train_cfg.val_interval=30',
+                    'default_hooks.checkpoint.interval=30']
+        ckpt_name, n_d, metric = 'iter_30.pth', 19, 'mIoU'
+        extra_test = ['--cfg-options', 'test_dataloader.dataset.indices=12']
+    proc = run_tool('train.py', config, '--work-dir', tmp_path / 'train', '--cfg-options',
+                    f'model.backbone.init_cfg.checkpoint={start}', *schedule, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert f'pretrained: backbone <- {str(start)!r}' in log and f'D of {n_d} DO-Conv' in log
+    ckpt = tmp_path / 'train' / ckpt_name
+    folded = tmp_path / 'deploy' / 'folded.pth'
+    proc = run_tool('fold_doconv.py', config, ckpt, folded, '--verify')
+    assert 'verify PASS' in proc.stdout
+    deploy_config = tmp_path / 'deploy' / (osp.splitext(osp.basename(config))[0] + '_deploy.py')
+    before = _test_metrics(config, ckpt, tmp_path / 'before', *extra_test)
+    after = _test_metrics(deploy_config, folded, tmp_path / 'after', *extra_test)
+    assert before == after and metric in before
+
+
+def test_doconv_checkpoint_into_plain_backbone_stops_training_with_the_keys(pretrained,
+                                                                           tmp_path):
+    config = tmp_path / 'plain_from_doconv.py'
+    config.write_text(f"_base_ = {DET_PLAIN!r}\nmodel = dict(backbone=dict(init_cfg=dict("
+                      f"_delete_=True, type='Pretrained', checkpoint={str(pretrained['cls'])!r},"
+                      f" prefix='backbone.')))\n")
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), str(config),
+                           '--work-dir', str(tmp_path / 'w')], cwd=REPO, env=tool_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'Traceback' not in proc.stderr
+    assert 'DO-Conv checkpoint (D for 17 conv(s), e.g. conv1.D)' in errors[0]
+    assert "conv_cfg=dict(type='DOConv')" in errors[0] and 'fold_doconv.py' in errors[0]
+    assert not (tmp_path / 'w' / 'epoch_1.pth').exists()
+
+
+def test_d_mul_mismatch_is_refused_with_the_d_mul_to_use(pretrained):
+    detector = _build(DET, **{'model.backbone.init_cfg.checkpoint': str(pretrained['cls']),
+                              'model.backbone.conv_cfg.D_mul': 64})
+    with pytest.raises(PretrainedMismatchError, match=r'D_mul 49 vs 64') as error:
+        check_pretrained_inits(detector)
+    assert "D_mul=49" in str(error.value) and 'backbone' in str(error.value)
+    # mmengine's own non-strict load of the same checkpoint names the D_mul too.
+    with pytest.raises(RuntimeError, match=r'checkpoint has D_mul=49, this layer D_mul=64'):
+        detector.backbone.load_state_dict(
+            strip_prefix(load_checkpoint_file(pretrained['cls'])['state_dict'], 'backbone.'))
+
+
+def test_plain_classifier_checkpoint_loads_as_d_zero(tmp_path):
+    torch.manual_seed(0)
+    plain = _build(CLS_PLAIN)
+    path = tmp_path / 'plain_cls.pth'
+    torch.save(dict(state_dict=plain.state_dict(), meta=dict()), path)
+    detector = _build(DET, **{'model.backbone.init_cfg.checkpoint': str(path)})
+    (line, ) = check_pretrained_inits(detector)
+    assert '17 DO-Conv layer(s) start from D = 0' in line
+    detector.init_weights()
+    assert all(torch.count_nonzero(d) == 0 for d in _doconv_d(detector.backbone).values())
+    assert torch.equal(detector.backbone.conv1.weight, plain.backbone.conv1.weight)
+
+
+def test_other_architecture_is_refused_and_extraction_writes_nothing(pretrained, tmp_path):
+    # A ResNet (7x7 conv1) classifier into the ResNetV1c (deep stem) segmentor.
+    segmentor = _build(SEG, **{'model.backbone.init_cfg.checkpoint': str(pretrained['cls']),
+                               'model.backbone.init_cfg.prefix': 'backbone.'})
+    with pytest.raises(PretrainedMismatchError, match=r'lacks 15 weights .*stem\.0\.weight'):
+        check_pretrained_inits(segmentor)
+    out = tmp_path / 'never.pth'
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'extract_backbone.py'),
+                           str(pretrained['cls']), str(out), '--config', SEG], cwd=REPO,
+                          env=tool_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith('error: ')
+    assert 'ResNetV1c has a deep stem' in proc.stderr and not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary file left either
+    # A checkpoint without backbone keys: named, nothing written.
+    bare = tmp_path / 'bare.pth'
+    torch.save(dict(state_dict=dict(w=torch.zeros(1))), bare)
+    with pytest.raises(Exception, match='no keys under'):
+        backbone_state_dict(load_checkpoint_file(bare))
