@@ -203,3 +203,88 @@ def test_doconv_twin_differs_only_by_convs(plain, doconv):
         assert do_cfg['model'][key].pop('conv_cfg') == dict(type='DOConv')
         assert 'conv_cfg' not in plain_cfg['model'][key]
     assert do_cfg == plain_cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Classification set (do_conv_mm/toy_cls_data.py, mmpretrain CustomDataset layout)
+# ------------------------------------------------------------------------------------------------
+CLS_SMALL = dict(num_train=16, num_val=8, img_size=48)
+
+
+def test_cls_generation_is_deterministic_balanced_and_prefix_stable(tmp_path):
+    from do_conv_mm.toy_cls_data import CLS_CLASSES, generate_toy_cls_data, render_crop
+    a = _tree(generate_toy_cls_data(str(tmp_path / 'a'), **CLS_SMALL))
+    b = _tree(generate_toy_cls_data(str(tmp_path / 'b'), **CLS_SMALL))
+    assert a == b
+    bigger = _tree(generate_toy_cls_data(str(tmp_path / 'c'), **dict(CLS_SMALL, num_train=20)))
+    assert all(bigger[k] == v for k, v in a.items() if k != 'toy_cls_data.json')
+    images = [k for k in a if k.endswith('.png')]
+    assert len(images) == 24
+    for split, count in (('train', 16), ('val', 8)):
+        for cls in CLS_CLASSES:  # balanced: label = index % 4
+            assert sum(k.startswith(osp.join(split, cls, '')) for k in images) == count // 4
+    image, label = render_crop(0, 'train', 5, 48)
+    assert image.shape == (48, 48, 3) and image.dtype == np.uint8 and label == 1
+    assert np.array_equal(image[..., ::-1], _read_png(str(tmp_path / 'a' / 'train' / 'circle'
+                                                          / '000005.png')))
+    # Different splits and seeds draw different images.
+    assert not np.array_equal(render_crop(0, 'val', 5, 48)[0], image)
+    assert not np.array_equal(render_crop(1, 'train', 5, 48)[0], image)
+
+
+def test_cls_labelled_shape_dominates_the_distractors():
+    """The labelled shape is large and central: background images differ from shape images in
+    the share of saturated pixels at the centre (what a classifier has to find)."""
+    from do_conv_mm.toy_cls_data import render_crop
+    import cv2
+
+    def central_saturation(index):
+        image, _ = render_crop(0, 'train', index, 64)
+        hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
+        return float((hsv[24:40, 24:40, 1] > 140).mean())
+
+    background = [central_saturation(i) for i in range(0, 80, 4)]
+    shapes = [central_saturation(i) for i in range(80) if i % 4]
+    assert np.median(shapes) > 0.9 and np.median(background) < 0.2
+
+
+def test_cls_refuses_foreign_directories_and_other_settings(tmp_path):
+    from do_conv_mm.toy_cls_data import ensure_toy_cls_data, generate_toy_cls_data
+    foreign = tmp_path / 'foreign'
+    foreign.mkdir()
+    (foreign / 'mine.txt').write_text('keep me')
+    with pytest.raises(ValueError, match='not a toy dataset'):
+        generate_toy_cls_data(str(foreign), **CLS_SMALL)
+    assert (foreign / 'mine.txt').read_text() == 'keep me'
+    root = generate_toy_cls_data(str(tmp_path / 'data'), **CLS_SMALL)
+    with pytest.raises(ValueError, match='other settings'):
+        generate_toy_cls_data(root, **dict(CLS_SMALL, seed=3))
+    assert ensure_toy_cls_data(root) == root  # any complete generation is accepted
+    with pytest.raises(ValueError, match='img_size must be >= 32'):
+        generate_toy_cls_data(str(tmp_path / 'x'), img_size=16)
+    assert not (tmp_path / 'x').exists()
+
+
+def test_cls_configs_load_the_set_with_their_class_order(tmp_path):
+    pytest.importorskip('mmpretrain')
+    from mmengine.config import Config
+    from mmengine.registry import DATASETS, DefaultScope
+    from do_conv_mm.toy_cls_data import CLS_CLASSES, generate_toy_cls_data
+    root = generate_toy_cls_data(str(tmp_path / 'cls'), **CLS_SMALL)
+    for name in ('cls_r18-tiny_toy.py', 'cls_r18-tiny-doconv_toy.py',
+                 'cls_r18v1c-tiny-doconv_toy.py'):
+        cfg = Config.fromfile(osp.join(TOY_CONFIGS, name))
+        assert osp.normpath(cfg.toy_cls_data_root) == osp.join(REPO, 'data', 'toy_cls')
+        for loader, count in (('train_dataloader', 16), ('val_dataloader', 8)):
+            dataset_cfg = dict(cfg[loader].dataset, data_root=root)
+            with DefaultScope.overwrite_default_scope('mmpretrain'):
+                import mmpretrain.datasets  # noqa: F401
+                dataset = DATASETS.build(dataset_cfg)
+            assert len(dataset) == count and tuple(dataset.CLASSES) == CLS_CLASSES
+            for index in range(count):  # label = class folder = generated index % 4
+                sample = dataset[index]['data_samples']
+                label = int(sample.gt_label)
+                assert osp.basename(osp.dirname(sample.img_path)) == CLS_CLASSES[label]
+                assert int(osp.basename(sample.img_path)[:6]) % 4 == label
+            item = dataset[5]
+            assert tuple(item['inputs'].shape) == (3, 48, 48)
