@@ -268,3 +268,22 @@ def results_name(stem: str, models: Sequence[str], default: Sequence[str]) -> st
 def command_line(argv: Sequence[str]) -> str:
     """The command that produced a result file, as a Markdown code span."""
     return '`python ' + ' '.join(argv) + '`'
+
+
+def mean_std(values: Sequence[float]):
+    """(mean, sample standard deviation; 0 for one value)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> str:
+    """Two-sided paired t-test and Wilcoxon signed-rank p-values of b - a (scipy)."""
+    try:
+        from scipy import stats
+    except ImportError:
+        return 'scipy not installed'
+    diffs = [y - x for x, y in zip(a, b)]
+    if all(d == 0 for d in diffs):
+        return 'all paired differences are 0'
+    t_p = stats.ttest_rel(b, a).pvalue
+    w_p = stats.wilcoxon(diffs).pvalue
+    return f'paired t-test p = {t_p:.3f}, Wilcoxon p = {w_p:.3f}'

@@ -15,8 +15,9 @@ tensors are tiny, and extra threads only add synchronisation. Only the parameter
 
 Writes bench/results/digits_study.md, digits_curves.png and digits_study.json (raw curves).
 """
-from bench_utils import add_common_args, command_line, environment_lines, md_table, setup_run, \
-    write_markdown  # first: sets OMP_WAIT_POLICY before torch loads OpenMP
+from bench_utils import (add_common_args, command_line, environment_lines,  # first: sets
+                         md_table, mean_std, paired_test,  # OMP_WAIT_POLICY before torch
+                         setup_run, write_markdown)  # loads OpenMP
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -158,24 +159,6 @@ def train_curves(model, data, args, seed: int, epochs: int):
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_test(a, b) -> str:
-    """Two-sided paired t-test and Wilcoxon signed-rank p-values of b - a (scipy)."""
-    try:
-        from scipy import stats
-    except ImportError:
-        return 'scipy not installed'
-    diffs = [y - x for x, y in zip(a, b)]
-    if all(d == 0 for d in diffs):
-        return 'all paired differences are 0'
-    t_p = stats.ttest_rel(b, a).pvalue
-    w_p = stats.wilcoxon(diffs).pvalue if any(diffs) else float('nan')
-    return f'paired t-test p = {t_p:.3f}, Wilcoxon p = {w_p:.3f}'
-
-
 def plot_curves(results, args, path):
     import matplotlib
     matplotlib.use('Agg')
