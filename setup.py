@@ -21,8 +21,9 @@ setup(
         'mmdet': ['mmdet>=3.0.0,<3.4'],
         'mmseg': ['mmsegmentation>=1.0.0,<1.3', 'ftfy', 'regex'],
         # DO-Conv pretraining (configs/mmpretrain, toy classifiers). mmpretrain imports
-        # torchvision: install the torchvision release built for your torch (2.13 -> 0.28).
-        'mmpretrain': ['mmpretrain>=1.0.0,<1.3', 'torchvision'],
+        # torchvision, deliberately not listed: an unpinned torchvision would pull the newest
+        # torch over yours. Install the release built for your torch (2.13 -> 0.28).
+        'mmpretrain': ['mmpretrain>=1.0.0,<1.3'],
         'tests': ['pytest', 'onnx', 'scikit-learn', 'matplotlib'],
         # mmdeploy + ONNX Runtime. Install into its own venv (bash tools/install_deploy.sh):
         # mmdeploy pins protobuf<=3.20.2, so onnx is held at 1.17.0 there, which would
