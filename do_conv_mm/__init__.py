@@ -13,6 +13,8 @@ from .deploy import FoldError, fold_checkpoint, fold_checkpoints, make_deploy_co
 from .doconv import DOConv2d, compose_kernel
 from .fold import count_doconv, fold_doconv, fold_state_dict
 from .model_tools import register_model_tools
+from .pretrained import (PretrainedMismatchError, backbone_state_dict, check_pretrained_inits,
+                         check_pretrained_state_dict)
 from .version import __version__
 
 register_model_tools()
@@ -22,5 +24,6 @@ __all__ = [
     'DOConvModel', 'check_doconv_cfg', 'convert_to_doconv', 'register_doconv_model',
     'FoldError', 'fold_checkpoint', 'fold_checkpoints', 'make_deploy_config',
     'BF16AmpOptimWrapper', 'CheckpointError', 'allow_mmengine_checkpoint_types',
-    'load_checkpoint_file', '__version__'
+    'load_checkpoint_file', 'PretrainedMismatchError', 'backbone_state_dict',
+    'check_pretrained_inits', 'check_pretrained_state_dict', '__version__'
 ]
