@@ -285,10 +285,17 @@ SHIPPED = [
 # retina_reg (built without conv_cfg). RTMDet: 21 by conv_cfg + 11 by name (CSPNeXt stem and
 # CSPNeXtBlock conv1); its head's stacked 3×3 convs are shared across the 3 levels (counted once)
 # and its predictors are 1×1.
+NEEDS_MMPRETRAIN = pytest.mark.skipif(importlib.util.find_spec('mmpretrain') is None,
+                                      reason='mmpretrain (pretraining extra) not installed')
 TOY = [
     ('toy/retinanet_r18-tiny-doconv_fpn_toy.py', 24, 2),
     ('toy/fpn_r18-tiny-doconv_toy.py', 30, 0),
     ('toy/rtmdet_tiny-doconv_toy.py', 32, 0),
+    ('toy/retinanet_r18-tiny-doconv-pretrained_fpn_toy.py', 24, 2),
+    ('toy/fpn_r18-tiny-doconv-pretrained_toy.py', 30, 0),
+    # Classifiers (mmpretrain): every backbone k×k conv; the head is linear.
+    pytest.param('toy/cls_r18-tiny-doconv_toy.py', 17, 0, marks=NEEDS_MMPRETRAIN),
+    pytest.param('toy/cls_r18v1c-tiny-doconv_toy.py', 19, 0, marks=NEEDS_MMPRETRAIN),
 ]
 # A ResNet-18 RetinaNet with 16-channel FPN/head: the same config code path at a tiny size.
 TINY_RETINANET = {
@@ -344,7 +351,7 @@ def _kxk_convs(model):
 
 
 @pytest.mark.parametrize('name,n_doconv,n_plain', SHIPPED + TOY,
-                         ids=[s[0] for s in SHIPPED + TOY])
+                         ids=[(s.values if hasattr(s, 'values') else s)[0] for s in SHIPPED + TOY])
 def test_shipped_config_builds_in_its_scope_with_stated_doconv(name, n_doconv, n_plain):
     cfg = Config.fromfile(_config_path(name))
     assert cfg.custom_imports == dict(imports=['do_conv_mm'], allow_failed_imports=False)
@@ -358,7 +365,9 @@ def test_shipped_config_builds_in_its_scope_with_stated_doconv(name, n_doconv, n
     assert doconv and not [n for n in plain if n.startswith('backbone.')]
     if type(model.backbone).__name__.startswith('ResNet'):
         assert all(isinstance(m, DOConv2d) for n, m in model.backbone.named_modules()
-                   if n.endswith(('conv2', 'stem.0', 'stem.3', 'stem.6')) or n == 'conv1')
+                   if n.endswith(('conv2', 'stem.0', 'stem.3', 'stem.6',  # mmdet / mmseg stems
+                                  'stem.0.conv', 'stem.1.conv', 'stem.2.conv'))  # mmpretrain
+                   or n == 'conv1')
     assert type(model).__name__ == cfg.model.get('model_type', cfg.model.type)
     if cfg.model.get('bbox_head', {}).get('share_conv'):  # RTMDet: one DOConv2d per shared conv
         head = model.bbox_head

@@ -187,8 +187,10 @@ def test_seg_dataset_loads_through_config(name, split, small_root):
     assert set(labels.unique().tolist()) <= set(range(len(SEG_CLASSES)))
 
 
-@pytest.mark.parametrize('plain,doconv', [DET_CONFIGS, SEG_CONFIGS])
-def test_doconv_twin_differs_only_by_convs(plain, doconv):
+@pytest.mark.parametrize('plain,doconv,n_components', [
+    DET_CONFIGS + [3], SEG_CONFIGS + [3],
+    ['cls_r18-tiny_toy.py', 'cls_r18-tiny-doconv_toy.py', 1]])
+def test_doconv_twin_differs_only_by_convs(plain, doconv, n_components):
     """Same recipe: the DO-Conv config minus its DO-Conv keys equals the plain one."""
     from mmengine import Config
     plain_cfg = Config.fromfile(osp.join(TOY_CONFIGS, plain)).to_dict()
@@ -198,11 +200,31 @@ def test_doconv_twin_differs_only_by_convs(plain, doconv):
     assert do_cfg.pop('conv_cfg') == dict(type='DOConv')
     components = [k for k, v in do_cfg['model'].items()
                   if isinstance(v, dict) and 'conv_cfg' in v]
-    assert len(components) == 3  # backbone, neck and head all opt in
+    assert len(components) == n_components  # detectors/segmentors: backbone, neck and head
     for key in components:
         assert do_cfg['model'][key].pop('conv_cfg') == dict(type='DOConv')
         assert 'conv_cfg' not in plain_cfg['model'][key]
     assert do_cfg == plain_cfg
+
+
+@pytest.mark.parametrize('doconv,pretrained,checkpoint,prefix', [
+    ('retinanet_r18-tiny-doconv_fpn_toy.py', 'retinanet_r18-tiny-doconv-pretrained_fpn_toy.py',
+     'work_dirs/cls_r18-tiny-doconv_toy/epoch_6.pth', 'backbone.'),
+    ('fpn_r18-tiny-doconv_toy.py', 'fpn_r18-tiny-doconv-pretrained_toy.py',
+     'work_dirs/cls_r18v1c-tiny-doconv_toy/backbone.pth', None)])
+def test_pretrained_toy_configs_differ_only_by_the_backbone_init(doconv, pretrained, checkpoint,
+                                                                 prefix):
+    """The pretrained configs are their DO-Conv twin plus the backbone's init_cfg, pointing where
+    the README's commands (tools/train.py with the classifier config's default work dir, then
+    tools/extract_backbone.py for the deep stem) put the checkpoint."""
+    from mmengine import Config
+    base = Config.fromfile(osp.join(TOY_CONFIGS, doconv)).to_dict()
+    cfg = Config.fromfile(osp.join(TOY_CONFIGS, pretrained)).to_dict()
+    init_cfg = cfg['model']['backbone'].pop('init_cfg')
+    assert init_cfg == dict(type='Pretrained', checkpoint=checkpoint,
+                            **({'prefix': prefix} if prefix else {}))
+    base['model']['backbone'].pop('init_cfg', None)
+    assert cfg == base
 
 
 # ------------------------------------------------------------------------------------------------
