@@ -365,9 +365,9 @@ def test_shipped_config_builds_in_its_scope_with_stated_doconv(name, n_doconv, n
     assert doconv and not [n for n in plain if n.startswith('backbone.')]
     if type(model.backbone).__name__.startswith('ResNet'):
         assert all(isinstance(m, DOConv2d) for n, m in model.backbone.named_modules()
-                   if n.endswith(('conv2', 'stem.0', 'stem.3', 'stem.6',  # mmdet / mmseg stems
-                                  'stem.0.conv', 'stem.1.conv', 'stem.2.conv'))  # mmpretrain
-                   or n == 'conv1')
+                   if isinstance(m, nn.Conv2d) and (n == 'conv1' or n.endswith((
+                       'conv2', 'stem.0', 'stem.3', 'stem.6',  # mmdet / mmseg stems
+                       'stem.0.conv', 'stem.1.conv', 'stem.2.conv'))))  # mmpretrain's
     assert type(model).__name__ == cfg.model.get('model_type', cfg.model.type)
     if cfg.model.get('bbox_head', {}).get('share_conv'):  # RTMDet: one DOConv2d per shared conv
         head = model.bbox_head
