@@ -22,7 +22,8 @@ __all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'load
            'prepare_cpu_distributed', 'prepare_toy_data', 'revert_sync_bn_cfg', 'set_work_dir']
 
 # The packages that own each default_scope, for the "not installed" message.
-_SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2'}
+_SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2',
+                   'mmpretrain': 'mmpretrain==1.2.0'}
 
 
 class ToolError(Exception):
