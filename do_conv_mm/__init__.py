@@ -1,10 +1,10 @@
 """do_conv_mm: DO-Conv (depthwise over-parameterised convolution) for OpenMMLab.
 
 Importing the package registers ``DOConv`` (alias ``DOConv2d``) as an mmcv conv layer type, so
-``conv_cfg=dict(type='DOConv')`` works in any mmdet / mmseg config that imports it through
-``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False)``. The by-name
-converter ``DOConvModel`` goes into mmdet's and mmseg's ``MODELS`` (not mmengine's root, where
-only conv layers belong).
+``conv_cfg=dict(type='DOConv')`` works in any mmdet / mmseg / mmpretrain config that imports it
+through ``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False)``. The by-name
+converter ``DOConvModel`` goes into mmdet's, mmseg's and mmpretrain's ``MODELS`` (whichever are
+installed; not mmengine's root, where only conv layers belong).
 """
 from .amp import BF16AmpOptimWrapper
 from .checkpoint import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file

@@ -1,16 +1,18 @@
 """Convert plain k×k convolutions of a built model to DO-Conv, by module name, from a config.
 
-Some mmdet / mmseg modules build their k×k convs without ``conv_cfg`` (RPNHead's ``rpn_conv``,
-RetinaHead's ``retina_cls``, DeepLabV3+'s separable ASPP branches, ...). Two ways to reach them:
+Some mmdet / mmseg / mmpretrain modules build their k×k convs without ``conv_cfg`` (RPNHead's
+``rpn_conv``, RetinaHead's ``retina_cls``, DeepLabV3+'s separable ASPP branches, ...). Two ways
+to reach them:
 
 * :func:`convert_to_doconv` on a live model::
 
       convert_to_doconv(model, include=['rpn_head', 'bbox_head.retina_*'], exclude=[...])
 
-* the ``DOConvModel`` builder, config only (registered in the ``MODELS`` registries of mmdet and
-  mmseg, whichever are installed, so ``type='DOConvModel'`` works under both default scopes; it
-  stays out of mmengine's root ``MODELS``, where mmcv treats every name containing "conv" as a
-  conv layer; :func:`register_doconv_model` adds it to another scope's registry)::
+* the ``DOConvModel`` builder, config only (registered in the ``MODELS`` registries of mmdet,
+  mmseg and mmpretrain, whichever are installed, so ``type='DOConvModel'`` works under those
+  default scopes; it stays out of mmengine's root ``MODELS``, where mmcv treats every name
+  containing "conv" as a conv layer; :func:`register_doconv_model` adds it to another scope's
+  registry)::
 
       model = dict(type='DOConvModel', model_type='RetinaNet',
                    doconv=dict(include=['bbox_head.retina_cls', 'bbox_head.retina_reg']))
@@ -125,7 +127,8 @@ def convert_to_doconv(model: nn.Module,
     """Replace plain k×k ``nn.Conv2d`` layers of ``model`` by :class:`DOConv2d`, in place.
 
     Args:
-        model: any nn.Module (an mmdet detector, an mmseg segmentor, a backbone, ...).
+        model: any nn.Module (an mmdet detector, an mmseg segmentor, an mmpretrain classifier,
+            a backbone, ...).
         include: fnmatch glob(s) on ``model.named_modules()`` names; a module is selected when
             its name or an ancestor's name matches (so ``'rpn_head'`` selects the whole head).
             None selects every module.
@@ -515,12 +518,17 @@ def DOConvModel(model_type: Union[str, type], doconv: Optional[Dict] = None, **k
 
 
 # Scopes whose MODELS registry gets DOConvModel at import (when the package is installed).
-DOWNSTREAM_SCOPES = ('mmdet', 'mmseg')
+# mmpretrain is eager too: after torch / mmcv / mmengine (which do_conv_mm imports anyway)
+# ``import mmpretrain.registry`` costs ~30-70 ms and imports neither its models nor torchvision,
+# and eager registration is what lets mmpretrain's own entry points (init_model, get_model, the
+# inferencers, its tools) build ``type='DOConvModel'`` from a config's ``custom_imports``.
+DOWNSTREAM_SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 
 
 def register_doconv_model(registry: Registry) -> None:
     """Make ``type='DOConvModel'`` buildable from ``registry`` (a downstream ``MODELS``, e.g.
-    ``mmpretrain.registry.MODELS``) and from its scope. mmdet's and mmseg's are done at import.
+    ``mmpretrain.registry.MODELS``) and from its scope. The :data:`DOWNSTREAM_SCOPES` (mmdet,
+    mmseg, mmpretrain) are done at import.
 
     DOConvModel is deliberately not in mmengine's root ``MODELS``: mmcv's build_conv_layer looks
     conv layer types up there, and stock code (mmcv's own tests) treats every root name that
@@ -531,12 +539,25 @@ def register_doconv_model(registry: Registry) -> None:
 
 
 def _register_downstream() -> None:
+    """Register DOConvModel in every installed downstream scope. An installed package whose
+    registry does not import (e.g. an mmpretrain built for another mmcv) is skipped with a
+    warning, so ``import do_conv_mm`` still works for the other scopes; its configs then fail in
+    the tools with their scope check's one-line error."""
     import importlib
     import importlib.util
+    import warnings
     for scope in DOWNSTREAM_SCOPES:
         if importlib.util.find_spec(scope) is None:
             continue  # not installed: its configs cannot be used anyway
-        register_doconv_model(importlib.import_module(f'{scope}.registry').MODELS)
+        try:
+            registry = importlib.import_module(f'{scope}.registry').MODELS
+        except Exception as error:  # noqa: BLE001  (any import failure of a third-party package)
+            text = ' '.join(str(error).split())[:200]
+            warnings.warn(f'do_conv_mm: {scope} is installed but {scope}.registry does not import '
+                          f'({type(error).__name__}: {text}); DOConvModel is not registered '
+                          f'for default_scope={scope!r}. Fix or uninstall {scope}.')
+            continue
+        register_doconv_model(registry)
 
 
 _register_downstream()

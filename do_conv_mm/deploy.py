@@ -112,8 +112,8 @@ def build_model(cfg: Config) -> nn.Module:
             raise FoldError(f'CONFIG {cfg.filename or "<Config>"}: {message}') from None
         raise FoldError(f'CONFIG {cfg.filename or "<Config>"} could not build its model '
                         f'({type(error).__name__}: {_first_line(error)}); check that the '
-                        f'config builds with tools/train.py and that mmdet/mmseg are '
-                        f'installed.') from error
+                        f'config builds with tools/train.py and that its package (mmdet / mmseg / '
+                        f'mmpretrain) is installed.') from error
     model = revert_sync_batchnorm(model)
     model.eval()
     return model

@@ -8,6 +8,8 @@ Both models see the same preprocessed batch in eval mode, and every output tenso
   the head outputs of ``model(inputs, data_samples, mode='tensor')``;
 * segmentors: ``extract_feat``, ``model(inputs, mode='tensor')`` (decode head logits) and the
   auxiliary head(s);
+* classifiers (mmpretrain): ``extract_feat`` (backbone/neck features) and
+  ``model(inputs, mode='tensor')`` (the head's logits, before softmax);
 * anything else: ``model(inputs, data_samples, mode='tensor')``.
 
 Tolerance (fp32). An output passes when ``max|deploy - ref| <= atol + rtol * max|ref|``; the
@@ -52,12 +54,14 @@ class OutputDiff:
 # Input
 # ------------------------------------------------------------------------------------------------
 def _task(model: nn.Module) -> str:
-    """'det', 'seg' or 'other', from the model's class hierarchy."""
+    """'det', 'seg', 'cls' (mmpretrain classifier) or 'other', from the model's class hierarchy."""
     names = {c.__name__ for c in type(model).__mro__}
     if 'BaseDetector' in names:
         return 'det'
     if 'BaseSegmentor' in names:
         return 'seg'
+    if 'BaseClassifier' in names:
+        return 'cls'
     return 'other'
 
 
@@ -70,6 +74,9 @@ def _random_sample(task: str, height: int, width: int):
     if task == 'seg':
         from mmseg.structures import SegDataSample
         return SegDataSample(metainfo=meta)
+    if task == 'cls':
+        from mmpretrain.structures import DataSample
+        return DataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width)))
     return None
 
 
@@ -139,7 +146,7 @@ def model_outputs(model: nn.Module, batch: Dict[str, Any], proposals=None):
     inputs, samples = batch['inputs'], batch.get('data_samples')
     out: Dict[str, torch.Tensor] = {}
     task = _task(model)
-    if task in ('det', 'seg'):
+    if task in ('det', 'seg', 'cls'):
         _flatten(model.extract_feat(inputs), 'feat', out)
     if task == 'det' and getattr(model, 'with_rpn', False) and hasattr(model, 'roi_head'):
         feats = model.extract_feat(inputs)
@@ -148,7 +155,7 @@ def model_outputs(model: nn.Module, batch: Dict[str, Any], proposals=None):
             proposals = model.rpn_head.predict(feats, samples, rescale=False)
         _flatten(model.roi_head.forward(feats, proposals, samples), 'roi_head', out)
     else:
-        name = {'det': 'head', 'seg': 'decode_head'}.get(task, 'tensor')
+        name = {'det': 'head', 'seg': 'decode_head', 'cls': 'head'}.get(task, 'tensor')
         _flatten(model(inputs, samples, mode='tensor'), name, out)
     if task == 'seg' and getattr(model, 'with_auxiliary_head', False):
         feats = model.extract_feat(inputs)

@@ -1,14 +1,16 @@
-"""DO-Conv coverage of an mmdet / mmseg config: per component, which k×k convs are DO-Conv and
-which stay plain, the share of k×k conv FLOPs that is DO-Conv, and the extra training parameters.
+"""DO-Conv coverage of an mmdet / mmseg / mmpretrain config: per component, which k×k convs are
+DO-Conv and which stay plain, the share of k×k conv FLOPs that is DO-Conv, and the extra training
+parameters.
 
     python tools/analyze_doconv.py CONFIG [--shape H W] [--mode loss|tensor] [--json]
                                    [--cfg-options KEY=VALUE ...]
 
 The model is built on CPU with random weights (no checkpoint, no download); SyncBN becomes BN.
 FLOPs come from forward hooks on one dummy image of --shape (default: 800x1344 for detectors,
-the config's crop_size for segmentors). ``--mode loss`` (default) runs the training forward pass
-(RPN proposals and RoI sampling as in training, auxiliary heads included) on a synthetic
-annotation; ``--mode tensor`` runs the plain forward pass.
+the config's crop_size for segmentors, the test pipeline's crop / resize size for classifiers,
+else 224x224). ``--mode loss`` (default) runs the training forward pass (RPN proposals and RoI
+sampling as in training, auxiliary heads included) on a synthetic annotation (boxes, a label map,
+or class label 0); ``--mode tensor`` runs the plain forward pass.
 """
 import argparse
 import json
@@ -30,6 +32,7 @@ from do_conv_mm.runner_setup import load_config_file  # noqa: E402
 
 DEFAULT_DET_SHAPE = (800, 1344)
 DEFAULT_SEG_SHAPE = (512, 1024)
+DEFAULT_CLS_SHAPE = (224, 224)
 # Synthetic objects (x1, y1, x2, y2 as fractions of the image) for the training forward pass.
 DUMMY_BOXES = ((0.10, 0.10, 0.45, 0.55), (0.50, 0.30, 0.90, 0.90), (0.30, 0.60, 0.42, 0.74))
 
@@ -85,14 +88,40 @@ def _task(model) -> str:
             return 'seg'
     except ImportError:
         pass
-    raise AnalyzeError(f'{type(model).__name__} is neither an mmdet detector nor an '
-                       f'mmseg segmentor; only those get a dummy batch.')
+    try:
+        from mmpretrain.models.classifiers import BaseClassifier
+        if isinstance(model, BaseClassifier):
+            return 'cls'
+    except ImportError:
+        pass
+    raise AnalyzeError(f'{type(model).__name__} is neither an mmdet detector, an mmseg '
+                       f'segmentor nor an mmpretrain classifier; only those get a dummy batch.')
 
 
 def default_shape(cfg: Config, task: str) -> Tuple[int, int]:
     if task == 'seg' and cfg.get('crop_size'):
         return tuple(int(s) for s in cfg.crop_size)
+    if task == 'cls':
+        return _cls_input_shape(cfg) or DEFAULT_CLS_SHAPE
     return DEFAULT_DET_SHAPE if task == 'det' else DEFAULT_SEG_SHAPE
+
+
+def _cls_input_shape(cfg: Config):
+    """(H, W) the classifier's test pipeline fixes last (CenterCrop crop_size, Resize scale;
+    mmpretrain sizes are int or (w, h)), or None (e.g. ResizeEdge only, or no pipeline)."""
+    dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
+    while 'pipeline' not in dataset and isinstance(dataset.get('dataset'), dict):
+        dataset = dataset['dataset']
+    pipeline = dataset.get('pipeline') or cfg.get('test_pipeline') or []
+    for transform in reversed([t for t in pipeline if isinstance(t, dict)]):
+        kind = str(transform.get('type', '')).rpartition('.')[2]
+        size = {'CenterCrop': transform.get('crop_size'),
+                'Resize': transform.get('scale')}.get(kind)
+        if isinstance(size, int):
+            return size, size
+        if isinstance(size, (list, tuple)) and len(size) == 2 and min(size) > 0:
+            return int(size[1]), int(size[0])
+    return None
 
 
 def _train_pipeline(cfg: Config):
@@ -152,14 +181,23 @@ def _seg_batch(model, h: int, w: int):
     return [sample]
 
 
+def _cls_batch(model, h: int, w: int):
+    """One training sample of class 0 (valid for any number of classes)."""
+    from mmpretrain.structures import DataSample
+    shape = (h, w)
+    return [DataSample(metainfo=dict(img_shape=shape, ori_shape=shape)).set_gt_label(0)]
+
+
 def analyze(cfg: Config, shape=None, mode: str = 'loss') -> Dict:
     """Build the model of ``cfg``, run one dummy pass, return the coverage as plain data."""
     model = build_model(cfg)
     task = _task(model)
     h, w = shape or default_shape(cfg, task)
     inputs = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    samples = (_det_batch(model, h, w, loads_masks(cfg, model)) if task == 'det' else
-               _seg_batch(model, h, w))
+    if task == 'det':
+        samples = _det_batch(model, h, w, loads_masks(cfg, model))
+    else:
+        samples = _seg_batch(model, h, w) if task == 'seg' else _cls_batch(model, h, w)
     flops = conv_flops_by_module(model, lambda: model(inputs, samples, mode=mode))
     coverage = doconv_coverage(model, flops)
     total = coverage['total']

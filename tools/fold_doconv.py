@@ -7,8 +7,9 @@ OUT gets ``{meta, state_dict}`` with every DOConv folded into its plain Conv2d k
 and other training state dropped; EMA weights folded and kept, or deployed with --use-ema); it
 loads with ``torch.load(weights_only=True)``. The deploy config (the training config with DO-Conv
 removed) goes next to OUT as ``<CONFIG stem>_deploy.py`` unless --out-config is given; the pair
-works with mmdet's ``init_detector`` / mmseg's ``init_model`` and tools/test.py. Writes are atomic:
-on any error nothing is written and the inputs are untouched.
+works with mmdet's ``init_detector`` / mmseg's ``init_model`` / mmpretrain's ``init_model`` and
+``ImageClassificationInferencer``, and tools/test.py. Writes are atomic: on any error nothing is
+written and the inputs are untouched.
 """
 import argparse
 import os

@@ -1,4 +1,5 @@
-"""Test (and evaluate) a detector or segmentor checkpoint from an mmdet / mmseg config.
+"""Test (and evaluate) a detector, segmentor or classifier checkpoint from an mmdet / mmseg /
+mmpretrain config.
 
 Usage (the OpenMMLab command line):
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out PATH] [--show] [--show-dir DIR]
@@ -7,8 +8,9 @@ Usage (the OpenMMLab command line):
     bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [same options]
 
 ``--out``: mmdet configs dump predictions to a .pkl file (DumpDetResults), mmseg configs write
-prediction maps into that directory (IoUMetric output_dir), as the upstream tools do. The metrics
-are printed by mmengine's logger and also written to ``<work_dir>/test_metrics.json``.
+prediction maps into that directory (IoUMetric output_dir), mmpretrain configs dump predictions
+to a .pkl file (mmengine's DumpResults), as the upstream tools do. The metrics are printed by
+mmengine's logger and also written to ``<work_dir>/test_metrics.json``.
 
 The checkpoint is loaded with torch's safe unpickler (``import do_conv_mm`` allow-lists the types
 of mmengine training checkpoints); a damaged or unsafe file is reported in one line, and so is an
@@ -37,14 +39,15 @@ METRICS_FILE = 'test_metrics.json'
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Test (and eval) a detector / segmentor')
+    parser = argparse.ArgumentParser(
+        description='Test (and eval) a detector / segmentor / classifier')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='the directory to save the evaluation metrics')
     parser.add_argument(
         '--out', type=str,
-        help='mmdet: dump predictions to this .pkl file; mmseg: save prediction maps in this '
-        'directory')
+        help='mmdet / mmpretrain: dump predictions to this .pkl file; mmseg: save prediction maps '
+        'in this directory')
     parser.add_argument('--show', action='store_true', help='show prediction results')
     parser.add_argument('--show-dir', help='directory where painted images will be saved')
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
@@ -65,11 +68,16 @@ def parse_args(argv=None):
 
 
 def enable_visualization(cfg, args) -> None:
-    """Turn the config's visualization hook on, as mmdet's / mmseg's test tools do."""
+    """Turn the config's visualization hook on, as mmdet's / mmseg's / mmpretrain's test tools
+    do (mmpretrain's VisualizationHook: enable, out_dir, every sample as its --interval 1)."""
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
         raise ToolError('--show / --show-dir need a visualization hook in default_hooks (e.g. '
                         "visualization=dict(type='DetVisualizationHook')).")
+    if cfg.get('default_scope') == 'mmpretrain':
+        hook.update(enable=True, show=args.show, wait_time=args.wait_time,
+                    out_dir=args.show_dir, interval=1)
+        return
     hook['draw'] = True
     if args.show:
         hook['show'] = True
@@ -91,23 +99,30 @@ def enable_tta(cfg) -> None:
 
 
 def request_output(cfg, out: str) -> None:
-    """--out, config side: mmseg's IoUMetric writes prediction maps to ``out``."""
+    """--out, config side: mmseg's IoUMetric writes prediction maps to ``out``; mmdet and
+    mmpretrain dump to a pickle file (checked here, attached by :func:`attach_output`)."""
     scope = cfg.get('default_scope')
     if scope == 'mmseg':
         cfg.test_evaluator['output_dir'] = out
         cfg.test_evaluator['keep_results'] = True
-    elif scope != 'mmdet':
-        raise ToolError(f'--out supports mmdet and mmseg configs; this config\'s default_scope '
-                        f'is {scope!r}. Drop --out.')
+    elif scope not in ('mmdet', 'mmpretrain'):
+        raise ToolError(f'--out supports mmdet, mmseg and mmpretrain configs; this config\'s '
+                        f'default_scope is {scope!r}. Drop --out.')
     elif not out.endswith(('.pkl', '.pickle')):
         raise ToolError(f'--out {out!r}: the dump file must end in .pkl or .pickle.')
 
 
 def attach_output(cfg, runner, out: str) -> None:
-    """--out, runner side: mmdet dumps predictions through a DumpDetResults metric."""
-    if cfg.get('default_scope') == 'mmdet':
+    """--out, runner side: mmdet dumps predictions through a DumpDetResults metric, mmpretrain
+    (as its tools/test.py) through mmengine's DumpResults: a list with one dict per sample
+    (``pred_label``, ``pred_score``, ``gt_label``, ...)."""
+    scope = cfg.get('default_scope')
+    if scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
+    elif scope == 'mmpretrain':
+        from mmengine.evaluator import DumpResults
+        runner.test_evaluator.metrics.append(DumpResults(out_file_path=out))
 
 
 def main(argv=None):

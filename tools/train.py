@@ -7,7 +7,8 @@ Usage (the OpenMMLab command line):
                           [--launcher {none,pytorch,slurm,mpi}] [--local_rank N]
     bash tools/dist_train.sh CONFIG GPUS [same options]      # torchrun, one process per device
 
-The config's ``default_scope`` ('mmdet' or 'mmseg') picks the registries, as in the upstream tools.
+The config's ``default_scope`` ('mmdet', 'mmseg' or 'mmpretrain') picks the registries, as in the
+upstream tools.
 ``import do_conv_mm`` registers DOConv and allow-lists the types of mmengine checkpoints, so
 ``--resume`` and ``load_from`` work on torch >= 2.6 with safe loading on. Each local
 ``init_cfg=dict(type='Pretrained', ...)`` checkpoint is compared with its module first
@@ -32,7 +33,8 @@ from do_conv_mm.runner_setup import (ToolError, build_runner, check_checkpoint, 
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a detector / segmentor (DO-Conv ready)')
+    parser = argparse.ArgumentParser(
+        description='Train a detector / segmentor / classifier (DO-Conv ready)')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(

@@ -1,0 +1,173 @@
+"""configs/mmpretrain: DO-Conv classifiers built in scope mmpretrain; DOConvModel in that scope.
+
+Every config inherits an mmpretrain model-zoo recipe and only adds DO-Conv to the backbone, so
+the model is the stock one with D = 0: given the stock model's state dict it computes the
+identical tensor (torch.equal; see tests/test_configs.py for why no tolerance is needed).
+"""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip('mmpretrain')
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope, MODELS  # noqa: E402
+
+import do_conv_mm  # noqa: E402
+from do_conv_mm import DOConv2d  # noqa: E402
+from test_configs import (REPO, _base_config_path, _build, _config_path,  # noqa: E402
+                          _kxk_convs, _plain_keys)
+from training_helpers import tool_env  # noqa: E402
+
+# (config, DOConv k×k layers, plain k×k convs left): the README coverage table's numbers.
+# ResNet-18/50, ResNeXt-50: 7×7 stem + 16 block 3×3s; ResNetV1c-50: 3×3 deep stem (3) + 16;
+# MobileNetV2: 3×3 stem + 17 depthwise 3×3s. Every other conv is 1×1; the head is Linear.
+MMPRETRAIN = [
+    ('mmpretrain/resnet50-doconv_8xb32_in1k.py', 17, 0),
+    ('mmpretrain/resnet18-doconv_8xb32_in1k.py', 17, 0),
+    ('mmpretrain/resnext50-32x4d-doconv_8xb32_in1k.py', 17, 0),
+    ('mmpretrain/mobilenet-v2-doconv_8xb32_in1k.py', 18, 0),
+    ('mmpretrain/resnetv1c50-doconv_8xb32_in1k.py', 19, 0),
+]
+IDS = [name.split('/')[1] for name, _, _ in MMPRETRAIN]
+
+
+def _random_bn_stats(model, seed=0):
+    """Non-trivial BN statistics, so equality is not helped by identity normalisation."""
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+
+
+@pytest.mark.parametrize('name,n_doconv,n_plain', MMPRETRAIN, ids=IDS)
+def test_config_builds_in_mmpretrain_with_stated_doconv(name, n_doconv, n_plain):
+    cfg = Config.fromfile(_config_path(name))
+    assert cfg.custom_imports == dict(imports=['do_conv_mm'], allow_failed_imports=False)
+    assert cfg.default_scope == 'mmpretrain'
+    model = _build(cfg)
+    doconv, plain = _kxk_convs(model)
+    assert len(doconv) == n_doconv, doconv
+    assert len(plain) == n_plain, plain
+    assert all(n.startswith('backbone.') for n in doconv)
+    assert type(model).__name__ == 'ImageClassifier'
+    assert isinstance(model.head.fc, nn.Linear)
+    backbone = model.backbone
+    if name.startswith('mmpretrain/resnext'):
+        groups = {backbone.get_submodule(n[len('backbone.'):]).groups for n in doconv}
+        assert groups == {1, 32}  # the stem, every grouped 3×3
+        assert sum(model.get_submodule(n).groups == 32 for n in doconv) == 16
+    if name.startswith('mmpretrain/mobilenet'):
+        depthwise = [model.get_submodule(n) for n in doconv if model.get_submodule(n).groups > 1]
+        assert len(depthwise) == 17
+        for conv in depthwise:
+            assert conv.groups == conv.in_channels == conv.out_channels
+            assert conv.D.shape == (conv.in_channels, 9, 9)  # one 9×9 D per real channel
+        assert model.get_submodule(doconv[0]).groups == 1  # the 3×3 stem
+
+
+@pytest.mark.parametrize('name', [name for name, _, _ in MMPRETRAIN], ids=IDS)
+def test_doconv_model_at_d0_equals_stock_model_with_its_checkpoint(name):
+    """The stock (plain) state dict strict-loads into the DO-Conv model (missing D = identity)
+    and both compute the identical tensor."""
+    torch.manual_seed(0)
+    stock = _build(Config.fromfile(_base_config_path(name))).eval()
+    _random_bn_stats(stock)
+    assert not _kxk_convs(stock)[0]
+    torch.manual_seed(1)  # different init: everything must come from the checkpoint
+    model = _build(Config.fromfile(_config_path(name))).eval()
+    assert _plain_keys(model.state_dict()) == list(stock.state_dict())
+    model.load_state_dict(stock.state_dict())  # strict
+    assert all(torch.count_nonzero(m.D) == 0 for m in model.modules()
+               if isinstance(m, DOConv2d) and m.D is not None)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(x, mode='tensor'), stock(x, mode='tensor'))
+
+
+def test_pretrained_backbones_match_the_detection_and_segmentation_backbones():
+    """What the config comments promise: the ResNet-50 checkpoint's backbone keys (D included)
+    are those of configs/mmdet's R50 backbones; ResNetV1c-50's are mmseg's R50-D8 ones apart
+    from the deep stem's naming (stem.N.conv / stem.N.bn = mmseg's stem.3N / stem.3N+1)."""
+    def backbone_shapes(name, scope=None):
+        cfg = Config.fromfile(_config_path(name))
+        with DefaultScope.overwrite_default_scope(scope or cfg.default_scope):
+            backbone = MODELS.build(cfg.model.backbone)
+        return {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+
+    r50 = backbone_shapes('mmpretrain/resnet50-doconv_8xb32_in1k.py')
+    assert r50 == backbone_shapes('mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py')
+    assert sum(k.endswith('.D') for k in r50) == 17
+    v1c = backbone_shapes('mmpretrain/resnetv1c50-doconv_8xb32_in1k.py')
+    seg = backbone_shapes('mmseg/pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py')
+
+    def to_mmseg(key):
+        parts = key.split('.')
+        if parts[0] == 'stem':
+            index = 3 * int(parts[1]) + (parts[2] == 'bn')
+            return '.'.join(['stem', str(index)] + parts[3:])
+        return key
+
+    assert {to_mmseg(k): v for k, v in v1c.items()} == seg
+
+
+# ----------------------------------------------------------------------------------------------
+# DOConvModel in scope mmpretrain
+# ----------------------------------------------------------------------------------------------
+def test_doconv_model_builds_through_mmpretrain_apis(tmp_path):
+    """type='DOConvModel' over an mmpretrain recipe, built by mmpretrain's own init_model: the
+    by-name conversion gives the same 17 DO-Conv layers as conv_cfg."""
+    import mmpretrain.registry
+    from mmpretrain.apis import init_model
+    assert mmpretrain.registry.MODELS.module_dict['DOConvModel'] is do_conv_mm.DOConvModel
+    path = tmp_path / 'r18_by_name.py'
+    path.write_text("_base_ = 'mmpretrain::resnet/resnet18_8xb32_in1k.py'\n"
+                    "custom_imports = dict(imports=['do_conv_mm'], allow_failed_imports=False)\n"
+                    "model = dict(type='DOConvModel', model_type='ImageClassifier',\n"
+                    "             doconv=dict(include=['backbone']))\n")
+    model = init_model(str(path), device='cpu')
+    by_conv_cfg = _build(Config.fromfile(_config_path('mmpretrain/resnet18-doconv_8xb32_in1k.py')))
+    assert type(model).__name__ == 'ImageClassifier'
+    assert _kxk_convs(model) == _kxk_convs(by_conv_cfg)
+    assert sorted(model.state_dict()) == sorted(by_conv_cfg.state_dict())
+
+
+def test_import_registers_mmpretrain_cheaply():
+    """The registration choice: eager, because ``import mmpretrain.registry`` neither imports
+    mmpretrain's models nor torchvision (a fresh interpreter checks that)."""
+    code = ('import sys, do_conv_mm, mmpretrain.registry as r; '
+            'assert r.MODELS.module_dict["DOConvModel"] is do_conv_mm.DOConvModel; '
+            'print(sorted(m for m in ("torchvision", "mmpretrain.models") if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                         env=tool_env(threads=1), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == '[]'
+
+
+def test_a_downstream_package_that_fails_to_import_is_skipped_with_a_warning(monkeypatch):
+    import importlib
+
+    from do_conv_mm import convert
+    real = importlib.import_module
+
+    def import_module(name, *args):
+        if name == 'mmpretrain.registry':
+            raise AssertionError('MMCV==9.9.9 is used but incompatible.')
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, 'import_module', import_module)
+    with pytest.warns(UserWarning, match=r"do_conv_mm: mmpretrain is installed but "
+                                         r"mmpretrain\.registry does not import \(AssertionError: "
+                                         r"MMCV==9\.9\.9.*Fix or uninstall mmpretrain"):
+        convert._register_downstream()  # mmdet and mmseg are still (idempotently) registered
+    import mmdet.registry
+    assert mmdet.registry.MODELS.module_dict['DOConvModel'] is do_conv_mm.DOConvModel
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        monkeypatch.undo()
+        convert._register_downstream()  # a healthy environment: silent
