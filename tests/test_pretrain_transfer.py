@@ -207,3 +207,44 @@ def test_other_architecture_is_refused_and_extraction_writes_nothing(pretrained,
     torch.save(dict(state_dict=dict(w=torch.zeros(1))), bare)
     with pytest.raises(Exception, match='no keys under'):
         backbone_state_dict(load_checkpoint_file(bare))
+
+
+def test_model_zoo_path_resnet50_into_faster_rcnn_and_v1c_into_pspnet(tmp_path):
+    """The README's ImageNet path on the shipped configs (random weights, no training): the
+    mmpretrain R50 DO-Conv checkpoint is accepted whole by Faster R-CNN's backbone (prefix
+    backbone.), the V1c-50 one by PSPNet's through tools/extract_backbone.py and
+    ``model.pretrained``; mmengine's init then holds the classifier's D."""
+    import importlib
+    torch.manual_seed(0)
+    paths = {}
+    for name in ('resnet50-doconv_8xb32_in1k', 'resnetv1c50-doconv_8xb32_in1k'):
+        classifier = _build(osp.join(REPO, 'configs', 'mmpretrain', f'{name}.py'))
+        for module in classifier.modules():
+            if isinstance(module, DOConv2d) and module.D is not None:
+                torch.nn.init.normal_(module.D, std=0.05)
+        paths[name] = tmp_path / f'{name}.pth'
+        torch.save(dict(state_dict=classifier.state_dict(), meta=dict()), paths[name])
+    r50 = load_checkpoint_file(paths['resnet50-doconv_8xb32_in1k'])['state_dict']
+
+    detector = _build(osp.join(REPO, 'configs', 'mmdet', 'faster-rcnn_r50-doconv_fpn_1x_coco.py'),
+                      **{'model.backbone.init_cfg.checkpoint': str(paths[
+                          'resnet50-doconv_8xb32_in1k']),
+                         'model.backbone.init_cfg.prefix': 'backbone.'})
+    (line, ) = check_pretrained_inits(detector)
+    assert line.startswith('backbone <- ') and 'D of 17 DO-Conv layer(s)' in line
+    detector.init_weights()
+    assert torch.equal(detector.backbone.layer3[2].conv2.D, r50['backbone.layer3.2.conv2.D'])
+
+    extracted = tmp_path / 'r50v1c_backbone.pth'
+    pspnet = osp.join(REPO, 'configs', 'mmseg',
+                      'pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py')
+    run_tool('extract_backbone.py', paths['resnetv1c50-doconv_8xb32_in1k'], extracted,
+             '--config', pspnet)
+    segmentor = _build(pspnet, **{'model.pretrained': str(extracted)})
+    (line, ) = check_pretrained_inits(segmentor)
+    assert 'D of 19 DO-Conv layer(s)' in line
+    importlib.import_module('mmseg.models')
+    segmentor.init_weights()
+    v1c = load_checkpoint_file(paths['resnetv1c50-doconv_8xb32_in1k'])['state_dict']
+    assert torch.equal(segmentor.backbone.stem[6].D, v1c['backbone.stem.2.conv.D'])
+    assert torch.equal(segmentor.backbone.layer4[0].conv2.D, v1c['backbone.layer4.0.conv2.D'])
