@@ -350,6 +350,24 @@ def _kxk_convs(model):
     return doconv, plain
 
 
+def check_analysis_total(total: dict, model: nn.Module, n_doconv: int) -> None:
+    """The analyze tool's ``total`` (a 1×3×64×64 pass) against a direct count on ``model``:
+    every k×k conv DO-Conv, the extra parameters, and torch's own FLOP counter (2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    doconv, plain = _kxk_convs(model)
+    assert total['doconv_kxk'] == len(doconv) == n_doconv
+    assert total['plain_kxk'] == plain == []
+    extra = sum(p.numel() for n, p in model.named_parameters() if n.endswith(EXTRA_SUFFIXES))
+    assert total['extra_params'] == extra > 0
+    assert total['params'] == sum(p.numel() for p in model.parameters()) - extra
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 64, 64), mode='tensor')
+    conv_flops = sum(v for op, v in counter.get_flop_counts()['Global'].items()
+                     if 'convolution' in str(op))
+    assert 2 * total['conv_flops'] == conv_flops
+    assert total['doconv_flop_share'] == 1.0 and total['kxk_flops'] > 0
+
+
 @pytest.mark.parametrize('name,n_doconv,n_plain', SHIPPED + TOY,
                          ids=[(s.values if hasattr(s, 'values') else s)[0] for s in SHIPPED + TOY])
 def test_shipped_config_builds_in_its_scope_with_stated_doconv(name, n_doconv, n_plain):
@@ -469,7 +487,6 @@ def test_convert_names_unconvertible_mmcv_and_mmdet_layers():
 
 
 def test_analyze_tool_matches_direct_count(capsys, analyze_tool):
-    from torch.utils.flop_counter import FlopCounterMode
     name = 'mmseg/fcn_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py'
     # The CLI's own main(), in process (a subprocess would re-import torch and mmseg).
     capsys.readouterr()
@@ -477,22 +494,8 @@ def test_analyze_tool_matches_direct_count(capsys, analyze_tool):
     result = json.loads(capsys.readouterr().out)
     total = result['total']
 
-    cfg = Config.fromfile(_config_path(name))
-    model = _build(cfg).eval()
-    doconv, plain = _kxk_convs(model)
     n_stated = next(n for cfg_name, n, _ in SHIPPED if cfg_name == name)
-    assert total['doconv_kxk'] == len(doconv) == n_stated
-    assert total['plain_kxk'] == plain == []
-    extra = sum(p.numel() for n, p in model.named_parameters() if n.endswith(EXTRA_SUFFIXES))
-    assert total['extra_params'] == extra
-    assert total['params'] == sum(p.numel() for p in model.parameters()) - extra
-    # FLOPs: torch's own counter (2 FLOPs per multiply-accumulate) on the same forward pass.
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, 64, 64), mode='tensor')
-    conv_flops = sum(v for op, v in counter.get_flop_counts()['Global'].items()
-                     if 'convolution' in str(op))
-    assert 2 * total['conv_flops'] == conv_flops
-    assert total['doconv_flop_share'] == 1.0 and total['kxk_flops'] > 0
+    check_analysis_total(total, _build(Config.fromfile(_config_path(name))).eval(), n_stated)
 
 
 def test_analyze_tool_loss_mode_on_rtmdet_and_mask_rcnn(capsys, analyze_tool):

@@ -24,7 +24,7 @@ from mmengine.registry import DefaultScope  # noqa: E402
 from do_conv_mm import DOConv2d, load_checkpoint_file  # noqa: E402
 from do_conv_mm.toy_cls_data import CLS_CLASSES, generate_toy_cls_data  # noqa: E402
 from test_configs import (EXTRA_SUFFIXES, _build, _config_path, _kxk_convs,  # noqa: E402,F401
-                          analyze_tool)
+                          analyze_tool, check_analysis_total)
 from training_helpers import REPO, run_tool, train_losses  # noqa: E402
 
 TOY_CLS = _config_path('toy/cls_r18-tiny-doconv_toy.py')
@@ -81,27 +81,15 @@ def folded(toy):
 @pytest.mark.parametrize('config,n_doconv', [(R18, 17), (TOY_CLS, 17)],
                          ids=['resnet18-doconv', 'cls_r18-tiny-doconv_toy'])
 def test_analyze_tool_counts_classifier_coverage(config, n_doconv, capsys, analyze_tool):
-    from torch.utils.flop_counter import FlopCounterMode
     capsys.readouterr()
     analyze_tool.main([config, '--shape', '64', '64', '--json'])  # default --mode loss
     result = json.loads(capsys.readouterr().out)
     assert (result['model'], result['task'], result['mode']) == ('ImageClassifier', 'cls', 'loss')
     total = result['total']
     model = _build(Config.fromfile(config)).eval()
-    doconv, plain = _kxk_convs(model)
-    assert total['doconv_kxk'] == len(doconv) == n_doconv
-    assert total['plain_kxk'] == plain == [] and result['not_run'] == []
+    check_analysis_total(total, model, n_doconv)
+    assert result['not_run'] == []
     assert result['components']['backbone']['doconv_kxk'] == n_doconv
-    extra = sum(p.numel() for n, p in model.named_parameters() if n.endswith(EXTRA_SUFFIXES))
-    assert total['extra_params'] == extra > 0
-    assert total['params'] == sum(p.numel() for p in model.parameters()) - extra
-    # FLOPs: torch's counter (2 per multiply-accumulate) on the same backbone pass.
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, 64, 64), mode='tensor')
-    conv_flops = sum(v for op, v in counter.get_flop_counts()['Global'].items()
-                     if 'convolution' in str(op))
-    assert 2 * total['conv_flops'] == conv_flops
-    assert total['doconv_flop_share'] == 1.0
 
 
 def test_analyze_tool_classifier_default_shape(analyze_tool):

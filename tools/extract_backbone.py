@@ -15,7 +15,6 @@ included) before writing; a mismatch is one ``error:`` line naming the keys. OUT
 atomically; on any error nothing is written.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
