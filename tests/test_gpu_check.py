@@ -177,7 +177,12 @@ def test_mmcv_lite_with_shim_trains_faster_rcnn_like_real_mmcv(tmp_path):
     for step_shim, step_real in zip(shimmed['steps'], real['steps']):
         assert step_shim.keys() == step_real.keys() and 'loss_bbox' in step_real
         for key, value in step_real.items():  # float rounding of RoIAlign sums only
-            assert step_shim[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+            if key == 'acc':
+                # The share (%) of the 2 x 512 sampled RoIs classified right: a rounding-level
+                # difference may flip one near-tie (it does on torch 2.13.0's PyPI build).
+                assert abs(step_shim[key] - value) <= 100 / 1024 + 1e-9, key
+            else:
+                assert step_shim[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def test_faster_rcnn_without_roi_head_builds_and_trains():
