@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .toy_data import (CLASSES, HUE_JITTER, _background, _hsv_colour, _read_marker, _write_png,
-                       draw_shape, write_dataset_atomically)
+                       dataset_settings, draw_shape, write_dataset_atomically)
 
 __all__ = ['CLS_CLASSES', 'DEFAULT_CLS_ROOT', 'cls_settings', 'ensure_toy_cls_data',
            'generate_toy_cls_data', 'is_cls_complete', 'render_crop']
@@ -43,13 +43,7 @@ _SPLIT_IDS = {'train': 100, 'val': 101}  # distinct from toy_data's scene RNG st
 def cls_settings(num_train: int = 800, num_val: int = 200, img_size: int = 64,
                  seed: int = 0) -> Dict:
     """The settings that fully determine a generated set (stored in ``toy_cls_data.json``)."""
-    for name, value in (('num_train', num_train), ('num_val', num_val), ('img_size', img_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f'{name} must be a positive int, got {value!r}')
-    if img_size < 32:
-        raise ValueError(f'img_size must be >= 32 so shapes are recognisable, got {img_size}')
-    return dict(format_version=FORMAT_VERSION, num_train=num_train, num_val=num_val,
-                img_size=img_size, seed=int(seed), classes=list(CLS_CLASSES))
+    return dataset_settings(FORMAT_VERSION, CLS_CLASSES, num_train, num_val, img_size, seed)
 
 
 def _paint_shape(rng: np.random.Generator, image: np.ndarray, cls: int, radius: float,

@@ -48,16 +48,23 @@ MAX_TRIES = 20  # placements tried per shape before the shape is skipped
 _SPLIT_IDS = {'train': 0, 'val': 1}
 
 
-def toy_settings(num_train: int = 200, num_val: int = 50, img_size: int = 128,
-                 seed: int = 0) -> Dict:
-    """The settings that fully determine a generated dataset (stored in ``toy_data.json``)."""
+def dataset_settings(format_version: int, classes, num_train: int, num_val: int,
+                     img_size: int, seed: int) -> Dict:
+    """Validated settings of a generated set (ValueError on a bad count or an image side below
+    32 px, where the shapes no longer fit); stored in its marker file."""
     for name, value in (('num_train', num_train), ('num_val', num_val), ('img_size', img_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f'{name} must be a positive int, got {value!r}')
     if img_size < 32:
         raise ValueError(f'img_size must be >= 32 so shapes fit, got {img_size}')
-    return dict(format_version=FORMAT_VERSION, num_train=num_train, num_val=num_val,
-                img_size=img_size, seed=int(seed), classes=list(CLASSES))
+    return dict(format_version=format_version, num_train=num_train, num_val=num_val,
+                img_size=img_size, seed=int(seed), classes=list(classes))
+
+
+def toy_settings(num_train: int = 200, num_val: int = 50, img_size: int = 128,
+                 seed: int = 0) -> Dict:
+    """The settings that fully determine a generated dataset (stored in ``toy_data.json``)."""
+    return dataset_settings(FORMAT_VERSION, CLASSES, num_train, num_val, img_size, seed)
 
 
 # --------------------------------------------------------------------------------------------
