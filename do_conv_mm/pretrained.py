@@ -214,10 +214,3 @@ def check_pretrained_inits(model: nn.Module) -> List[str]:
             lines.append(f'{where} <- {source}: {summary}')
     return lines
 
-
-def model_backbone(model: nn.Module, name: Optional[str] = 'backbone') -> nn.Module:
-    """``model.<name>`` (the module a ``backbone.``-prefixed checkpoint is meant for)."""
-    module = getattr(model, name, None) if name else model
-    if not isinstance(module, nn.Module):
-        raise CheckpointError(f'{type(model).__name__} has no {name!r} module to check against.')
-    return module
