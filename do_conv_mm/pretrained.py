@@ -17,7 +17,7 @@ differently from mmdet's / mmseg's (``stem.3N`` conv, ``stem.3N+1`` norm, ReLUs 
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
