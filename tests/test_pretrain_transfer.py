@@ -248,3 +248,28 @@ def test_model_zoo_path_resnet50_into_faster_rcnn_and_v1c_into_pspnet(tmp_path):
     v1c = load_checkpoint_file(paths['resnetv1c50-doconv_8xb32_in1k'])['state_dict']
     assert torch.equal(segmentor.backbone.stem[6].D, v1c['backbone.stem.2.conv.D'])
     assert torch.equal(segmentor.backbone.layer4[0].conv2.D, v1c['backbone.layer4.0.conv2.D'])
+
+
+def test_extract_from_ema_weights_and_bare_state_dicts(tmp_path):
+    """mmengine's EMAHook saves ``ema_state_dict`` with ``module.`` keys and a ``steps`` counter:
+    --use-ema takes it; a bare state dict (no ``state_dict`` key) works too."""
+    weights = {'backbone.conv1.weight': torch.ones(2, 3, 7, 7),
+               'backbone.conv1.D': torch.full((3, 49, 49), 0.5), 'head.fc.weight': torch.ones(4, 2)}
+    ema = {f'module.{k}': v * 2 for k, v in weights.items()}
+    ema['steps'] = torch.tensor(10)
+    state_dict, renamed = backbone_state_dict(dict(state_dict=weights, ema_state_dict=ema),
+                                              use_ema=True)
+    assert renamed == 0 and list(state_dict) == ['conv1.weight', 'conv1.D']
+    assert torch.equal(state_dict['conv1.D'], torch.ones(3, 49, 49))  # the EMA copy
+    bare, _ = backbone_state_dict(weights)
+    assert torch.equal(bare['conv1.D'], weights['backbone.conv1.D'])
+    with pytest.raises(Exception, match='no ema_state_dict'):
+        backbone_state_dict(dict(state_dict=weights), use_ema=True)
+    # The CLI: --use-ema, written atomically, meta says which weights.
+    path, out = tmp_path / 'ema.pth', tmp_path / 'backbone.pth'
+    torch.save(dict(state_dict=weights, ema_state_dict=ema), path)
+    proc = run_tool('extract_backbone.py', path, out, '--use-ema')
+    assert 'D of 1 DO-Conv layer(s)' in proc.stdout
+    saved = torch.load(out, weights_only=True)
+    assert saved['meta']['weights'] == 'ema_state_dict'
+    assert torch.equal(saved['state_dict']['conv1.weight'], torch.full((2, 3, 7, 7), 2.0))
