@@ -640,3 +640,15 @@ def test_cpu_distributed_reverts_sync_bn_in_the_config():
         model = _build(cfg) if name == MMSEG_SHIPPED[0] else None
         if model is not None:
             assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize('num_classes', [1, 2])
+def test_analyze_tool_loss_pass_with_fewer_classes_than_dummy_boxes(num_classes, capsys,
+                                                                     analyze_tool):
+    """The synthetic annotation has 3 boxes; their labels stay below every head's num_classes
+    (a 1-class detector used to fail with 'Class values must be smaller than num_classes')."""
+    capsys.readouterr()
+    analyze_tool.main([_config_path('toy/retinanet_r18-tiny-doconv_fpn_toy.py'), '--shape', '64',
+                       '64', '--json', '--cfg-options', f'model.bbox_head.num_classes={num_classes}'])
+    result = json.loads(capsys.readouterr().out)
+    assert result['mode'] == 'loss' and result['total']['doconv_kxk'] == 24

@@ -144,6 +144,14 @@ def loads_masks(cfg: Config, model) -> bool:
     return bool(getattr(model, 'with_mask', False))
 
 
+def _fewest_classes(model) -> int:
+    """The smallest ``num_classes`` of the model's heads (RPN heads: 1), so that synthetic labels
+    below it are valid everywhere; 1 when no module states one."""
+    counts = [m.num_classes for m in model.modules()
+              if isinstance(getattr(m, 'num_classes', None), int) and m.num_classes > 0]
+    return min(counts, default=1)
+
+
 def _det_batch(model, h: int, w: int, with_mask: bool = None):
     """One synthetic training sample; masks (BitmapMasks, as LoadAnnotations(with_mask=True)
     makes them) only when ``with_mask`` (None: the model's own ``with_mask``)."""
@@ -161,7 +169,8 @@ def _det_batch(model, h: int, w: int, with_mask: bool = None):
     for mask, (x1, y1, x2, y2) in zip(masks, boxes.round().int().tolist()):
         mask[y1:y2, x1:x2] = 1
     # Plain tensors, as DetDataPreprocessor(boxtype2tensor=True) hands them to the model.
-    sample.gt_instances = InstanceData(bboxes=boxes, labels=torch.arange(len(boxes)))
+    labels = torch.arange(len(boxes)) % _fewest_classes(model)  # valid for every head
+    sample.gt_instances = InstanceData(bboxes=boxes, labels=labels)
     if with_mask:
         sample.gt_instances.masks = BitmapMasks(masks, h, w)
     sample.ignored_instances = InstanceData(bboxes=torch.zeros(0, 4),
