@@ -383,12 +383,28 @@ def explain_build_error(model_cfg: Dict, error: BaseException,
     ``D_mul`` smaller than kh*kw of a conv its conv_cfg builds (named by module, from a probe
     build of the same model without D_mul).
     """
+    explained = _innermost_explained(error)
+    if explained is not None:  # DOConvModel explained it already; mmengine re-raised it wrapped
+        return str(explained)
     uses_doconv = any(is_doconv_layer_type(c.get('type')) or
                       str(c.get('type', '')).rpartition('.')[2] == 'DOConvModel'
                       for _, c in walk_cfg(model_cfg, 'model'))
     if not uses_doconv:
         return None
-    return _explain_build_error(model_cfg, error) or _explain_d_mul(model_cfg, error, scope)
+    return (_explain_build_error(model_cfg, error, scope)
+            or _explain_d_mul(model_cfg, error, scope))
+
+
+def _innermost_explained(error: BaseException) -> Optional[BaseException]:
+    """The first DOConvNotApplicableError raised on the way to ``error`` (through mmengine's
+    re-raises, which chain the original as ``__context__``), or None."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DOConvNotApplicableError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
 
 
 _D_MUL_ERROR = re.compile(r'DOConv2d: D_mul=(\d+) is smaller than kh\*kw=(\d+) for kernel '
@@ -464,18 +480,40 @@ def _explain_d_mul(model_cfg: Dict, error: BaseException, scope: Optional[str]) 
             f'unset there (default kh*kw per layer) or raise it to >= {taps}.')
 
 
-def _explain_build_error(model_cfg: Dict, exc: BaseException) -> Optional[str]:
+def _class_names(type_name: Any, scope: Optional[str]) -> List[str]:
+    """Names of the registered class ``type_name`` and its bases (just ``type_name`` when it
+    cannot be looked up): an error may name a base, e.g. AnchorHead for RPNHead."""
+    if not isinstance(type_name, str):
+        return [getattr(type_name, '__name__', str(type_name))]
+    from mmengine.registry import DefaultScope
+    context = (DefaultScope.overwrite_default_scope(scope) if scope is not None else
+               nullcontext())
+    try:
+        with context, MODELS.switch_scope_and_registry(None) as registry:
+            cls = registry.get(type_name)
+    except Exception:  # noqa: BLE001  (an unknown scope or type: fall back to the name)
+        cls = None
+    if not isinstance(cls, type):
+        return [type_name.rpartition('.')[2]]
+    return [c.__name__ for c in cls.__mro__ if c.__module__.split('.')[0] != 'torch']
+
+
+def _explain_build_error(model_cfg: Dict, exc: BaseException,
+                         scope: Optional[str] = None) -> Optional[str]:
     """A clear message for known DO-Conv build failures, or None."""
     text = str(exc)
     if 'conv_cfg' in text and ('unexpected keyword' in text or 'must be None' in text):
         users = [(path, c.get('type', '?')) for path, c in walk_cfg(model_cfg, 'model')
                  if 'conv_cfg' in c and path != 'model']
-        named = [(p, t) for p, t in users if isinstance(t, str) and t in text]
+        named = [(p, t) for p, t in users
+                 if any(f'{name}.' in text or f'{name} ' in text or text.endswith(name)
+                        for name in _class_names(t, scope))]
         culprits = named or users
         listing = ', '.join(f'{p} ({t})' for p, t in culprits)
-        return (f'Building the model failed on conv_cfg: {text}\nComponent(s) with conv_cfg: '
-                f'{listing}. A component whose constructor does not take conv_cfg (e.g. mmdet '
-                f'RPNHead) or that cannot use it (DCN blocks) must not get conv_cfg=DOConv; '
+        label = 'Rejected by' if named else 'Component(s) with conv_cfg'
+        return (f'Building the model failed on conv_cfg: {text}. {label}: {listing}. A '
+                f'component whose constructor does not take conv_cfg (e.g. mmdet RPNHead) or '
+                f'that cannot use it (DCN blocks) must not get conv_cfg=DOConv; '
                 f'remove it there and convert its k×k convs by name with '
                 f"model=dict(type='DOConvModel', model_type=..., doconv=dict(include=[...])).")
     return None

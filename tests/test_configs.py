@@ -461,8 +461,29 @@ def test_dcn_backbone_with_doconv_conv_cfg_gives_clear_error():
 def test_conv_cfg_on_a_head_that_rejects_it_gives_clear_error():
     cfg = Config.fromfile(_config_path('mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py'))
     cfg.model.rpn_head.conv_cfg = dict(type='DOConv')
-    with pytest.raises(DOConvNotApplicableError, match=r'model\.rpn_head \(RPNHead\)'):
+    with pytest.raises(DOConvNotApplicableError, match=r'Rejected by: model\.rpn_head '
+                       r'\(RPNHead\)\. ') as error:
         _build(cfg)
+    # One line, said once, naming only the head that rejects it (its error names AnchorHead).
+    message = str(error.value)
+    assert '\n' not in message and message.count('Building the model failed') == 1
+    assert 'model.neck' not in message
+
+
+def test_conv_cfg_rejected_under_doconv_model_is_one_line_from_the_train_tool(tmp_path):
+    """DOConvModel explains the failure; mmengine re-raises it wrapped; the tool says it once."""
+    import subprocess
+    import sys
+    config = tmp_path / 'rpn_conv_cfg.py'
+    config.write_text(f"_base_ = {_config_path('mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py')!r}\n"
+                      "model = dict(rpn_head=dict(conv_cfg=dict(type='DOConv')))\n")
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), str(config),
+                           '--work-dir', str(tmp_path / 'w')], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert proc.returncode != 0 and len(errors) == 1 and 'Traceback' not in proc.stderr
+    assert errors[0].count('Building the model failed') == 1
+    assert 'Rejected by: model.rpn_head (RPNHead).' in errors[0]
 
 
 def test_convert_names_unconvertible_mmcv_and_mmdet_layers():
