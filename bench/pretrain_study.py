@@ -36,6 +36,7 @@ HERE = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(HERE)
 sys.path.insert(0, HERE)
 from bench_utils import mean_std, paired_test  # noqa: E402
+from toy_twins import _load_result  # noqa: E402
 
 CLS = dict(plain='configs/toy/cls_r18-tiny_toy.py', doconv='configs/toy/cls_r18-tiny-doconv_toy.py')
 DET = dict(plain='configs/toy/retinanet_r18-tiny_fpn_toy.py',
@@ -56,12 +57,8 @@ DEFAULT_ARMS = ['doconv<-doconv', 'doconv<-plain', 'plain<-plain']
 
 
 def _result(run_dir, metric):
-    try:
-        with open(osp.join(run_dir, 'result.json')) as f:
-            result = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return result if metric in result.get('metrics', {}) else None
+    """A finished run's result dict, or None (bench/toy_twins.py writes and reads them)."""
+    return _load_result(osp.join(run_dir, 'result.json'), metric)
 
 
 def _checkpoint(run_dir):

@@ -320,7 +320,7 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _check_writable_dir(path: str, what: str) -> None:
+def check_writable_dir(path: str, what: str) -> None:
     """``path``'s directory is writable (created later if missing): probed, not assumed."""
     directory = os.path.dirname(os.path.abspath(path))
     probe = directory
@@ -340,7 +340,7 @@ def _check_writable_dir(path: str, what: str) -> None:
         raise FoldError(f'{what} {path!r} is an existing directory; pass a file path.')
 
 
-class _Staged:
+class StagedFiles:
     """Files written under temporary names next to their targets; ``commit`` renames them all."""
 
     def __init__(self):
@@ -444,7 +444,7 @@ class _Run:
                             f'there is nothing to fold; pass the DO-Conv training config of the '
                             f'checkpoint.')
 
-    def fold_one(self, checkpoint: str, out: str, staged: _Staged, deploy_cfg_file: str,
+    def fold_one(self, checkpoint: str, out: str, staged: StagedFiles, deploy_cfg_file: str,
                  use_ema: bool, verify: bool, verify_kwargs: dict) -> FoldResult:
         name = os.path.basename(checkpoint)
         seconds = {}
@@ -533,7 +533,7 @@ def _preflight(config, checkpoints: List[str], outs: List[str], out_config: str)
             raise FoldError(f'{checkpoint!r} and {seen[os.path.realpath(out)]!r} would both be '
                             f'written to {out!r}; fold them into different OUT directories.')
         seen[os.path.realpath(out)] = checkpoint
-        _check_writable_dir(out, 'OUT')
+        check_writable_dir(out, 'OUT')
     if not out_config.endswith(('.py', '.json', '.yaml', '.yml')):
         raise FoldError(f'--out-config {out_config!r} must end with .py (or .json/.yaml); '
                         f'pass e.g. {os.path.splitext(out_config)[0]}.py.')
@@ -541,7 +541,7 @@ def _preflight(config, checkpoints: List[str], outs: List[str], out_config: str)
         if _same_file(out_config, source):
             raise FoldError(f'--out-config {out_config!r} is the same file as {source!r}; pass '
                             f'another path for the deploy config.')
-    _check_writable_dir(out_config, '--out-config')
+    check_writable_dir(out_config, '--out-config')
 
 
 def fold_checkpoints(config: Union[Config, PathLike],
@@ -583,7 +583,7 @@ def fold_checkpoints(config: Union[Config, PathLike],
                         f'image file, or leave --image out to verify with random input.')
 
     run = _Run(config, cfg_options, out_config, log)
-    config_stage = _Staged()
+    config_stage = StagedFiles()
     results: List[FoldResult] = []
     failures: List[str] = []
     try:
@@ -591,7 +591,7 @@ def fold_checkpoints(config: Union[Config, PathLike],
         _reload_config(deploy_cfg_file)
         with _progress(progress, len(checkpoints)) as advance:
             for checkpoint, out in zip(checkpoints, outs):
-                staged = _Staged()
+                staged = StagedFiles()
                 try:
                     result = run.fold_one(checkpoint, out, staged, deploy_cfg_file, use_ema,
                                           verify, verify_kwargs)

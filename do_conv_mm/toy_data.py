@@ -361,6 +361,21 @@ def ensure_toy_data(root: str = DEFAULT_ROOT, **settings) -> str:
     return generate_toy_data(root, **settings)
 
 
+def _toy_kinds():
+    """(config key, ensure(root), is_complete(root)) of each toy dataset a config may name."""
+    from .toy_cls_data import ensure_toy_cls_data, is_cls_complete
+    return (('toy_data_root', ensure_toy_data, is_complete),
+            ('toy_cls_data_root', ensure_toy_cls_data, is_cls_complete))
+
+
+def _named_roots(cfg):
+    """(root, ensure, is_complete) for each toy data root the config names."""
+    for key, ensure, complete in _toy_kinds():
+        root = cfg.get(key) if hasattr(cfg, 'get') else None
+        if root:
+            yield osp.normpath(root), ensure, complete
+
+
 def ensure_toy_data_for_config(cfg) -> Optional[str]:
     """Generate the toy data a config trains on, if it names any; return the first root or None.
 
@@ -368,22 +383,10 @@ def ensure_toy_data_for_config(cfg) -> Optional[str]:
     module) and/or ``toy_cls_data_root`` (classification images, :mod:`do_conv_mm.toy_cls_data`);
     other configs are left alone. ``cfg`` is an mmengine ``Config`` or a dict.
     """
-    from .toy_cls_data import ensure_toy_cls_data
-    roots = []
-    for key, ensure in (('toy_data_root', ensure_toy_data), ('toy_cls_data_root',
-                                                             ensure_toy_cls_data)):
-        root = cfg.get(key) if hasattr(cfg, 'get') else None
-        if root:
-            roots.append(ensure(osp.normpath(root)))
+    roots = [ensure(root) for root, ensure, _ in _named_roots(cfg)]
     return roots[0] if roots else None
 
 
 def toy_data_missing_for_config(cfg) -> List[str]:
     """The toy data roots a config names that are not complete yet (empty: nothing to wait for)."""
-    from .toy_cls_data import is_cls_complete
-    missing = []
-    for key, complete in (('toy_data_root', is_complete), ('toy_cls_data_root', is_cls_complete)):
-        root = cfg.get(key) if hasattr(cfg, 'get') else None
-        if root and not complete(osp.normpath(root)):
-            missing.append(root)
-    return missing
+    return [root for root, _, complete in _named_roots(cfg) if not complete(root)]

@@ -58,12 +58,12 @@ def build_config_backbone(config: str, cfg_options=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from do_conv_mm.deploy import FoldError, _check_writable_dir, _Staged
+    from do_conv_mm.deploy import FoldError, StagedFiles, check_writable_dir
     from do_conv_mm.runner_setup import ToolError
     try:
         if osp.isdir(args.out):
             raise CheckpointError(f'OUT {args.out!r} is a directory; pass a file path.')
-        _check_writable_dir(args.out, 'OUT')
+        check_writable_dir(args.out, 'OUT')
         checkpoint = load_checkpoint_file(args.checkpoint)
         state_dict, renamed = backbone_state_dict(checkpoint, args.prefix, args.use_ema)
         n_doconv = sum(k.endswith('.D') for k in state_dict)
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                     weights='ema_state_dict' if args.use_ema else 'state_dict',
                     doconv_layers=n_doconv, stem_keys_renamed=renamed,
                     do_conv_mm_version=__version__)
-        staged = _Staged()
+        staged = StagedFiles()
         try:
             staged.torch_save(dict(meta=meta, state_dict=state_dict), args.out)
             staged.commit()
