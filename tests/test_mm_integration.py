@@ -326,14 +326,31 @@ def _random_D(model: nn.Module, std: float = 0.05) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize('family', ['segformer', 'yolox'])
+def _tiny_hrnet_extra() -> dict:
+    """HRNet's 4 stages, one module and one block per branch, 8-64 channels."""
+    def stage(branches, block='BASIC'):
+        return dict(num_modules=1, num_branches=branches, block=block,
+                    num_blocks=(1, ) * branches, num_channels=(8, 16, 32, 64)[:branches])
+    return dict(stage1=stage(1, 'BOTTLENECK'), stage2=stage(2), stage3=stage(3), stage4=stage(4))
+
+
+@pytest.mark.parametrize('family', ['segformer', 'yolox', 'hrnet'])
 def test_other_model_families_train_and_fold(family):
     """Beyond ResNets: SegFormer's MixVisionTransformer converted by name (its convs read token
-    maps permuted back to NCHW, i.e. channels_last-strided inputs) and YOLOX's CSPDarknet with
-    depthwise DO-Convs through conv_cfg: a training step reaches every D, and the fold keeps
-    the eval outputs (fp32 fold rounding: 1e-4 relative)."""
+    maps permuted back to NCHW, i.e. channels_last-strided inputs), YOLOX's CSPDarknet with
+    depthwise DO-Convs through conv_cfg, and HRNet through conv_cfg with ``with_cp=True`` (its
+    blocks recompute DO-Convs under torch.utils.checkpoint; its fuse layers' strided 3×3 convs
+    are DO-Convs too): a training step reaches every D, and the fold keeps the eval outputs
+    (fp32 fold rounding: 1e-4 relative)."""
     torch.manual_seed(0)
-    if family == 'segformer':
+    if family == 'hrnet':
+        from mmseg.models.backbones import HRNet
+        net = HRNet(_tiny_hrnet_extra(), conv_cfg=dict(type='DOConv'), with_cp=True)
+        assert count_doconv(net) > 0
+        fuse_convs = [m for name, m in net.named_modules()
+                      if '.fuse_layers.' in name and isinstance(m, DOConv2d) and m.D is not None]
+        assert fuse_convs and all(m.stride == (2, 2) for m in fuse_convs)
+    elif family == 'segformer':
         from mmseg.models.backbones import MixVisionTransformer
         net = MixVisionTransformer(embed_dims=16, num_layers=[1, 1, 1, 1], num_heads=[1, 2, 4, 8],
                                    out_indices=(0, 1, 2, 3))
