@@ -15,16 +15,20 @@ from bench_utils import add_common_args, command_line, environment_lines, md_tab
     setup_run, synchronize, write_markdown  # first: sets OMP_WAIT_POLICY before torch loads
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Dict, List, Optional  # noqa: E402
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from do_conv_mm import compose_kernel  # noqa: E402
 from do_conv_mm.compose_batched import BATCHED_COMPOSER  # noqa: E402
+from do_conv_mm import compose_blocked  # noqa: E402
 from do_conv_mm.compose_blocked import KEEP_MIN_BYTES, BlockedComposer  # noqa: E402
+from do_conv_mm.composition import full_W  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,18 +133,62 @@ def compose_training_path(weight, D, weight_extra=None, groups=1):
     return _TrainingPathCompose.apply(weight, D, weight_extra, groups, composer)
 
 
+_KEEP_ALL: Dict[tuple, BlockedComposer] = {}
+
+
+def compose_keep_every_kernel(weight, D, weight_extra=None, groups=1):
+    """The CPU training path with every W' kept (KEEP_MIN_BYTES = 0): backward reuses the
+    forward's kernel instead of recomposing it, for W'-sized memory per layer."""
+    composer = _KEEP_ALL.setdefault((tuple(weight.shape), weight.dtype), BlockedComposer())
+    with keep_min_bytes(0):
+        return _TrainingPathCompose.apply(weight, D, weight_extra, groups, composer)
+
+
+@contextlib.contextmanager
+def keep_min_bytes(value: int):
+    """Temporarily set compose_blocked.KEEP_MIN_BYTES (the size from which W' is kept)."""
+    old, compose_blocked.KEEP_MIN_BYTES = compose_blocked.KEEP_MIN_BYTES, value
+    try:
+        yield
+    finally:
+        compose_blocked.KEEP_MIN_BYTES = old
+
+
+def compose_grouped_conv(weight, D, weight_extra=None, groups=1):
+    """Prototype: W' as a grouped 1×1 convolution, groups == 1 only. With the O kernels as the
+    batch and W's C·S columns as channels, ``conv1d(W (O, C·S, 1), P (C·K, S, 1), groups=C)``
+    is (O, C·K): W' in kernel layout with no transposes; autograd's conv backward gives dL/dD
+    and dL/dW in one call."""
+    if groups != 1:
+        raise NotImplementedError('compose_grouped_conv prototype handles groups == 1 only')
+    O, C, kh, kw = weight.shape
+    P = D + torch.eye(kh * kw, D.shape[2], dtype=D.dtype, device=D.device)
+    W = full_W(weight, weight_extra).reshape(O, -1, 1)
+    return F.conv1d(W, P.reshape(C * kh * kw, -1, 1), groups=C).view(O, C, kh, kw)
+
+
+def compose_batched_path(weight, D, weight_extra=None, groups=1):
+    """The launch-light CUDA composer (do_conv_mm.compose_batched), run on this device."""
+    return _TrainingPathCompose.apply(weight, D, weight_extra, groups, BATCHED_COMPOSER)
+
+
 def handles(fn: Callable, layer) -> bool:
     """The package's compositions take any layer; the prototypes only groups == 1, S == K."""
-    return fn in (compose_kernel, compose_training_path) or (
+    return fn in (compose_kernel, compose_training_path, compose_keep_every_kernel,
+                  compose_batched_path) or (
         layer.groups == 1 and layer.weight_extra is None)
 
+KEPT_FROM_BYTES = {compose_training_path: KEEP_MIN_BYTES, compose_keep_every_kernel: 0}
 CANDIDATES: Dict[str, Callable] = {
     'training path (do_conv_mm): blocked, large W\' kept, in-place backward':
         compose_training_path,
+    'training path with every W\' kept (no recomposition in backward)': compose_keep_every_kernel,
+    'batched (do_conv_mm\'s CUDA path): strided bmm, nothing kept': compose_batched_path,
     'compose_kernel + autograd (do_conv_mm, compile/trace/autocast path)': compose_kernel,
     'einsum (reference)': compose_einsum,
     'strided bmm (prototype)': compose_strided_bmm,
     'autograd.Function, 2-D transposes (prototype)': compose_function,
+    'grouped 1×1 conv, C groups (prototype)': compose_grouped_conv,
 }
 
 
@@ -222,7 +270,7 @@ def profile_model(model: torch.nn.Module, device: torch.device, reps: int = 5,
             result[cname]['fwd'] += f
             result[cname]['bwd'] += b
             result[cname]['saved'] += saved_bytes(fn, layer)
-            if fn is compose_training_path and layer.weight.nbytes >= KEEP_MIN_BYTES:
+            if layer.weight.nbytes >= KEPT_FROM_BYTES.get(fn, float('inf')):
                 result[cname]['kept'] += layer.weight.nbytes  # held from step to step
             result[cname]['layers'].append((name, tuple(layer.weight.shape), f, b))
     return result
