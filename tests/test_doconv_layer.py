@@ -638,6 +638,33 @@ def test_fx_symbolic_trace_records_composition_and_conv():
     assert traced.get_submodule('0').D.grad is not None
 
 
+def test_torch_export_composes_live_and_trains():
+    """torch.export (the capture behind torch.onnx's dynamo exporter, ExecuTorch, AOTInductor):
+    an unfolded model exports with the composition in its graph (bmm + conv, D a parameter), the
+    exported module equals the model in eval and train mode, follows a later change of D, and
+    back-propagates into D (float64)."""
+    model = nn.Sequential(randomise(DOConv2d(4, 6, 3, padding=1, groups=2, D_mul=11)), nn.ReLU(),
+                          randomise(DOConv2d(6, 4, 3, padding=1, padding_mode='reflect'),
+                                    seed=1)).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for train in (False, True):
+        model.train(train)
+        exported = torch.export.export(model, (x,))
+        assert {'0.D', '2.D'} <= set(exported.state_dict)
+        targets = {str(n.target) for n in exported.graph.nodes if n.op == 'call_function'}
+        assert 'aten.bmm.default' in targets and 'aten.conv2d.default' in targets
+        module = exported.module()
+        torch.testing.assert_close(module(x), model(x), atol=ATOL64, rtol=1e-12)
+    with torch.no_grad():
+        module.get_parameter('0.D').add_(0.1)
+        model[0].D.add_(0.1)
+    torch.testing.assert_close(module(x), model(x), atol=ATOL64, rtol=1e-12)
+    module(x).square().sum().backward()
+    model(x).square().sum().backward()
+    torch.testing.assert_close(module.get_parameter('0.D').grad, model[0].D.grad, atol=ATOL64,
+                               rtol=1e-10)
+
+
 def test_torch_jit_script():
     model = nn.Sequential(randomise(DOConv2d(3, 4, 3, padding=1, D_mul=11)), nn.ReLU(),
                           randomise(DOConv2d(4, 4, 1)),
