@@ -315,6 +315,44 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(x), layer(x))
 
 
+def test_torch_compile_inductor_trains_like_eager():
+    """torch.compile with its default backend (Inductor, what mmengine's ``compile=True``
+    uses): 3 SGD steps of a model with a D_mul > kh·kw, a grouped and a depthwise reflect-padded
+    DO-Conv track an eager twin (fp32; Inductor fuses and reorders sums: measured 4e-7
+    relative, compared at 1e-5), then eval agrees too. Compiling takes 5-25 s (warm or cold
+    Inductor cache) on 2 cores."""
+    torch.manual_seed(0)
+    model = nn.Sequential(  # default init, D ~ N(0, 0.1²): a model that trains stably
+        DOConv2d(4, 8, 3, padding=1, D_mul=11), nn.ReLU(),
+        DOConv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+        DOConv2d(8, 8, 3, padding=1, groups=8, padding_mode='reflect'))
+    with torch.no_grad():
+        for layer in model[::2]:
+            layer.D.normal_(0, 0.1)
+    eager = deepcopy(model)
+    compiled = torch.compile(model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (model, eager)]
+    x = torch.randn(2, 4, 12, 12)
+
+    def close(got, expected):
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    for _ in range(3):
+        out, expected = compiled(x), eager(x)
+        close(out, expected)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        for got_p, expected_p in zip(model.parameters(), eager.parameters()):
+            close(got_p.grad, expected_p.grad)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    eager.eval()
+    with torch.no_grad():
+        close(compiled(x), eager(x))
+
+
 def test_jit_trace_follows_parameters():
     layer = randomise(DOConv2d(4, 4, 3, padding=1)).eval()
     x = torch.randn(1, 4, 6, 6)
