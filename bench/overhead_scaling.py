@@ -132,7 +132,7 @@ def plot(points, composition_s, path):
 
 
 def main(argv=None):
-    from composition import profile_model
+    from composition import compose_training_path, profile_model
     args = parse_args(argv)
     device = setup_run(args)
     twins = backbone_twins(device)
@@ -148,7 +148,8 @@ def main(argv=None):
         if p['series'] == 'size' and p['size'] == args.base_size:
             points.append(dict(p, series='batch'))
             break
-    prof = next(iter(profile_model(twins['doconv'], device, reps=3 if args.quick else 5).values()))
+    prof = profile_model(twins['doconv'], device, reps=3 if args.quick else 5,
+                         candidates={'training path': compose_training_path})['training path']
     composition_s = prof['fwd'] + prof['bwd']
     with open(os.path.join(args.out_dir, 'overhead_scaling.json'), 'w') as f:
         json.dump(dict(points=measured, composition_s=composition_s), f, indent=1)  # raw numbers
