@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .toy_data import (CLASSES, HUE_JITTER, _background, _hsv_colour, _read_marker, _write_png,
-                       dataset_settings, draw_shape, write_dataset_atomically)
+from .toy_data import (CLASSES, HUE_JITTER, _background, _hsv_colour, _write_png, dataset_settings,
+                       draw_shape, marker_complete, write_dataset_atomically)
 
 __all__ = ['CLS_CLASSES', 'DEFAULT_CLS_ROOT', 'cls_settings', 'ensure_toy_cls_data',
            'generate_toy_cls_data', 'is_cls_complete', 'render_crop']
@@ -86,12 +86,7 @@ def _expected_files(settings: Dict) -> List[str]:
 
 def is_cls_complete(root: str, settings: Optional[Dict] = None) -> bool:
     """True when ``root`` holds a finished generation (with ``settings``, if given)."""
-    marker = _read_marker(root, MARKER)
-    if marker is None or (settings is not None and marker.get('settings') != settings):
-        return False
-    if marker.get('settings', {}).get('format_version') != FORMAT_VERSION:
-        return False
-    return all(osp.isfile(osp.join(root, f)) for f in _expected_files(marker['settings']))
+    return marker_complete(root, settings, MARKER, FORMAT_VERSION, _expected_files)
 
 
 def generate_toy_cls_data(root: str = DEFAULT_CLS_ROOT, num_train: int = 800, num_val: int = 200,

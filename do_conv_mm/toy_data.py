@@ -29,9 +29,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ['CLASSES', 'SEG_CLASSES', 'SEG_PALETTE', 'DEFAULT_ROOT', 'ensure_toy_data',
-           'ensure_toy_data_for_config', 'generate_toy_data', 'toy_data_missing_for_config', 'is_complete', 'render_scene',
-           'toy_settings', 'write_dataset_atomically', 'draw_shape']
+__all__ = ['CLASSES', 'SEG_CLASSES', 'SEG_PALETTE', 'DEFAULT_ROOT', 'dataset_settings',
+           'draw_shape', 'ensure_toy_data', 'ensure_toy_data_for_config', 'generate_toy_data',
+           'is_complete', 'marker_complete', 'render_scene', 'toy_data_missing_for_config',
+           'toy_settings', 'write_dataset_atomically']
 
 CLASSES = ('circle', 'square', 'triangle')
 SEG_CLASSES = ('background', ) + CLASSES
@@ -263,12 +264,20 @@ def _read_marker(root: str, marker: str = MARKER) -> Optional[Dict]:
 
 def is_complete(root: str, settings: Optional[Dict] = None) -> bool:
     """True when ``root`` holds a finished generation (with ``settings``, if given)."""
-    marker = _read_marker(root)
-    if marker is None or (settings is not None and marker.get('settings') != settings):
+    return marker_complete(root, settings, MARKER, FORMAT_VERSION, _expected_files)
+
+
+def marker_complete(root: str, settings: Optional[Dict], marker: str, format_version: int,
+                    expected_files: Callable[[Dict], List[str]]) -> bool:
+    """True when ``root``'s ``marker`` file names ``settings`` (any, if None) of this
+    ``format_version`` (older generators' sets are incomplete) and every file
+    ``expected_files(settings)`` lists exists."""
+    found = _read_marker(root, marker)
+    if found is None or (settings is not None and found.get('settings') != settings):
         return False
-    if marker.get('settings', {}).get('format_version') != FORMAT_VERSION:
-        return False  # written by an older generator
-    return all(osp.isfile(osp.join(root, f)) for f in _expected_files(marker['settings']))
+    if found.get('settings', {}).get('format_version') != format_version:
+        return False
+    return all(osp.isfile(osp.join(root, f)) for f in expected_files(found['settings']))
 
 
 def generate_toy_data(root: str = DEFAULT_ROOT, num_train: int = 200, num_val: int = 50,
