@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ['OutputDiff', 'DEFAULT_ATOL', 'DEFAULT_RTOL', 'make_verify_batch', 'model_outputs',
-           'compare_outputs', 'format_diffs']
+           'compare_outputs', 'format_diffs', 'model_task']
 
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-5  # only matters for outputs whose scale is ~0 (e.g. an all-zero feature map)
@@ -53,7 +53,7 @@ class OutputDiff:
 # ------------------------------------------------------------------------------------------------
 # Input
 # ------------------------------------------------------------------------------------------------
-def _task(model: nn.Module) -> str:
+def model_task(model: nn.Module) -> str:
     """'det', 'seg', 'cls' (mmpretrain classifier) or 'other', from the model's class hierarchy."""
     names = {c.__name__ for c in type(model).__mro__}
     if 'BaseDetector' in names:
@@ -115,7 +115,7 @@ def make_verify_batch(model: nn.Module,
         height, width = (int(v) for v in size)
         generator = torch.Generator().manual_seed(seed)
         img = torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8)
-        sample = _random_sample(_task(model), height, width)
+        sample = _random_sample(model_task(model), height, width)
         batch = dict(inputs=[img], data_samples=None if sample is None else [sample])
     with torch.no_grad():
         return model.data_preprocessor(batch, False)
@@ -145,7 +145,7 @@ def model_outputs(model: nn.Module, batch: Dict[str, Any], proposals=None):
     model.eval()
     inputs, samples = batch['inputs'], batch.get('data_samples')
     out: Dict[str, torch.Tensor] = {}
-    task = _task(model)
+    task = model_task(model)
     if task in ('det', 'seg', 'cls'):
         _flatten(model.extract_feat(inputs), 'feat', out)
     if task == 'det' and getattr(model, 'with_rpn', False) and hasattr(model, 'roi_head'):

@@ -28,6 +28,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage  # noqa: E402
 from do_conv_mm.convert import (DOConvNotApplicableError, check_doconv_cfg,  # noqa: E402
                                 explain_build_error)
+from do_conv_mm.deploy_verify import model_task  # noqa: E402
 from do_conv_mm.runner_setup import load_config_file  # noqa: E402
 
 DEFAULT_DET_SHAPE = (800, 1344)
@@ -76,26 +77,13 @@ def build_model(cfg: Config) -> torch.nn.Module:
 
 
 def _task(model) -> str:
-    try:
-        from mmdet.models.detectors import BaseDetector
-        if isinstance(model, BaseDetector):
-            return 'det'
-    except ImportError:
-        pass
-    try:
-        from mmseg.models.segmentors import BaseSegmentor
-        if isinstance(model, BaseSegmentor):
-            return 'seg'
-    except ImportError:
-        pass
-    try:
-        from mmpretrain.models.classifiers import BaseClassifier
-        if isinstance(model, BaseClassifier):
-            return 'cls'
-    except ImportError:
-        pass
-    raise AnalyzeError(f'{type(model).__name__} is neither an mmdet detector, an mmseg '
-                       f'segmentor nor an mmpretrain classifier; only those get a dummy batch.')
+    """'det', 'seg' or 'cls' (what gets a dummy batch); AnalyzeError for anything else."""
+    task = model_task(model)
+    if task == 'other':
+        raise AnalyzeError(f'{type(model).__name__} is neither an mmdet detector, an mmseg '
+                           f'segmentor nor an mmpretrain classifier; only those get a dummy '
+                           f'batch.')
+    return task
 
 
 def default_shape(cfg: Config, task: str) -> Tuple[int, int]:
@@ -109,11 +97,7 @@ def default_shape(cfg: Config, task: str) -> Tuple[int, int]:
 def _cls_input_shape(cfg: Config):
     """(H, W) the classifier's test pipeline fixes last (CenterCrop crop_size, Resize scale;
     mmpretrain sizes are int or (w, h)), or None (e.g. ResizeEdge only, or no pipeline)."""
-    dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
-    while 'pipeline' not in dataset and isinstance(dataset.get('dataset'), dict):
-        dataset = dataset['dataset']
-    pipeline = dataset.get('pipeline') or cfg.get('test_pipeline') or []
-    for transform in reversed([t for t in pipeline if isinstance(t, dict)]):
+    for transform in reversed([t for t in _pipeline(cfg, 'test') or [] if isinstance(t, dict)]):
         kind = str(transform.get('type', '')).rpartition('.')[2]
         size = {'CenterCrop': transform.get('crop_size'),
                 'Resize': transform.get('scale')}.get(kind)
@@ -124,12 +108,13 @@ def _cls_input_shape(cfg: Config):
     return None
 
 
-def _train_pipeline(cfg: Config):
-    """The training pipeline of the config (through dataset wrappers), or None."""
-    dataset = (cfg.get('train_dataloader') or {}).get('dataset') or {}
+def _pipeline(cfg: Config, split: str):
+    """The ``split`` ('train' / 'test') pipeline of the config (through dataset wrappers such as
+    RepeatDataset, else the top-level ``<split>_pipeline``), or None."""
+    dataset = (cfg.get(f'{split}_dataloader') or {}).get('dataset') or {}
     while 'pipeline' not in dataset and isinstance(dataset.get('dataset'), dict):
-        dataset = dataset['dataset']  # RepeatDataset, ClassBalancedDataset, ...
-    return dataset.get('pipeline') or cfg.get('train_pipeline')
+        dataset = dataset['dataset']
+    return dataset.get('pipeline') or cfg.get(f'{split}_pipeline')
 
 
 def loads_masks(cfg: Config, model) -> bool:
@@ -137,7 +122,7 @@ def loads_masks(cfg: Config, model) -> bool:
     has with_mask=True (the model's ``with_mask`` when the config has no pipeline). Heads that
     do not train on masks may still read them when present (RTMDet's assigner takes the centre
     of mass of ``gt_instances.masks`` as a tensor), so the dummy batch mirrors the pipeline."""
-    pipeline = _train_pipeline(cfg)
+    pipeline = _pipeline(cfg, 'train')
     if pipeline:
         return any(str(t.get('type', '')).endswith('LoadAnnotations') and t.get('with_mask')
                    for t in pipeline if isinstance(t, dict))
