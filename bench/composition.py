@@ -133,6 +133,16 @@ def compose_training_path(weight, D, weight_extra=None, groups=1):
     return _TrainingPathCompose.apply(weight, D, weight_extra, groups, composer)
 
 
+@contextlib.contextmanager
+def keep_min_bytes(value: int):
+    """Temporarily set compose_blocked.KEEP_MIN_BYTES (the size from which W' is kept)."""
+    old, compose_blocked.KEEP_MIN_BYTES = compose_blocked.KEEP_MIN_BYTES, value
+    try:
+        yield
+    finally:
+        compose_blocked.KEEP_MIN_BYTES = old
+
+
 _KEEP_ALL: Dict[tuple, BlockedComposer] = {}
 
 
@@ -142,16 +152,6 @@ def compose_keep_every_kernel(weight, D, weight_extra=None, groups=1):
     composer = _KEEP_ALL.setdefault((tuple(weight.shape), weight.dtype), BlockedComposer())
     with keep_min_bytes(0):
         return _TrainingPathCompose.apply(weight, D, weight_extra, groups, composer)
-
-
-@contextlib.contextmanager
-def keep_min_bytes(value: int):
-    """Temporarily set compose_blocked.KEEP_MIN_BYTES (the size from which W' is kept)."""
-    old, compose_blocked.KEEP_MIN_BYTES = compose_blocked.KEEP_MIN_BYTES, value
-    try:
-        yield
-    finally:
-        compose_blocked.KEEP_MIN_BYTES = old
 
 
 def compose_grouped_conv(weight, D, weight_extra=None, groups=1):

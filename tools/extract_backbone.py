@@ -61,9 +61,7 @@ def main(argv=None) -> int:
     from do_conv_mm.deploy import FoldError, StagedFiles, check_writable_dir
     from do_conv_mm.runner_setup import ToolError
     try:
-        if osp.isdir(args.out):
-            raise CheckpointError(f'OUT {args.out!r} is a directory; pass a file path.')
-        check_writable_dir(args.out, 'OUT')
+        check_writable_dir(args.out, 'OUT')  # also refuses an existing directory
         checkpoint = load_checkpoint_file(args.checkpoint)
         state_dict, renamed = backbone_state_dict(checkpoint, args.prefix, args.use_ema)
         n_doconv = sum(k.endswith('.D') for k in state_dict)
