@@ -98,11 +98,9 @@ def random_checkpoint(config: str, path, spread_heads: bool = False):
     """A DO-Conv training checkpoint with random D and BN statistics (tests/test_fold_tool.py);
     ``spread_heads``: RPN / RoI classifier weights with std 0.05 / 0.3, so that scores spread
     like a trained model's instead of all sitting near 0.5 / 1/81."""
-    from test_fold_tool import randomise, training_checkpoint
-    from do_conv_mm.deploy import build_model
+    from test_fold_tool import randomise, seeded_model, training_checkpoint
     cfg = Config.fromfile(config)
-    torch.manual_seed(0)  # the initial weights too: the same model in every run
-    model = randomise(build_model(cfg), 0)
+    model = randomise(seeded_model(cfg, 0), 0)  # the same model in every run
     if spread_heads:
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
