@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_checkpoint_file
 
-__all__ = ['PretrainedMismatchError', 'backbone_state_dict', 'check_pretrained_inits',
-           'check_pretrained_state_dict', 'compare_state_dict']
+__all__ = ['PretrainedMismatchError', 'backbone_state_dict', 'build_config_module',
+           'check_pretrained_inits', 'check_pretrained_state_dict', 'compare_state_dict']
 
 DOCONV_SUFFIXES = ('.D', '.weight_extra')
 _DEEP_STEM_KEY = re.compile(r'^stem\.(\d+)\.(conv|bn)\.(.+)$')
@@ -109,8 +109,12 @@ def compare_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]
     for key in state_dict:
         if key not in own:
             # D of a layer the module has as a plain conv: dropped; of a layer it does not have
-            # at all: another architecture, reported with the other unexpected keys.
-            plain_here = _is_doconv_key(key) and key.rsplit('.', 1)[0] + '.weight' in own
+            # at all: another architecture, reported with the other unexpected keys. (A
+            # weight_extra of a DO-Conv layer of the module is a D_mul mismatch, told by D's
+            # shape.)
+            layer = key.rsplit('.', 1)[0]
+            plain_here = (_is_doconv_key(key) and layer + '.weight' in own
+                          and layer + '.D' not in own)
             report['d_dropped' if plain_here else 'unexpected'].append(key)
     return report
 
@@ -214,3 +218,21 @@ def check_pretrained_inits(model: nn.Module) -> List[str]:
             lines.append(f'{where} <- {source}: {summary}')
     return lines
 
+
+
+def build_config_module(config: str, cfg_options=None, part: str = 'backbone') -> nn.Module:
+    """The module ``part`` (a dotted path, e.g. ``backbone``; ``''`` for the whole model) of the
+    model ``config`` builds, on the CPU, no pretrained weights loaded: what a checkpoint meant
+    for it must load into. The whole model is built, so DOConvModel's by-name conversions are
+    included."""
+    from .deploy import build_model
+    from .runner_setup import load_config
+    model = build_model(load_config(config, cfg_options))
+    if not part:
+        return model
+    try:
+        return model.get_submodule(part)
+    except AttributeError:
+        children = ', '.join(name for name, _ in model.named_children())
+        raise CheckpointError(f'the model of {config} has no {part!r} (its parts: {children}); '
+                              f'pass one of those, or \'\' for the whole model.') from None

@@ -25,7 +25,7 @@ from mmengine.config import Config
 
 import do_conv_mm
 from do_conv_mm import deploy
-from do_conv_mm.deploy import FoldError, FoldVerificationError, build_model, fold_checkpoint
+from do_conv_mm.deploy import FoldVerificationError, build_model, fold_checkpoint
 from do_conv_mm.deploy_config import doconv_references, make_deploy_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 from mmengine.config import DictAction  # noqa: E402
 
 from do_conv_mm.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
-from do_conv_mm.pretrained import backbone_state_dict, check_pretrained_state_dict  # noqa: E402
+from do_conv_mm.pretrained import (backbone_state_dict, build_config_module,  # noqa: E402
+                                   check_pretrained_state_dict)
 from do_conv_mm.version import __version__  # noqa: E402
 
 
@@ -43,19 +44,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_config_backbone(config: str, cfg_options=None):
-    """``model.backbone`` of ``config``, built on the CPU in the config's default scope."""
-    from mmengine.registry import MODELS, DefaultScope
-    from do_conv_mm.runner_setup import load_config
-    cfg = load_config(config, cfg_options)
-    backbone_cfg = cfg.model.get('backbone')
-    if backbone_cfg is None:
-        raise CheckpointError(f'{config} has no model.backbone to check against.')
-    backbone_cfg = dict(backbone_cfg, init_cfg=None)  # no pretrained download or load here
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        return MODELS.build(backbone_cfg)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from do_conv_mm.deploy import FoldError, StagedFiles, check_writable_dir
@@ -67,7 +55,7 @@ def main(argv=None) -> int:
         n_doconv = sum(k.endswith('.D') for k in state_dict)
         summary = None
         if args.config:
-            backbone = build_config_backbone(args.config, args.cfg_options)
+            backbone = build_config_module(args.config, args.cfg_options, 'backbone')
             summary = check_pretrained_state_dict(
                 backbone, state_dict, repr(args.checkpoint),
                 f'the backbone of {osp.basename(args.config)}')
