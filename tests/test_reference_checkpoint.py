@@ -16,6 +16,7 @@ from mmengine.config import Config
 from training_helpers import REPO, tool_env
 
 from do_conv_mm import DOConv2d
+from do_conv_mm.checkpoint import CheckpointError
 from do_conv_mm.deploy import build_model
 from do_conv_mm.pretrained import check_pretrained_inits
 from do_conv_mm.reference_checkpoint import (ReferenceCheckpointError,
@@ -247,3 +248,14 @@ def test_tool_refuses_without_writing(tmp_path):
     torch.save({'state_dict': build_model(Config.fromfile(TOY_DOCONV)).state_dict()}, ours)
     assert convert_cli.main([str(ours), str(out)]) == 1
     assert not out.exists()
+
+
+def test_tool_finds_the_weights_where_training_scripts_put_them():
+    """``state_dict`` (mmengine, the ImageNet example), ``model`` (many other scripts) or a bare
+    state dict; anything else is one CheckpointError naming the top-level keys."""
+    weights = {'conv.W': torch.ones(4, 4, 1)}
+    for checkpoint in ({'state_dict': weights, 'epoch': 3}, {'model': weights, 'epoch': 3},
+                       weights):
+        assert list(convert_cli.reference_weights(checkpoint)) == ['conv.W']
+    with pytest.raises(CheckpointError, match='keys: epoch, optimizer'):
+        convert_cli.reference_weights({'epoch': 3, 'optimizer': {}})

@@ -45,16 +45,12 @@ def parse_args(argv=None):
 
 
 def reference_weights(checkpoint: dict) -> dict:
-    """The weights of a reference training checkpoint: ``state_dict`` / ``model`` or itself."""
-    import torch
-    for key in ('state_dict', 'model'):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint
-    raise CheckpointError(f'the checkpoint holds no weights (top-level keys: '
-                          f'{", ".join(sorted(map(str, checkpoint))[:6])}); pass a saved '
-                          f'model.state_dict() or a dict with "state_dict".')
+    """The weights of a reference training checkpoint: ``state_dict``, ``model`` (what many
+    training scripts save) or the dict itself."""
+    from do_conv_mm.pretrained import checkpoint_state_dict
+    if 'state_dict' not in checkpoint and isinstance(checkpoint.get('model'), dict):
+        return checkpoint['model']
+    return checkpoint_state_dict(checkpoint)
 
 
 def kernel_sizes_of(module) -> dict:
