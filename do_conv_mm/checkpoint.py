@@ -20,8 +20,8 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
-__all__ = ['CheckpointError', 'allow_mmengine_checkpoint_types', 'load_checkpoint_file',
-           'mmengine_checkpoint_types']
+__all__ = ['CheckpointError', 'allow_mmengine_checkpoint_types', 'key_listing',
+           'load_checkpoint_file', 'mmengine_checkpoint_types']
 
 # Statistics functions HistoryBuffer pickles by reference (``getattr(HistoryBuffer, 'mean')``).
 _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
@@ -204,3 +204,10 @@ def _short(text: str, limit: int = 160) -> str:
 
 # Active from ``import do_conv_mm`` on, so every OpenMMLab tool that custom-imports us can resume.
 allow_mmengine_checkpoint_types()
+
+
+def key_listing(keys, limit: int = 3) -> str:
+    """The first ``limit`` keys for an error line: ``a, b, c, ... (12 more)``."""
+    keys = [str(k) for k in keys]
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from .checkpoint import load_checkpoint_file
+from .checkpoint import key_listing, load_checkpoint_file
 from .deploy_config import doconv_references, make_deploy_config
 from .deploy_verify import (DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs,
                             format_diffs, make_verify_batch, model_outputs)
@@ -167,11 +167,6 @@ def _split_checkpoint(ckpt: Dict[str, Any], name: str):
     return meta, state_dict, ema, steps
 
 
-def _listing(items: Sequence[str], limit: int = 3) -> str:
-    shown = ', '.join(items[:limit])
-    return shown + (f', ... ({len(items) - limit} more)' if len(items) > limit else '')
-
-
 def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: str,
                    config_name: str, what: str) -> None:
     """Refuse a state dict that is not a DO-Conv checkpoint of exactly this model."""
@@ -184,9 +179,9 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
         if foreign:
             raise FoldError(
                 f'{name} ({what}) is a DO-Conv checkpoint of another model: it has '
-                f'{len(foreign)} DO-Conv ".D" keys ({_listing([f + ".D" for f in foreign])}) '
+                f'{len(foreign)} DO-Conv ".D" keys ({key_listing([f + ".D" for f in foreign])}) '
                 f'that the model of {config_name} lacks (its {len(layers)} DOConv layers: '
-                f'{_listing(layers)}). Pass the DO-Conv training config the checkpoint was '
+                f'{key_listing(layers)}). Pass the DO-Conv training config the checkpoint was '
                 f'trained with{_trained_with(meta)}; do not load it into a plain or deploy '
                 f'config (its D would be ignored).')
         raise FoldError(f'{name} ({what}) holds no DO-Conv parameters (no ".D" for any of the '
@@ -201,11 +196,11 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
     problems = []
     if missing:
-        problems.append(f'{len(missing)} missing key(s) ({_listing(missing)})')
+        problems.append(f'{len(missing)} missing key(s) ({key_listing(missing)})')
     if unexpected:
-        problems.append(f'{len(unexpected)} unexpected key(s) ({_listing(unexpected)})')
+        problems.append(f'{len(unexpected)} unexpected key(s) ({key_listing(unexpected)})')
     if misshaped:
-        problems.append(f'{len(misshaped)} mis-shaped key(s) ({_listing(misshaped)})')
+        problems.append(f'{len(misshaped)} mis-shaped key(s) ({key_listing(misshaped)})')
     if problems:
         raise FoldError(f'checkpoint does not match CONFIG: {name} ({what}) vs {config_name}: '
                         f'{"; ".join(problems)}. Pass the config the checkpoint was trained with '

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_checkpoint_file
+from .checkpoint import CheckpointError, key_listing, load_checkpoint_file
 
 __all__ = ['PretrainedMismatchError', 'backbone_state_dict', 'build_config_module',
            'check_pretrained_inits', 'check_pretrained_state_dict', 'compare_state_dict']
@@ -119,11 +119,6 @@ def compare_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]
     return report
 
 
-def _listing(keys: List, limit: int = 3) -> str:
-    shown = ', '.join(str(k) for k in keys[:limit])
-    return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
-
-
 def check_pretrained_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
                                 source: str = 'the checkpoint', where: str = 'the module') -> str:
     """Raise :class:`PretrainedMismatchError` where ``state_dict`` would load only partly into
@@ -168,7 +163,7 @@ def check_pretrained_state_dict(module: nn.Module, state_dict: Mapping[str, torc
                 'classifier checkpoint).')
         raise PretrainedMismatchError(
             f'{source} lacks {len(report["missing"])} weights of {where} '
-            f'({_listing(report["missing"])}): they would keep their random init.{hint}')
+            f'({key_listing(report["missing"])}): they would keep their random init.{hint}')
     n_d = len({k.rsplit('.', 1)[0] for k in report['loaded'] if k.endswith('.D')})
     line = f'{len(report["loaded"])} tensors'
     if n_d:
@@ -178,7 +173,7 @@ def check_pretrained_state_dict(module: nn.Module, state_dict: Mapping[str, torc
         line += f'; {len(layers)} DO-Conv layer(s) start from D = 0 (plain weights)'
     if report['unexpected']:
         line += f'; {len(report["unexpected"])} checkpoint keys unused ' \
-                f'({_listing(report["unexpected"], 2)})'
+                f'({key_listing(report["unexpected"], 2)})'
     return line
 
 

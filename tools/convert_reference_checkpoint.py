@@ -24,7 +24,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 
 from mmengine.config import DictAction  # noqa: E402
 
-from do_conv_mm.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
+from do_conv_mm.checkpoint import CheckpointError, key_listing, load_checkpoint_file  # noqa: E402
 from do_conv_mm.version import __version__  # noqa: E402
 
 
@@ -108,8 +108,8 @@ def main(argv=None) -> int:
           f'{len(with_d) - len(rebased)} exactly (D kept), {len(layers) - len(with_d)} 1×1 '
           f'(plain), {len(rebased)} grouped rebased (D restarts at 0, same function).')
     if rebased:
-        print(f'rebased: {", ".join(rebased[:3])}' + (' ...' if len(rebased) > 3 else '')
-              + ' (the reference ties a grouped layer\'s D to the wrong input channels).')
+        print(f'rebased: {key_listing(rebased)} (the reference ties a grouped layer\'s D to the '
+              f'wrong input channels).')
     if any(layer.diag_rebuilt for layer in layers):
         print('note: some layers had no d_diag in the checkpoint; rebuilt by the reference\'s '
               'rule (eye(kh*kw) repeated, zero-padded to D_mul).')
