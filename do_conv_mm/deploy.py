@@ -390,6 +390,17 @@ class StagedFiles:
         self._made_dirs = []
 
 
+def save_atomically(obj: Any, target: str) -> None:
+    """``torch.save(obj, target)`` under a temporary name, renamed when complete: ``target``
+    is either the old file or the whole new one, never half-written."""
+    staged = StagedFiles()
+    try:
+        staged.torch_save(obj, target)
+        staged.commit()
+    finally:
+        staged.discard()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -73,7 +73,7 @@ def conv_cfg_hint(layers) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from do_conv_mm.deploy import FoldError, StagedFiles, check_writable_dir
+    from do_conv_mm.deploy import FoldError, check_writable_dir, save_atomically
     from do_conv_mm.pretrained import build_config_module, check_pretrained_state_dict
     from do_conv_mm.reference_checkpoint import convert_reference_state_dict
     from do_conv_mm.runner_setup import ToolError
@@ -94,12 +94,7 @@ def main(argv=None) -> int:
         rebased = [layer.name for layer in layers if layer.rebased]
         meta = dict(converted_from=osp.abspath(args.checkpoint), reference_layers=len(layers),
                     rebased_layers=rebased, do_conv_mm_version=__version__)
-        staged = StagedFiles()
-        try:
-            staged.torch_save(dict(meta=meta, state_dict=state_dict), args.out)
-            staged.commit()
-        finally:
-            staged.discard()
+        save_atomically(dict(meta=meta, state_dict=state_dict), args.out)
     except (CheckpointError, ToolError, FoldError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1

@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from do_conv_mm.deploy import FoldError, StagedFiles, check_writable_dir
+    from do_conv_mm.deploy import FoldError, check_writable_dir, save_atomically
     from do_conv_mm.runner_setup import ToolError
     try:
         check_writable_dir(args.out, 'OUT')  # also refuses an existing directory
@@ -63,12 +63,7 @@ def main(argv=None) -> int:
                     weights='ema_state_dict' if args.use_ema else 'state_dict',
                     doconv_layers=n_doconv, stem_keys_renamed=renamed,
                     do_conv_mm_version=__version__)
-        staged = StagedFiles()
-        try:
-            staged.torch_save(dict(meta=meta, state_dict=state_dict), args.out)
-            staged.commit()
-        finally:
-            staged.discard()
+        save_atomically(dict(meta=meta, state_dict=state_dict), args.out)
     except (CheckpointError, ToolError, FoldError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
