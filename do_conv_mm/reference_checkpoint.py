@@ -12,11 +12,12 @@ and computes, with ``Wr = W.reshape(O / g, C, S)`` and ``P = D + d_diag``,
 
     W'[o', c', m] = Σ_s P[c', m, s] · Wr[o', c', s],   then W'.reshape(O, Cg, kh, kw).
 
-For groups = 1 this is exactly do_conv_mm's formula, so the conversion is exact: ``weight`` and
-``weight_extra`` are W's first K and remaining S - K columns, and our ``D = P - [eye(K) | 0]``
-(so ``D + I`` is the reference's ``P``, bit for bit wherever |P - I| < 1/2). For groups > 1 the
-reshape ties kernel entry (o, i) to input channel (o·Cg + i) mod C instead of the channel it
-reads, a function do_conv_mm's per-channel D cannot express: such a layer is *rebased*, its
+The reshape ties kernel entry (o, i) to input channel (o·Cg + i) mod C. Where that is the channel
+the entry reads, (o // Og)·Cg + i, for every entry (groups = 1, and depthwise convs without a
+channel multiplier) this is exactly do_conv_mm's formula, so the conversion is exact: ``weight``
+and ``weight_extra`` are W's first K and remaining S - K columns, and our ``D = P - [eye(K) | 0]``
+(so ``D + I`` is the reference's ``P``, bit for bit wherever |P - I| < 1/2). Other grouped layers
+compute a function do_conv_mm's per-channel D cannot express: such a layer is *rebased*, its
 composed kernel W' becomes ``weight`` and ``D = 0`` (the same function; the over-parameterisation
 restarts from the identity), and W's extra columns stay as ``weight_extra``. 1×1 layers carry only
 W (O, Cg, 1): a plain conv.
@@ -30,8 +31,8 @@ import torch
 
 from .checkpoint import CheckpointError
 
-__all__ = ['ReferenceCheckpointError', 'ReferenceLayer', 'convert_reference_state_dict',
-           'find_reference_layers', 'reference_identity']
+__all__ = ['ReferenceCheckpointError', 'ReferenceLayer', 'binds_true_channels',
+           'convert_reference_state_dict', 'find_reference_layers', 'reference_identity']
 
 _DIAG_NAMES = ('d_diag', 'D_diag')
 
@@ -48,7 +49,7 @@ class ReferenceLayer:
     kernel_size: Tuple[int, int]
     groups: Optional[int]
     D_mul: int
-    rebased: bool  # groups > 1: the reference's kernel became ``weight`` and D restarts at 0
+    rebased: bool  # the reference's kernel became ``weight`` and D restarts at 0
     diag_rebuilt: bool  # the state dict had no d_diag: rebuilt by the reference's rule
 
 
@@ -65,6 +66,15 @@ def find_reference_layers(state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     return [key[:-len('.W')] for key, value in state_dict.items()
             if key.endswith('.W') and isinstance(value, torch.Tensor) and value.dim() == 3
             and key[:-len('.W')] + '.weight' not in state_dict]
+
+
+def binds_true_channels(out_channels: int, in_channels: int, groups: int) -> bool:
+    """Whether the reference's reshape ties every kernel entry (o, i) to the input channel it
+    reads: (o·Cg + i) mod C == (o // Og)·Cg + i for all o, i (groups = 1, plain depthwise)."""
+    Cg, Og = in_channels // groups, out_channels // groups
+    o = torch.arange(out_channels).unsqueeze(1)
+    i = torch.arange(Cg).unsqueeze(0)
+    return bool(((o * Cg + i) % in_channels == (o // Og) * Cg + i).all())
 
 
 def _kernel_size(name: str, taps: int, kernel_sizes: Optional[Mapping]) -> Tuple[int, int]:
@@ -124,7 +134,8 @@ def _convert_layer(state_dict: Mapping, name: str, kernel_sizes) -> Tuple[Dict, 
     if rebuilt:
         diag = reference_identity(K, S, C, D.dtype)
     P = D + diag
-    if groups == 1:
+    exact = binds_true_channels(O, C, groups)
+    if exact:
         identity = torch.cat([torch.eye(K, dtype=D.dtype), torch.zeros(K, S - K, dtype=D.dtype)],
                              dim=1)
         entries = {'weight': W[..., :K].reshape(O, Cg, kh, kw).clone(), 'D': P - identity}
@@ -135,7 +146,7 @@ def _convert_layer(state_dict: Mapping, name: str, kernel_sizes) -> Tuple[Dict, 
         entries = {'weight': kernel, 'D': torch.zeros_like(D)}
     if S > K:
         entries['weight_extra'] = W[..., K:].clone()
-    return entries, ReferenceLayer(name, (kh, kw), groups, S, rebased=groups > 1,
+    return entries, ReferenceLayer(name, (kh, kw), groups, S, rebased=not exact,
                                    diag_rebuilt=rebuilt)
 
 

@@ -19,7 +19,7 @@ from do_conv_mm import DOConv2d
 from do_conv_mm.checkpoint import CheckpointError
 from do_conv_mm.deploy import build_model
 from do_conv_mm.pretrained import check_pretrained_inits
-from do_conv_mm.reference_checkpoint import (ReferenceCheckpointError,
+from do_conv_mm.reference_checkpoint import (ReferenceCheckpointError, binds_true_channels,
                                              convert_reference_state_dict, reference_identity)
 
 sys.path.insert(0, osp.join(REPO, 'tools'))
@@ -50,15 +50,19 @@ LAYERS = {  # (cin, cout, kernel, groups, D_mul)
     '3x3-Dmul18-two-identities': (6, 8, (3, 3), 1, 18),
     '5x5': (4, 5, (5, 5), 1, 25),
     '1x3-non-square': (4, 6, (1, 3), 1, 4),
+    'depthwise-Dmul11': (6, 6, (3, 3), 6, 11),
     'grouped': (8, 6, (3, 3), 2, 9),
     'depthwise-multiplier-Dmul11': (6, 12, (3, 3), 6, 11),
 }
+REBASED = {'grouped', 'depthwise-multiplier-Dmul11'}  # the reference binds D to other channels
 
 
 @pytest.mark.parametrize('name', list(LAYERS))
 def test_converted_layer_computes_the_reference_function(name):
     """Loaded strictly into DOConv2d, the converted weights give the reference layer's outputs
-    (float64, train and eval paths: 1e-12, a few dozen rounded products of O(1) terms)."""
+    (float64, train and eval paths: 1e-12, a few dozen rounded products of O(1) terms). D is
+    kept where the reference binds it to the channels the kernel reads (groups = 1, depthwise
+    without multiplier); elsewhere the layer is rebased (its kernel, D = 0)."""
     cin, cout, kernel, groups, D_mul = LAYERS[name]
     gen = torch.Generator().manual_seed(0)
     ref = {f'conv.{k}': v for k, v in
@@ -66,7 +70,7 @@ def test_converted_layer_computes_the_reference_function(name):
     ref['conv.bias'] = torch.randn(cout, generator=gen, dtype=torch.float64)
     converted, layers = convert_reference_state_dict(ref, {'conv': kernel})
     assert [(layer.name, layer.kernel_size, layer.groups, layer.D_mul, layer.rebased)
-            for layer in layers] == [('conv', kernel, groups, D_mul, groups > 1)]
+            for layer in layers] == [('conv', kernel, groups, D_mul, name in REBASED)]
     assert not any(k.endswith(('.W', '.d_diag')) for k in converted)
     layer = DOConv2d(cin, cout, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=groups,
                      D_mul=D_mul).double()
@@ -80,10 +84,18 @@ def test_converted_layer_computes_the_reference_function(name):
     layer.eval()
     with torch.no_grad():
         assert (layer(x) - expected).abs().max() <= 1e-12 * scale
-    if groups == 1:
-        assert layer.D.abs().max() > 0.1  # the trained D is carried, not folded away
+    if name in REBASED:
+        assert torch.equal(layer.D, torch.zeros_like(layer.D))  # the same function, D = 0
     else:
-        assert torch.equal(layer.D, torch.zeros_like(layer.D))  # rebased: the same function
+        assert layer.D.abs().max() > 0.1  # the trained D is carried, not folded away
+
+
+def test_reference_binding_is_the_true_one_only_for_dense_and_plain_depthwise():
+    """(o·Cg + i) mod C against (o // Og)·Cg + i, the channel entry (o, i) reads."""
+    assert binds_true_channels(8, 6, 1) and binds_true_channels(6, 6, 6)
+    assert not binds_true_channels(12, 6, 6)  # depthwise, channel multiplier 2
+    assert not binds_true_channels(6, 8, 2) and not binds_true_channels(64, 64, 32)  # ResNeXt
+    assert not binds_true_channels(4, 4, 2)
 
 
 def test_groups_one_gives_the_reference_P_bit_for_bit_in_fp32():
