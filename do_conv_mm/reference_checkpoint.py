@@ -20,7 +20,8 @@ and ``weight_extra`` are W's first K and remaining S - K columns, and our ``D = 
 compute a function do_conv_mm's per-channel D cannot express: such a layer is *rebased*, its
 composed kernel W' becomes ``weight`` and ``D = 0`` (the same function; the over-parameterisation
 restarts from the identity), and W's extra columns stay as ``weight_extra``. 1×1 layers carry only
-W (O, Cg, 1): a plain conv.
+W (O, Cg, 1): a plain conv. ``plain=True`` folds every layer to its composed kernel instead, for
+models without DO-Conv.
 """
 import math
 from collections import OrderedDict
@@ -32,7 +33,8 @@ import torch
 from .checkpoint import CheckpointError
 
 __all__ = ['ReferenceCheckpointError', 'ReferenceLayer', 'binds_true_channels',
-           'convert_reference_state_dict', 'find_reference_layers', 'reference_identity']
+           'convert_reference_state_dict', 'find_reference_layers', 'reference_identity',
+           'reference_kernel']
 
 _DIAG_NAMES = ('d_diag', 'D_diag')
 
@@ -44,12 +46,14 @@ class ReferenceCheckpointError(CheckpointError):
 @dataclass(frozen=True)
 class ReferenceLayer:
     """One converted layer: its name, kernel (kh, kw), groups (None for a 1×1 layer: no D tells
-    the input channels), D_mul and how it was converted."""
+    the input channels), D_mul and ``how`` it was converted: ``'exact'`` (D kept),
+    ``'rebased'`` (the reference's kernel became ``weight``, D restarts at 0), ``'folded'``
+    (``plain=True``: the reference's kernel only) or ``'1x1'`` (W was a plain 1×1 kernel)."""
     name: str
     kernel_size: Tuple[int, int]
     groups: Optional[int]
     D_mul: int
-    rebased: bool  # the reference's kernel became ``weight`` and D restarts at 0
+    how: str
     diag_rebuilt: bool  # the state dict had no d_diag: rebuilt by the reference's rule
 
 
@@ -105,7 +109,19 @@ def _diag(state_dict: Mapping, name: str, shape) -> Tuple[Optional[torch.Tensor]
     return None, ''
 
 
-def _convert_layer(state_dict: Mapping, name: str, kernel_sizes) -> Tuple[Dict, ReferenceLayer]:
+def reference_kernel(W: torch.Tensor, P: torch.Tensor, groups: int,
+                     kernel_size: Tuple[int, int]) -> torch.Tensor:
+    """The reference's composed kernel (O, Cg, kh, kw) from W (O, Cg, S) and P = D + d_diag
+    (C, K, S), with its channel binding; computed in float64, returned in W's dtype."""
+    O, Cg, S = W.shape
+    C = P.shape[0]
+    Wr = W.reshape(O // groups, C, S)
+    composed = torch.bmm(P.double(), Wr.double().permute(1, 2, 0))  # (C, K, O / g)
+    return composed.permute(2, 0, 1).reshape(O, Cg, *kernel_size).to(W.dtype)
+
+
+def _convert_layer(state_dict: Mapping, name: str, kernel_sizes,
+                   plain: bool) -> Tuple[Dict, ReferenceLayer]:
     """The do_conv_mm entries (``weight``, ``D``, ``weight_extra``) of one reference layer."""
     W = state_dict[f'{name}.W']
     O, Cg, S = W.shape
@@ -116,7 +132,7 @@ def _convert_layer(state_dict: Mapping, name: str, kernel_sizes) -> Tuple[Dict, 
                 f'{name}.W is (O, Cg, D_mul) = {tuple(W.shape)} but {name}.D is missing (only '
                 f'1×1 reference layers, D_mul 1, have no D); pass the complete checkpoint.')
         return ({'weight': W.reshape(O, Cg, 1, 1)},
-                ReferenceLayer(name, (1, 1), None, 1, rebased=False, diag_rebuilt=False))
+                ReferenceLayer(name, (1, 1), None, 1, '1x1', diag_rebuilt=False))
     if D.dim() != 3 or D.shape[2] != S or D.shape[0] % Cg or D.shape[1] > S:
         raise ReferenceCheckpointError(
             f'{name}: D {tuple(D.shape)} does not fit W {tuple(W.shape)} (expected D (C, kh*kw, '
@@ -134,32 +150,34 @@ def _convert_layer(state_dict: Mapping, name: str, kernel_sizes) -> Tuple[Dict, 
     if rebuilt:
         diag = reference_identity(K, S, C, D.dtype)
     P = D + diag
-    exact = binds_true_channels(O, C, groups)
-    if exact:
+    if plain:
+        how, entries = 'folded', {'weight': reference_kernel(W, P, groups, (kh, kw))}
+    elif binds_true_channels(O, C, groups):
         identity = torch.cat([torch.eye(K, dtype=D.dtype), torch.zeros(K, S - K, dtype=D.dtype)],
                              dim=1)
+        how = 'exact'
         entries = {'weight': W[..., :K].reshape(O, Cg, kh, kw).clone(), 'D': P - identity}
     else:
-        Wr = W.reshape(O // groups, C, S)  # the reference's channel binding
-        composed = torch.bmm(P.double(), Wr.double().permute(1, 2, 0))  # (C, K, O / g)
-        kernel = composed.permute(2, 0, 1).reshape(O, Cg, kh, kw).to(W.dtype)
-        entries = {'weight': kernel, 'D': torch.zeros_like(D)}
-    if S > K:
+        how = 'rebased'
+        entries = {'weight': reference_kernel(W, P, groups, (kh, kw)), 'D': torch.zeros_like(D)}
+    if S > K and not plain:
         entries['weight_extra'] = W[..., K:].clone()
-    return entries, ReferenceLayer(name, (kh, kw), groups, S, rebased=not exact,
-                                   diag_rebuilt=rebuilt)
+    return entries, ReferenceLayer(name, (kh, kw), groups, S, how, diag_rebuilt=rebuilt)
 
 
 def convert_reference_state_dict(
         state_dict: Mapping[str, torch.Tensor],
-        kernel_sizes: Optional[Mapping[str, Tuple[int, int]]] = None
+        kernel_sizes: Optional[Mapping[str, Tuple[int, int]]] = None,
+        plain: bool = False
 ) -> Tuple['OrderedDict', List[ReferenceLayer]]:
     """A state dict of the reference DO-Conv code in :class:`DOConv2d`'s layout.
 
     Every reference layer ``<name>.W`` / ``.D`` / ``.d_diag`` becomes ``<name>.weight`` (Conv2d
-    shaped), ``.D`` and ``.weight_extra`` (when D_mul > kh·kw); other entries (bias, norms, plain
-    convs) are kept, in order; a ``module.`` wrapper prefix is dropped. ``kernel_sizes`` maps layer
-    names to (kh, kw) for non-square kernels (square ones are read off D's shape).
+    shaped), ``.D`` and ``.weight_extra`` (when D_mul > kh·kw); with ``plain=True`` only
+    ``<name>.weight``, the reference's composed kernel (a plain conv's weights, for a model
+    without DO-Conv). Other entries (bias, norms, plain convs) are kept, in order; a ``module.``
+    wrapper prefix is dropped. ``kernel_sizes`` maps layer names to (kh, kw) for non-square
+    kernels (square ones are read off D's shape).
 
     Returns ``(state_dict, layers)``. Raises :class:`ReferenceCheckpointError` for a state dict
     with no reference layer or with inconsistent shapes.
@@ -178,7 +196,7 @@ def convert_reference_state_dict(
             f'(out_channels, in_channels/groups, D_mul)).{hint}')
     converted, layers = {}, []
     for name in names:
-        entries, layer = _convert_layer(state_dict, name, kernel_sizes)
+        entries, layer = _convert_layer(state_dict, name, kernel_sizes, plain)
         converted[name] = entries
         layers.append(layer)
     reference_keys = {f'{name}.{part}' for name in names for part in ('W', 'D', *_DIAG_NAMES)}

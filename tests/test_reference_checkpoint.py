@@ -69,8 +69,9 @@ def test_converted_layer_computes_the_reference_function(name):
            reference_layer(cout, cin, kernel, groups, D_mul, gen).items()}
     ref['conv.bias'] = torch.randn(cout, generator=gen, dtype=torch.float64)
     converted, layers = convert_reference_state_dict(ref, {'conv': kernel})
-    assert [(layer.name, layer.kernel_size, layer.groups, layer.D_mul, layer.rebased)
-            for layer in layers] == [('conv', kernel, groups, D_mul, name in REBASED)]
+    assert [(layer.name, layer.kernel_size, layer.groups, layer.D_mul, layer.how)
+            for layer in layers] == \
+        [('conv', kernel, groups, D_mul, 'rebased' if name in REBASED else 'exact')]
     assert not any(k.endswith(('.W', '.d_diag')) for k in converted)
     layer = DOConv2d(cin, cout, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=groups,
                      D_mul=D_mul).double()
@@ -88,6 +89,23 @@ def test_converted_layer_computes_the_reference_function(name):
         assert torch.equal(layer.D, torch.zeros_like(layer.D))  # the same function, D = 0
     else:
         assert layer.D.abs().max() > 0.1  # the trained D is carried, not folded away
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_plain_conversion_gives_a_plain_conv_the_reference_function(name):
+    """``plain=True``: only the composed kernel, loaded strictly into nn.Conv2d (float64: 1e-12)."""
+    cin, cout, kernel, groups, D_mul = LAYERS[name]
+    gen = torch.Generator().manual_seed(6)
+    ref = reference_layer(cout, cin, kernel, groups, D_mul, gen)
+    converted, layers = convert_reference_state_dict({f'conv.{k}': v for k, v in ref.items()},
+                                                     {'conv': kernel}, plain=True)
+    assert [layer.how for layer in layers] == ['folded'] and list(converted) == ['conv.weight']
+    conv = torch.nn.Conv2d(cin, cout, kernel, groups=groups, bias=False).double()
+    conv.load_state_dict({'weight': converted['conv.weight']}, strict=True)
+    x = torch.randn(2, cin, 7, 7, generator=gen, dtype=torch.float64)
+    expected = F.conv2d(x, reference_kernel(ref['W'], ref['D'], ref['d_diag'], groups, kernel),
+                        groups=groups)
+    assert (conv(x) - expected).abs().max() <= 1e-12 * expected.abs().max()
 
 
 def test_reference_binding_is_the_true_one_only_for_dense_and_plain_depthwise():
@@ -150,7 +168,7 @@ def test_other_entries_kept_in_order_and_wrapper_prefix_dropped():
     assert list(converted) == ['stem.weight', 'conv.weight', 'conv.D', 'proj.weight',
                                'bn.running_mean']
     assert converted['proj.weight'].shape == (5, 4, 1, 1)  # a 1×1 reference layer: plain
-    assert [layer.groups for layer in layers] == [1, None]
+    assert [(layer.groups, layer.how) for layer in layers] == [(1, 'exact'), (None, '1x1')]
 
 
 @pytest.mark.parametrize('state, message', [
@@ -238,6 +256,26 @@ def test_tool_converts_a_reference_resnet_that_mmengine_then_loads(tmp_path, cap
     assert max(m.D.abs().max() for m in backbone.modules()
                if isinstance(m, DOConv2d) and m.D is not None) > 0.05
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for got, want in zip(backbone(x), plain(x)):
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_tool_plain_weights_load_into_the_plain_backbone(tmp_path, capsys):
+    """--plain with the plain twin config: a complete load, and the plain backbone then computes
+    the reference network (it is built from the same composed kernels: fp32, 1e-5)."""
+    checkpoint, plain, _ = reference_resnet_checkpoint(seed=1)
+    plain.eval()
+    path, out = tmp_path / 'ref.pth', tmp_path / 'plain.pth'
+    torch.save(checkpoint, path)
+    assert convert_cli.main([str(path), str(out), '--plain', '--config', TOY_PLAIN]) == 0
+    printed = capsys.readouterr().out
+    assert '17 folded to plain kernels, 3 1×1 (plain)' in printed
+    assert 'loads completely into the backbone of retinanet_r18-tiny_fpn_toy.py' in printed
+    backbone = build_model(Config.fromfile(TOY_PLAIN)).backbone
+    backbone.load_state_dict(torch.load(out, weights_only=True)['state_dict'], strict=True)
+    backbone.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         for got, want in zip(backbone(x), plain(x)):
             assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -1,13 +1,15 @@
 """Convert a checkpoint trained with the public reference DO-Conv code to do_conv_mm's layout.
 
-    python tools/convert_reference_checkpoint.py CHECKPOINT OUT.pth
+    python tools/convert_reference_checkpoint.py CHECKPOINT OUT.pth [--plain]
         [--config CONFIG [--part backbone] [--cfg-options K=V ...]]
 
 Each reference layer (``<name>.W`` (O, Cg, D_mul), ``.D``, ``.d_diag``) becomes a DOConv2d's
 ``<name>.weight`` / ``.D`` / ``.weight_extra``; every other weight is kept as it is (a
-``module.`` wrapper prefix is dropped). Layers with groups = 1 convert exactly; grouped layers are
-rebased (the reference ties their D to the wrong input channels): their composed kernel becomes
-``weight`` and D restarts at 0, the same function. See do_conv_mm/reference_checkpoint.py.
+``module.`` wrapper prefix is dropped). Layers with groups = 1 (and plain depthwise ones) convert
+exactly; other grouped layers are rebased (the reference ties their D to other input channels):
+their composed kernel becomes ``weight`` and D restarts at 0, the same function. ``--plain``
+writes every layer's composed kernel only, for a model with plain convs.
+See do_conv_mm/reference_checkpoint.py.
 
 OUT gets ``{meta, state_dict}``; load it with ``init_cfg=dict(type='Pretrained', checkpoint=OUT)``
 on the part it was trained as (e.g. a torchvision-style ResNet into mmdet's / mmseg's ResNet
@@ -34,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='checkpoint saved from a model built with the '
                         'reference DOConv2d (a state dict, or a dict with "state_dict"/"model")')
     parser.add_argument('out', help='output .pth ({meta, state_dict} in do_conv_mm\'s layout)')
+    parser.add_argument('--plain', action='store_true',
+                        help='fold every layer to its composed kernel: weights for plain convs')
     parser.add_argument('--config', help='an mmdet / mmseg / mmpretrain config whose --part OUT '
                         'must load into completely (checked before writing)')
     parser.add_argument('--part', default='backbone',
@@ -84,34 +88,38 @@ def main(argv=None) -> int:
         if args.config:
             target = build_config_module(args.config, args.cfg_options, args.part)
             kernel_sizes = kernel_sizes_of(target)
-        state_dict, layers = convert_reference_state_dict(weights, kernel_sizes)
+        state_dict, layers = convert_reference_state_dict(weights, kernel_sizes, args.plain)
         summary = None
         if target is not None:
             where = (f'the {args.part} of ' if args.part else 'the model of ') + \
                 osp.basename(args.config)
             summary = check_pretrained_state_dict(target, state_dict,
                                                   f'{args.checkpoint!r} converted', where)
-        rebased = [layer.name for layer in layers if layer.rebased]
+        by_how = {how: [layer.name for layer in layers if layer.how == how]
+                  for how in ('exact', 'rebased', 'folded', '1x1')}
         meta = dict(converted_from=osp.abspath(args.checkpoint), reference_layers=len(layers),
-                    rebased_layers=rebased, do_conv_mm_version=__version__)
+                    rebased_layers=by_how['rebased'], folded=args.plain,
+                    do_conv_mm_version=__version__)
         save_atomically(dict(meta=meta, state_dict=state_dict), args.out)
     except (CheckpointError, ToolError, FoldError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
-    with_d = [layer for layer in layers if layer.groups is not None]
-    print(f'{args.out}: {len(layers)} reference DO-Conv layer(s) converted: '
-          f'{len(with_d) - len(rebased)} exactly (D kept), {len(layers) - len(with_d)} 1×1 '
-          f'(plain), {len(rebased)} grouped rebased (D restarts at 0, same function).')
-    if rebased:
-        print(f'rebased: {key_listing(rebased)} (the reference ties a grouped layer\'s D to the '
-              f'wrong input channels).')
+    counts = ', '.join(f'{len(by_how[how])} {what}' for how, what in (
+        ('exact', 'exactly (D kept)'), ('rebased', 'rebased (D restarts at 0, same function)'),
+        ('folded', 'folded to plain kernels'), ('1x1', '1×1 (plain)')) if by_how[how])
+    print(f'{args.out}: {len(layers)} reference DO-Conv layer(s) converted: {counts}.')
+    if by_how['rebased']:
+        print(f'rebased: {key_listing(by_how["rebased"])} (the reference ties these grouped '
+              f'layers\' D to other input channels than the ones they read).')
     if any(layer.diag_rebuilt for layer in layers):
         print('note: some layers had no d_diag in the checkpoint; rebuilt by the reference\'s '
               'rule (eye(kh*kw) repeated, zero-padded to D_mul).')
     if summary:
         print(f'loads completely into {where}: {summary}.')
+    built_with = 'plain convs (or DO-Conv, starting at D = 0)' if args.plain else \
+        conv_cfg_hint(layers)
     print(f"use: init_cfg=dict(type='Pretrained', checkpoint='{args.out}') on the part it was "
-          f"trained as, built with {conv_cfg_hint(layers)}.")
+          f"trained as, built with {built_with}.")
     return 0
 
 
