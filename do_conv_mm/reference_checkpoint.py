@@ -97,7 +97,8 @@ def _kernel_size(name: str, taps: int, kernel_sizes: Optional[Mapping]) -> Tuple
     return side, side
 
 
-def _diag(state_dict: Mapping, name: str, shape) -> Tuple[Optional[torch.Tensor], str]:
+def _diag(state_dict: Mapping, name: str, shape) -> Optional[torch.Tensor]:
+    """The layer's stored d_diag (either spelling), None where the state dict has none."""
     for diag_name in _DIAG_NAMES:
         diag = state_dict.get(f'{name}.{diag_name}')
         if diag is not None:
@@ -105,8 +106,8 @@ def _diag(state_dict: Mapping, name: str, shape) -> Tuple[Optional[torch.Tensor]
                 raise ReferenceCheckpointError(
                     f'{name}.{diag_name} has shape {tuple(diag.shape)}, not D\'s {tuple(shape)}: '
                     f'not a reference DO-Conv layer.')
-            return diag, diag_name
-    return None, ''
+            return diag
+    return None
 
 
 def reference_kernel(W: torch.Tensor, P: torch.Tensor, groups: int,
@@ -145,7 +146,7 @@ def _convert_layer(state_dict: Mapping, name: str, kernel_sizes,
             f'{name}: {O} output channels are not divisible by groups = {groups} (C {C} / Cg '
             f'{Cg}): not a reference DO-Conv layer.')
     kh, kw = _kernel_size(name, K, kernel_sizes)
-    diag, _ = _diag(state_dict, name, D.shape)
+    diag = _diag(state_dict, name, D.shape)
     rebuilt = diag is None
     if rebuilt:
         diag = reference_identity(K, S, C, D.dtype)
