@@ -202,12 +202,12 @@ def _short(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
-# Active from ``import do_conv_mm`` on, so every OpenMMLab tool that custom-imports us can resume.
-allow_mmengine_checkpoint_types()
-
-
 def key_listing(keys, limit: int = 3) -> str:
     """The first ``limit`` keys for an error line: ``a, b, c, ... (12 more)``."""
     keys = [str(k) for k in keys]
     shown = ', '.join(keys[:limit])
     return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+# Active from ``import do_conv_mm`` on, so every OpenMMLab tool that custom-imports us can resume.
+allow_mmengine_checkpoint_types()

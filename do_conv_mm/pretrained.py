@@ -214,7 +214,6 @@ def check_pretrained_inits(model: nn.Module) -> List[str]:
     return lines
 
 
-
 def build_config_module(config: str, cfg_options=None, part: str = 'backbone') -> nn.Module:
     """The module ``part`` (a dotted path, e.g. ``backbone``; ``''`` for the whole model) of the
     model ``config`` builds, on the CPU, no pretrained weights loaded: what a checkpoint meant
@@ -229,5 +228,5 @@ def build_config_module(config: str, cfg_options=None, part: str = 'backbone') -
         return model.get_submodule(part)
     except AttributeError:
         children = ', '.join(name for name, _ in model.named_children())
-        raise CheckpointError(f'the model of {config} has no {part!r} (its parts: {children}); '
-                              f'pass one of those, or \'\' for the whole model.') from None
+        raise CheckpointError(f'the model of {config} has no {part!r} to check against (its '
+                              f'parts: {children}).') from None

@@ -294,6 +294,10 @@ def test_tool_refuses_without_writing(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith('error: ')
     assert 'conv1.D' in proc.stderr and 'D_mul 52 vs 49' in proc.stderr and not out.exists()
 
+    assert convert_cli.main([str(path), str(out), '--config', TOY_DOCONV, '--part',
+                             'decode_head']) == 1  # a detector has no decode_head
+    assert not out.exists()
+
     ours = tmp_path / 'ours.pth'
     torch.save({'state_dict': build_model(Config.fromfile(TOY_DOCONV)).state_dict()}, ours)
     assert convert_cli.main([str(ours), str(out)]) == 1
