@@ -10,9 +10,9 @@ not loaded at all). :func:`check_pretrained_inits` finds every such ``init_cfg``
 and compares the checkpoint with the module before any weight is loaded; tools/train.py stops on
 a mismatch with one line naming the keys and the fix.
 
-mmpretrain's deep stem (ResNetV1c/V1d: ``stem.N.conv`` / ``stem.N.bn``, ConvModules) is laid out
-differently from mmdet's / mmseg's (``stem.3N`` conv, ``stem.3N+1`` norm, ReLUs between);
-:func:`backbone_state_dict` renames it (tools/extract_backbone.py writes the result).
+mmpretrain's ResNet deep stem (ResNetV1c/V1d: ``stem.N.conv`` / ``stem.N.bn``, ConvModules) is
+laid out differently from mmdet's / mmseg's (``stem.3N`` conv, ``stem.3N+1`` norm, ReLUs
+between); :func:`backbone_state_dict` renames it (tools/extract_backbone.py writes the result).
 """
 import os
 import re
@@ -68,16 +68,19 @@ def backbone_state_dict(checkpoint: Mapping[str, Any], prefix: str = 'backbone.'
     """The backbone weights of a classifier checkpoint, keys as mmdet / mmseg backbones name them.
 
     Returns ``(state_dict, renamed)``: keys under ``prefix`` without it, DO-Conv ``D`` /
-    ``weight_extra`` kept, and mmpretrain's deep-stem ConvModule keys ``stem.N.conv.*`` /
-    ``stem.N.bn.*`` renamed to ``stem.3N.*`` / ``stem.3N+1.*`` (``renamed`` counts those).
+    ``weight_extra`` kept, and, for the ResNet family (keys ``layer1.*``), mmpretrain's
+    deep-stem ConvModule keys ``stem.N.conv.*`` / ``stem.N.bn.*`` renamed to ``stem.3N.*`` /
+    ``stem.3N+1.*`` (``renamed`` counts those). Other backbones keep their keys: CSPNeXt's stem,
+    for one, is named ``stem.N.conv`` in mmdet too.
     """
     weights = strip_prefix(checkpoint_state_dict(checkpoint, use_ema), prefix)
     if not weights:
         raise CheckpointError(f'the checkpoint has no keys under {prefix!r}; pass a classifier '
                               f'checkpoint (keys backbone.*) or the right --prefix.')
+    resnet_family = any(key.startswith('layer1.') for key in weights)
     out, renamed = OrderedDict(), 0
     for key, value in weights.items():
-        match = _DEEP_STEM_KEY.match(key)
+        match = _DEEP_STEM_KEY.match(key) if resnet_family else None
         if match:
             index, part, rest = int(match.group(1)), match.group(2), match.group(3)
             key = f'stem.{3 * index + (part == "bn")}.{rest}'

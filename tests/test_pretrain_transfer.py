@@ -273,3 +273,25 @@ def test_extract_from_ema_weights_and_bare_state_dicts(tmp_path):
     saved = torch.load(out, weights_only=True)
     assert saved['meta']['weights'] == 'ema_state_dict'
     assert torch.equal(saved['state_dict']['conv1.weight'], torch.full((2, 3, 7, 7), 2.0))
+
+
+def test_extract_cspnext_keeps_its_stem_and_checks_doconvmodel_conversions(tmp_path):
+    """A CSPNeXt classifier (RTMDet's pretraining): its stem is ``stem.N.conv`` in mmdet too, so
+    extraction renames nothing (only the ResNet deep stem differs). ``--config`` with a
+    DOConvModel config (the toy RTMDet converts CSPNeXt's stem and block conv1 by name): those
+    layers are DO-Conv in the check, as in the model that will load OUT, so their D is accepted,
+    not reported as dropped into plain convs."""
+    from do_conv_mm.deploy import build_model
+    rtmdet = osp.join(TOY, 'rtmdet_tiny-doconv_toy.py')
+    backbone = build_model(Config.fromfile(rtmdet)).backbone
+    by_name = {'backbone.stem.0.conv', 'backbone.stage1.1.blocks.0.conv1.conv'}
+    assert all(isinstance(backbone.get_submodule(n[len('backbone.'):]), DOConv2d)
+               for n in by_name)
+    path, out = tmp_path / 'cls.pth', tmp_path / 'backbone.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in backbone.state_dict().items()}},
+               path)
+    proc = run_tool('extract_backbone.py', path, out, '--config', rtmdet)
+    assert f'loads completely into the backbone of {rtmdet}' in proc.stdout
+    assert 'renamed' not in proc.stdout
+    extracted = torch.load(out, weights_only=True)['state_dict']
+    assert list(extracted) == list(backbone.state_dict())
