@@ -269,12 +269,14 @@ def test_conv_flops_and_coverage_match_hand_count():
 # ----------------------------------------------------------------------------------------------
 # (config, DOConv k×k layers, plain k×k convs left): the numbers tools/analyze_doconv.py prints
 # and the README states. Plain k×k left: Mask R-CNN's 2×2 transposed mask upsampling conv.
+# RTMDet-tiny: 21 by conv_cfg + 11 by name, as its toy twin below.
 SHIPPED = [
     ('mmdet/faster-rcnn_r50-doconv_fpn_1x_coco.py', 22, 0),
     ('mmdet/retinanet_r50-doconv_fpn_1x_coco.py', 32, 0),
     ('mmdet/mask-rcnn_r50-doconv_fpn_1x_coco.py', 26, 1),
     ('mmdet/fcos_r50-caffe-doconv_fpn_gn-head_1x_coco.py', 33, 0),
     ('mmdet/cascade-rcnn_r50-doconv_fpn_1x_coco.py', 22, 0),
+    ('mmdet/rtmdet_tiny-doconv_8xb32-300e_coco.py', 32, 0),
     ('mmseg/fcn_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 23, 0),
     ('mmseg/pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 21, 0),
     ('mmseg/deeplabv3_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 24, 0),

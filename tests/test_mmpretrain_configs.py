@@ -25,13 +25,16 @@ from training_helpers import tool_env  # noqa: E402
 
 # (config, DOConv k×k layers, plain k×k convs left): the README coverage table's numbers.
 # ResNet-18/50, ResNeXt-50: 7×7 stem + 16 block 3×3s; ResNetV1c-50: 3×3 deep stem (3) + 16;
-# MobileNetV2: 3×3 stem + 17 depthwise 3×3s. Every other conv is 1×1; the head is Linear.
+# MobileNetV2: 3×3 stem + 17 depthwise 3×3s; CSPNeXt-tiny (mmdet's, RTMDet-tiny's backbone):
+# 3×3 stem (3) + 4 stage downsamplings + 4 block conv1 3×3s (by name) + 4 depthwise 5×5s. Every
+# other conv is 1×1; the head is Linear.
 MMPRETRAIN = [
     ('mmpretrain/resnet50-doconv_8xb32_in1k.py', 17, 0),
     ('mmpretrain/resnet18-doconv_8xb32_in1k.py', 17, 0),
     ('mmpretrain/resnext50-32x4d-doconv_8xb32_in1k.py', 17, 0),
     ('mmpretrain/mobilenet-v2-doconv_8xb32_in1k.py', 18, 0),
     ('mmpretrain/resnetv1c50-doconv_8xb32_in1k.py', 19, 0),
+    ('mmpretrain/cspnext-tiny-doconv_8xb256-rsb-a1-600e_in1k.py', 15, 0),
 ]
 IDS = [name.split('/')[1] for name, _, _ in MMPRETRAIN]
 

@@ -295,3 +295,27 @@ def test_extract_cspnext_keeps_its_stem_and_checks_doconvmodel_conversions(tmp_p
     assert 'renamed' not in proc.stdout
     extracted = torch.load(out, weights_only=True)['state_dict']
     assert list(extracted) == list(backbone.state_dict())
+
+
+def test_model_zoo_path_cspnext_into_rtmdet(tmp_path):
+    """RTMDet's own path with DO-Conv (random weights, no training): the mmpretrain CSPNeXt-tiny
+    DO-Conv checkpoint goes into RTMDet-tiny's backbone with the base config's prefix, all 15 D
+    included (the 7 converted by name on both sides), bit for bit after mmengine's init."""
+    torch.manual_seed(0)
+    classifier = _build(osp.join(REPO, 'configs', 'mmpretrain',
+                                 'cspnext-tiny-doconv_8xb256-rsb-a1-600e_in1k.py'))
+    for module in classifier.modules():
+        if isinstance(module, DOConv2d) and module.D is not None:
+            torch.nn.init.normal_(module.D, std=0.05)
+    path = tmp_path / 'cspnext.pth'
+    torch.save(dict(state_dict=classifier.state_dict(), meta=dict()), path)
+    detector = _build(osp.join(REPO, 'configs', 'mmdet', 'rtmdet_tiny-doconv_8xb32-300e_coco.py'),
+                      **{'model.backbone.init_cfg.checkpoint': str(path)})
+    assert detector.backbone.init_cfg['prefix'] == 'backbone.'  # the base config's
+    (line, ) = check_pretrained_inits(detector)
+    assert line.endswith("221 tensors, D of 15 DO-Conv layer(s)")  # complete, nothing unused
+    detector.init_weights()
+    loaded = _doconv_d(detector.backbone)
+    assert len(loaded) == 15
+    expected = _doconv_d(classifier.backbone)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
