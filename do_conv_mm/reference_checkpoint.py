@@ -31,6 +31,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from .checkpoint import CheckpointError
+from .pretrained import strip_prefix
 
 __all__ = ['ReferenceCheckpointError', 'ReferenceLayer', 'binds_true_channels',
            'convert_reference_state_dict', 'find_reference_layers', 'reference_identity',
@@ -154,10 +155,9 @@ def _convert_layer(state_dict: Mapping, name: str, kernel_sizes,
     if plain:
         how, entries = 'folded', {'weight': reference_kernel(W, P, groups, (kh, kw))}
     elif binds_true_channels(O, C, groups):
-        identity = torch.cat([torch.eye(K, dtype=D.dtype), torch.zeros(K, S - K, dtype=D.dtype)],
-                             dim=1)
-        how = 'exact'
-        entries = {'weight': W[..., :K].reshape(O, Cg, kh, kw).clone(), 'D': P - identity}
+        how = 'exact'  # our D + I, I = eye(K, S) = [eye(K) | 0], is the reference's P
+        entries = {'weight': W[..., :K].reshape(O, Cg, kh, kw).clone(),
+                   'D': P - torch.eye(K, S, dtype=D.dtype)}
     else:
         how = 'rebased'
         entries = {'weight': reference_kernel(W, P, groups, (kh, kw)), 'D': torch.zeros_like(D)}
@@ -183,8 +183,7 @@ def convert_reference_state_dict(
     Returns ``(state_dict, layers)``. Raises :class:`ReferenceCheckpointError` for a state dict
     with no reference layer or with inconsistent shapes.
     """
-    state_dict = OrderedDict(
-        (k[len('module.'):] if k.startswith('module.') else k, v) for k, v in state_dict.items())
+    state_dict = strip_prefix(state_dict, '')  # only the 'module.' wrapper prefix
     names = find_reference_layers(state_dict)
     if not names:
         ours = [k[:-len('.D')] for k in state_dict if k.endswith('.D')

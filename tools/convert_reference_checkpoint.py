@@ -30,6 +30,11 @@ from do_conv_mm.checkpoint import CheckpointError, key_listing, load_checkpoint_
 from do_conv_mm.version import __version__  # noqa: E402
 
 
+# ReferenceLayer.how -> what the summary line calls it, in the order it lists them.
+HOW = {'exact': 'exactly (D kept)', 'rebased': 'rebased (D restarts at 0, same function)',
+       'folded': 'folded to plain kernels', '1x1': '1×1 (plain)'}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Convert a reference DO-Conv checkpoint (W, D, d_diag) to do_conv_mm')
@@ -95,8 +100,7 @@ def main(argv=None) -> int:
                 osp.basename(args.config)
             summary = check_pretrained_state_dict(target, state_dict,
                                                   f'{args.checkpoint!r} converted', where)
-        by_how = {how: [layer.name for layer in layers if layer.how == how]
-                  for how in ('exact', 'rebased', 'folded', '1x1')}
+        by_how = {how: [layer.name for layer in layers if layer.how == how] for how in HOW}
         meta = dict(converted_from=osp.abspath(args.checkpoint), reference_layers=len(layers),
                     rebased_layers=by_how['rebased'], folded=args.plain,
                     do_conv_mm_version=__version__)
@@ -104,9 +108,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ToolError, FoldError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
-    counts = ', '.join(f'{len(by_how[how])} {what}' for how, what in (
-        ('exact', 'exactly (D kept)'), ('rebased', 'rebased (D restarts at 0, same function)'),
-        ('folded', 'folded to plain kernels'), ('1x1', '1×1 (plain)')) if by_how[how])
+    counts = ', '.join(f'{len(by_how[how])} {what}' for how, what in HOW.items() if by_how[how])
     print(f'{args.out}: {len(layers)} reference DO-Conv layer(s) converted: {counts}.')
     if by_how['rebased']:
         print(f'rebased: {key_listing(by_how["rebased"])} (the reference ties these grouped '
