@@ -209,6 +209,17 @@ def test_other_architecture_is_refused_and_extraction_writes_nothing(pretrained,
         backbone_state_dict(load_checkpoint_file(bare))
 
 
+def _save_random_d_classifier(name: str, path):
+    """configs/mmpretrain/NAME.py built with D ~ N(0, 0.05) everywhere, saved to ``path`` as a
+    classifier checkpoint; returns the classifier."""
+    classifier = _build(osp.join(REPO, 'configs', 'mmpretrain', f'{name}.py'))
+    for module in classifier.modules():
+        if isinstance(module, DOConv2d) and module.D is not None:
+            torch.nn.init.normal_(module.D, std=0.05)
+    torch.save(dict(state_dict=classifier.state_dict(), meta=dict()), path)
+    return classifier
+
+
 def test_model_zoo_path_resnet50_into_faster_rcnn_and_v1c_into_pspnet(tmp_path):
     """The README's ImageNet path on the shipped configs (random weights, no training): the
     mmpretrain R50 DO-Conv checkpoint is accepted whole by Faster R-CNN's backbone (prefix
@@ -218,12 +229,8 @@ def test_model_zoo_path_resnet50_into_faster_rcnn_and_v1c_into_pspnet(tmp_path):
     torch.manual_seed(0)
     paths = {}
     for name in ('resnet50-doconv_8xb32_in1k', 'resnetv1c50-doconv_8xb32_in1k'):
-        classifier = _build(osp.join(REPO, 'configs', 'mmpretrain', f'{name}.py'))
-        for module in classifier.modules():
-            if isinstance(module, DOConv2d) and module.D is not None:
-                torch.nn.init.normal_(module.D, std=0.05)
         paths[name] = tmp_path / f'{name}.pth'
-        torch.save(dict(state_dict=classifier.state_dict(), meta=dict()), paths[name])
+        _save_random_d_classifier(name, paths[name])
     r50 = load_checkpoint_file(paths['resnet50-doconv_8xb32_in1k'])['state_dict']
 
     detector = _build(osp.join(REPO, 'configs', 'mmdet', 'faster-rcnn_r50-doconv_fpn_1x_coco.py'),
@@ -302,13 +309,8 @@ def test_model_zoo_path_cspnext_into_rtmdet(tmp_path):
     DO-Conv checkpoint goes into RTMDet-tiny's backbone with the base config's prefix, all 15 D
     included (the 7 converted by name on both sides), bit for bit after mmengine's init."""
     torch.manual_seed(0)
-    classifier = _build(osp.join(REPO, 'configs', 'mmpretrain',
-                                 'cspnext-tiny-doconv_8xb256-rsb-a1-600e_in1k.py'))
-    for module in classifier.modules():
-        if isinstance(module, DOConv2d) and module.D is not None:
-            torch.nn.init.normal_(module.D, std=0.05)
     path = tmp_path / 'cspnext.pth'
-    torch.save(dict(state_dict=classifier.state_dict(), meta=dict()), path)
+    classifier = _save_random_d_classifier('cspnext-tiny-doconv_8xb256-rsb-a1-600e_in1k', path)
     detector = _build(osp.join(REPO, 'configs', 'mmdet', 'rtmdet_tiny-doconv_8xb32-300e_coco.py'),
                       **{'model.backbone.init_cfg.checkpoint': str(path)})
     assert detector.backbone.init_cfg['prefix'] == 'backbone.'  # the base config's

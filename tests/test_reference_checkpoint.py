@@ -24,6 +24,7 @@ from do_conv_mm.reference_checkpoint import (ReferenceCheckpointError, binds_tru
 
 sys.path.insert(0, osp.join(REPO, 'tools'))
 import convert_reference_checkpoint as convert_cli  # noqa: E402
+from test_fold_tool import seeded_model  # noqa: E402
 
 TOY_DOCONV = osp.join(REPO, 'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py')
 TOY_PLAIN = osp.join(REPO, 'configs/toy/retinanet_r18-tiny_fpn_toy.py')
@@ -201,9 +202,7 @@ def reference_resnet_checkpoint(D_mul_extra: int = 0, seed: int = 0):
     """A reference-layout training checkpoint for the toy detector's DO-Conv ResNet-18 backbone,
     as DataParallel saves it, and the plain backbone with the reference's composed kernels."""
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        plain = build_model(Config.fromfile(TOY_PLAIN)).backbone
+    plain = seeded_model(Config.fromfile(TOY_PLAIN), seed).backbone
     doconv = build_model(Config.fromfile(TOY_DOCONV)).backbone
     layers = {name: m for name, m in doconv.named_modules() if isinstance(m, DOConv2d)}
     with torch.no_grad():
