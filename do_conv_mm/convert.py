@@ -20,20 +20,25 @@ to reach them:
   merged over a ``_base_`` model: it builds ``dict(type=model_type, **other_keys)`` in the current
   scope, converts, and returns that same model object (no wrapper, no key prefix).
 
-Conversion uses :meth:`DOConv2d.from_conv2d`: weight and bias are shared, D = 0, so the model
+Conversion uses :meth:`DOConv2d.from_conv2d` (:class:`DOConv2dAdaptivePadding` for mmcv's
+``Conv2dAdaptivePadding``): weight and bias are shared, D = 0, so the model
 computes exactly what it computed before and its state_dict keys only gain ``<conv>.D`` (and
 ``<conv>.weight_extra`` when D_mul > kh*kw). Plain checkpoints still load (missing D = identity).
 """
 import difflib
+import inspect
 import re
+import warnings
 from contextlib import nullcontext
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
+from mmcv.cnn.bricks import Conv2dAdaptivePadding
 from mmengine.registry import MODELS, Registry
 
-from .doconv import DOConv2d, is_doconv_layer_type
+from .doconv import DOConv2d, is_doconv_layer_type, plain_layer_type
+from .doconv_adaptive_padding import DOConv2dAdaptivePadding
 
 __all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError',
            'register_doconv_model']
@@ -59,6 +64,15 @@ def _is_plain_conv2d(module: nn.Module) -> bool:
             and cls.__bases__ == (nn.Conv2d, ))
 
 
+def _doconv_class_for(module: nn.Module) -> Optional[type]:
+    """The DO-Conv class whose ``from_conv2d`` computes what ``module`` computes, or None."""
+    if _is_plain_conv2d(module):
+        return DOConv2d
+    if type(module) is Conv2dAdaptivePadding:
+        return DOConv2dAdaptivePadding
+    return None
+
+
 def _is_conv_like(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) or any(
         c.__name__ in _DEFORM_CLASS_NAMES for c in type(module).__mro__)
@@ -76,7 +90,7 @@ def _why_not_convertible(module: nn.Module) -> Optional[str]:
                 f'forward nn.Conv2d layers')
     if not isinstance(module, nn.Conv2d):
         return f'it is a {cls.__name__}; DOConv2d only replaces 2-D convolutions (nn.Conv2d)'
-    if not _is_plain_conv2d(module):
+    if _doconv_class_for(module) is None:
         return (f'it is a {cls.__module__}.{cls.__name__}, a subclass of nn.Conv2d with its own '
                 f'behaviour that a DOConv2d would silently drop')
     return None
@@ -262,6 +276,8 @@ def _few(names: List[str], limit: int = 4) -> str:
 
 
 def _to_doconv(conv: nn.Conv2d, D_mul: Optional[int]) -> DOConv2d:
+    if type(conv) is Conv2dAdaptivePadding:
+        return DOConv2dAdaptivePadding.from_conv2d(conv, D_mul=D_mul)
     if type(conv) is not nn.Conv2d:  # mmcv's Conv2d wrapper: view it as the nn.Conv2d it is
         plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                           conv.padding, conv.dilation, conv.groups, conv.bias is not None,
@@ -308,12 +324,15 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model', scope: Optional[str]
     Detected: a ResNet-style component with ``dcn`` and ``conv_cfg=dict(type='DOConv')`` (mmdet
     and mmseg Bottleneck/BasicBlock assert ``conv_cfg is None`` for DCN blocks); a ``conv_cfg``
     whose type is not registered (a typo such as 'DOconv', or a missing ``custom_imports``),
-    named with the closest registered conv types.
+    named with the closest registered conv types. Warned (a UserWarning; the model is valid):
+    ``conv_cfg=dict(type='DOConv')`` on a component whose default conv type is
+    ``Conv2dAdaptivePadding`` (use 'DOConvAdaptivePadding' to keep its padding).
     """
     _check_conv_types(model_cfg, where, scope)
     for path, component in walk_cfg(model_cfg, where):
         if not _is_doconv_cfg(component.get('conv_cfg')):
             continue
+        _warn_if_padding_changes(path, component, scope)
         stages = _dcn_stages(component)
         if stages:
             kind = component.get('type', 'this component')
@@ -327,6 +346,28 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model', scope: Optional[str]
                 f'from {path} and convert its other k×k convs by name instead: '
                 f"model=dict(type='DOConvModel', model_type=..., doconv=dict(include=['{name}'], "
                 f'exclude={exclude})).')
+
+
+def _warn_if_padding_changes(path: str, component: Dict, scope: Optional[str]) -> None:
+    """Warn when conv_cfg=DOConv replaces a component's default Conv2dAdaptivePadding (mmdet's /
+    mmpretrain's EfficientNet): DOConv pads symmetrically, which moves every stride-2 sampling
+    grid by a pixel against weights trained with TensorFlow 'SAME' padding."""
+    conv_type = component['conv_cfg']['type']
+    if plain_layer_type(conv_type) != 'Conv2d':
+        return
+    cls = _registered_class(component.get('type'), scope)
+    try:
+        default = inspect.signature(cls).parameters['conv_cfg'].default if cls else None
+    except (KeyError, TypeError, ValueError):  # no conv_cfg argument, or no signature
+        return
+    if isinstance(default, dict) and str(default.get('type')).rpartition('.')[2] == \
+            Conv2dAdaptivePadding.__name__:
+        warnings.warn(
+            f'{path} ({cls.__name__}) builds its convs as Conv2dAdaptivePadding by default '
+            f"(TensorFlow 'SAME' padding, which its pretrained weights were trained with), but "
+            f'conv_cfg=dict(type={conv_type!r}) pads symmetrically: stride-2 convs then sample '
+            f"one pixel off on even input sizes. To keep the padding use "
+            f"conv_cfg=dict(type='DOConvAdaptivePadding').", UserWarning, stacklevel=3)
 
 
 def _conv_registry_lookup(type_name: str, scope: Optional[str]):
@@ -480,21 +521,31 @@ def _explain_d_mul(model_cfg: Dict, error: BaseException, scope: Optional[str]) 
             f'unset there (default kh*kw per layer) or raise it to >= {taps}.')
 
 
-def _class_names(type_name: Any, scope: Optional[str]) -> List[str]:
-    """Names of the registered class ``type_name`` and its bases (just ``type_name`` when it
-    cannot be looked up): an error may name a base, e.g. AnchorHead for RPNHead."""
+def _registered_class(type_name: Any, scope: Optional[str]) -> Optional[type]:
+    """The class a config ``type`` builds under ``scope`` (a class passes through), or None."""
+    if isinstance(type_name, type):
+        return type_name
     if not isinstance(type_name, str):
-        return [getattr(type_name, '__name__', str(type_name))]
+        return None
     from mmengine.registry import DefaultScope
     context = (DefaultScope.overwrite_default_scope(scope) if scope is not None else
                nullcontext())
     try:
         with context, MODELS.switch_scope_and_registry(None) as registry:
             cls = registry.get(type_name)
-    except Exception:  # noqa: BLE001  (an unknown scope or type: fall back to the name)
-        cls = None
-    if not isinstance(cls, type):
-        return [type_name.rpartition('.')[2]]
+    except Exception:  # noqa: BLE001  (an unknown scope or type)
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def _class_names(type_name: Any, scope: Optional[str]) -> List[str]:
+    """Names of the registered class ``type_name`` and its bases (just ``type_name`` when it
+    cannot be looked up): an error may name a base, e.g. AnchorHead for RPNHead."""
+    cls = _registered_class(type_name, scope)
+    if cls is None:
+        if isinstance(type_name, str):
+            return [type_name.rpartition('.')[2]]
+        return [getattr(type_name, '__name__', str(type_name))]
     return [c.__name__ for c in cls.__mro__ if c.__module__.split('.')[0] != 'torch']
 
 

@@ -5,7 +5,9 @@ into the training config with every DO-Conv opt-in undone:
 
 * ``dict(type='DOConvModel', model_type=T, doconv=..., **kw)``  ->  ``dict(type=T, **kw)``
 * ``conv_cfg=dict(type='DOConv' | 'DOConv2d', ...)``            ->  ``conv_cfg=None`` (plain conv)
+* ``conv_cfg=dict(type='DOConvAdaptivePadding', ...)``  ->  ``dict(type='Conv2dAdaptivePadding')``
 * any other ``*_cfg=dict(type='DOConv', ...)`` (e.g. a predictor)  ->  ``dict(type='Conv2d', ...)``
+  (``'Conv2dAdaptivePadding'`` for ``'DOConvAdaptivePadding'``)
 * ``'do_conv_mm'`` leaves ``custom_imports`` (dropped when nothing else is imported).
 
 The whole config is walked (nested dicts, lists and tuples), so top-level variables such as
@@ -18,7 +20,7 @@ from typing import Any, List, Union
 from mmengine.config import Config
 
 from .convert import walk_cfg
-from .doconv import is_doconv_layer_type
+from .doconv import is_doconv_layer_type, plain_layer_type
 
 __all__ = ['make_deploy_config', 'doconv_references']
 
@@ -45,11 +47,12 @@ def _undo(node: Any, key: str = '') -> Any:
     if isinstance(node, dict):
         node_type = node.get('type')
         if is_doconv_layer_type(node_type):
-            if key == 'conv_cfg':
-                return None
+            plain_type = plain_layer_type(node_type)
             rest = {k: _undo(v, k) for k, v in node.items()
                     if k != 'type' and k not in _LAYER_ONLY_KEYS}
-            return dict(type='Conv2d', **rest)
+            if key == 'conv_cfg' and plain_type == 'Conv2d':
+                return None
+            return dict(type=plain_type, **rest)
         if _is_model_type(node_type):
             if 'model_type' not in node:
                 raise ValueError(f"make_deploy_config: a 'DOConvModel' entry ({key or 'model'}) "

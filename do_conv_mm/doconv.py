@@ -35,7 +35,8 @@ from .compose_blocked import BlockedComposer
 from .composed_conv import composed_conv2d
 from .composition import compose_kernel, fold_kernel, no_autocast
 
-__all__ = ['DOConv2d', 'compose_kernel', 'fold_kernel', 'is_doconv_layer_type']
+__all__ = ['DOConv2d', 'compose_kernel', 'fold_kernel', 'is_doconv_layer_type', 'plain_layer_type',
+           'register_doconv_layer']
 
 # torch.fx records calls to compose_kernel as one node (weight, D, weight_extra -> W') instead of
 # tracing its reshapes, so a traced DOConv2d reads as "compose, then F.conv2d".
@@ -95,6 +96,7 @@ class DOConv2d(nn.Conv2d):
     current weight, ``weight_extra`` is scaled with it, so W' scales as a whole.
     ``to_conv2d()`` / :func:`do_conv_mm.fold_doconv` fold it into a plain Conv2d for deployment.
     """
+    plain_layer_type = 'Conv2d'  # the registered conv type to_conv2d() returns
 
     def __init__(self,
                  in_channels: int,
@@ -255,7 +257,7 @@ class DOConv2d(nn.Conv2d):
                 return self._expression_conv_forward(input, weight, bias, False)
             if self.padding_mode != 'zeros':
                 input = F.pad(input, self._reversed_padding_repeated_twice,
-                                          mode=self.padding_mode)
+                              mode=self.padding_mode)
                 padding = (0, 0)
             else:
                 padding = self.padding
@@ -324,9 +326,7 @@ class DOConv2d(nn.Conv2d):
 
         The kernel is composed in float64 and cast back to the parameters' dtype.
         """
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.groups, self.bias is not None,
-                         self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
+        conv = self._empty_plain_conv()
         conv.weight.copy_(fold_kernel(self.weight, self.D, self.weight_extra, self.groups))
         if self.bias is not None:
             conv.bias.copy_(self.bias)
@@ -334,22 +334,41 @@ class DOConv2d(nn.Conv2d):
         conv.train(self.training)
         return conv
 
+    def _empty_plain_conv(self) -> nn.Conv2d:
+        """The fold target: a plain conv with this layer's hyper-parameters, device and dtype."""
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         self.padding_mode, device=self.weight.device, dtype=self.weight.dtype)
 
-LAYER_TYPE_NAMES = ('DOConv', 'DOConv2d')
+
+# Config type name of every registered DO-Conv layer -> the plain conv type it folds into.
+_PLAIN_TYPE_OF = {}
+
+
+def register_doconv_layer(cls: type, names, plain_type: str) -> None:
+    """Register a DO-Conv layer class under ``names`` in mmengine's root MODELS, where mmcv's
+    build_conv_layer looks conv types up, and record ``plain_type``, the registered conv type
+    its fold gives (the deploy config builds that type where the training config names one of
+    ``names``)."""
+    from mmengine.registry import MODELS
+    MODELS.register_module(name=list(names), module=cls)
+    _PLAIN_TYPE_OF.update(dict.fromkeys(names, plain_type))
 
 
 def is_doconv_layer_type(value) -> bool:
-    """True for a config ``type`` naming this layer: 'DOConv', 'DOConv2d', a scoped
-    'scope.DOConv', or the DOConv2d class itself."""
+    """True for a config ``type`` naming a DO-Conv layer: 'DOConv', 'DOConv2d',
+    'DOConvAdaptivePadding', a scoped 'scope.DOConv', or a DOConv2d class itself."""
     if isinstance(value, type):
         return issubclass(value, DOConv2d)
-    return isinstance(value, str) and value.rpartition('.')[2] in LAYER_TYPE_NAMES
+    return isinstance(value, str) and value.rpartition('.')[2] in _PLAIN_TYPE_OF
 
 
-def _register() -> None:
-    """Register in mmengine's root MODELS, where mmcv's build_conv_layer looks conv types up."""
-    from mmengine.registry import MODELS
-    MODELS.register_module(name=list(LAYER_TYPE_NAMES), module=DOConv2d)
+def plain_layer_type(value) -> str:
+    """The conv type a DO-Conv layer type folds into: 'Conv2d' for 'DOConv',
+    'Conv2dAdaptivePadding' for 'DOConvAdaptivePadding' (``value`` as in is_doconv_layer_type)."""
+    if isinstance(value, type):
+        return value.plain_layer_type
+    return _PLAIN_TYPE_OF[value.rpartition('.')[2]]
 
 
-_register()
+register_doconv_layer(DOConv2d, ('DOConv', 'DOConv2d'), DOConv2d.plain_layer_type)

@@ -85,9 +85,10 @@ def test_mmcv_build_conv_layer_check_still_passes(monkeypatch):
             assert layer.out_channels == kwargs['out_channels'], type_name
             kwargs['dilation'] = 2  # recover the key
             built.append(type_name)
-    assert {'DOConv', 'DOConv2d'} <= set(built) and 'DOConvModel' not in MODELS.module_dict
+    layer_types = {'DOConv', 'DOConv2d', 'DOConvAdaptivePadding', 'DOConv2dAdaptivePadding'}
+    assert layer_types <= set(built) and 'DOConvModel' not in MODELS.module_dict
     ours = {n for n, m in MODELS.module_dict.items() if m.__module__.startswith('do_conv_mm')}
-    assert ours == {'DOConv', 'DOConv2d'}
+    assert ours == layer_types
     import mmdet.registry
     import mmseg.registry
     for scope, registry in (('mmdet', mmdet.registry.MODELS), ('mmseg', mmseg.registry.MODELS)):
@@ -334,16 +335,25 @@ def _tiny_hrnet_extra() -> dict:
     return dict(stage1=stage(1, 'BOTTLENECK'), stage2=stage(2), stage3=stage(3), stage4=stage(4))
 
 
-@pytest.mark.parametrize('family', ['segformer', 'yolox', 'hrnet'])
+@pytest.mark.parametrize('family', ['segformer', 'yolox', 'hrnet', 'unet'])
 def test_other_model_families_train_and_fold(family):
     """Beyond ResNets: SegFormer's MixVisionTransformer converted by name (its convs read token
     maps permuted back to NCHW, i.e. channels_last-strided inputs), YOLOX's CSPDarknet with
-    depthwise DO-Convs through conv_cfg, and HRNet through conv_cfg with ``with_cp=True`` (its
+    depthwise DO-Convs through conv_cfg, HRNet through conv_cfg with ``with_cp=True`` (its
     blocks recompute DO-Convs under torch.utils.checkpoint; its fuse layers' strided 3×3 convs
-    are DO-Convs too): a training step reaches every D, and the fold keeps the eval outputs
-    (fp32 fold rounding: 1e-4 relative)."""
+    are DO-Convs too), and mmseg's UNet through conv_cfg (every encoder and decoder 3×3, under
+    with_cp too; its upsampling convs are 1×1): a training step reaches every D, and the fold
+    keeps the eval outputs (fp32 fold rounding: 1e-4 relative)."""
     torch.manual_seed(0)
-    if family == 'hrnet':
+    if family == 'unet':
+        from mmseg.models.backbones import UNet
+        with DefaultScope.overwrite_default_scope('mmseg'):  # its upsample_cfg is InterpConv
+            net = UNet(base_channels=8, num_stages=3, strides=(1, 1, 1), enc_num_convs=(2, 2, 2),
+                       dec_num_convs=(2, 2), downsamples=(True, True), enc_dilations=(1, 1, 1),
+                       dec_dilations=(1, 1), with_cp=True, conv_cfg=dict(type='DOConv'))
+        kxk = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+        assert len(kxk) == 3 * 2 + 2 * 2 and all(isinstance(m, DOConv2d) for m in kxk)
+    elif family == 'hrnet':
         from mmseg.models.backbones import HRNet
         net = HRNet(_tiny_hrnet_extra(), conv_cfg=dict(type='DOConv'), with_cp=True)
         assert count_doconv(net) > 0
