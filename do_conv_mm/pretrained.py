@@ -54,7 +54,10 @@ def checkpoint_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> 'OrderedDict':
     """The entries under ``prefix`` with it removed, as mmengine's ``load_checkpoint_with_prefix``
-    does (a ``module.`` wrapper prefix is dropped first)."""
+    does: a prefix without a trailing dot gets one ('backbone' = 'backbone.', as in mmdet's
+    EfficientNet configs). A ``module.`` wrapper prefix is dropped first."""
+    if prefix and not prefix.endswith('.'):
+        prefix += '.'
     out = OrderedDict()
     for key, value in state_dict.items():
         key = key[len('module.'):] if key.startswith('module.') else key

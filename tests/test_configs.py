@@ -277,6 +277,8 @@ SHIPPED = [
     ('mmdet/fcos_r50-caffe-doconv_fpn_gn-head_1x_coco.py', 33, 0),
     ('mmdet/cascade-rcnn_r50-doconv_fpn_1x_coco.py', 22, 0),
     ('mmdet/rtmdet_tiny-doconv_8xb32-300e_coco.py', 32, 0),
+    # EfficientNet-B3: 27 DOConvAdaptivePadding (its 'SAME' padding kept) + 15 DOConv.
+    ('mmdet/retinanet_effb3-doconv_fpn_8xb4-crop896-1x_coco.py', 42, 0),
     ('mmseg/fcn_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 23, 0),
     ('mmseg/pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 21, 0),
     ('mmseg/deeplabv3_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 24, 0),
@@ -432,6 +434,32 @@ def test_shipped_config_equals_base_model_and_loads_base_checkpoint(tmp_path, an
                if isinstance(m, DOConv2d) and m.D is not None)
     for got, want in zip(detector(x, mode='tensor'), expected):
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_efficientnet_config_keeps_adaptive_padding_and_equals_stock_model():
+    """The EfficientNet-B3 RetinaNet: every backbone conv keeps Conv2dAdaptivePadding's padding
+    (DOConvAdaptivePadding), so with the same weights it computes bit for bit what the stock
+    model computes, on an even input size where 'SAME' padding is asymmetric; its deploy config
+    builds the stock model back."""
+    from do_conv_mm import DOConv2dAdaptivePadding
+    name = 'mmdet/retinanet_effb3-doconv_fpn_8xb4-crop896-1x_coco.py'
+    cfg = Config.fromfile(_config_path(name))
+    torch.manual_seed(0)
+    model = _build(cfg).eval()
+    backbone_kxk = [m for m in model.backbone.modules()
+                    if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert backbone_kxk and all(type(m) is DOConv2dAdaptivePadding for m in backbone_kxk)
+    base = Config.fromfile(_base_config_path(name))
+    deploy = do_conv_mm.make_deploy_config(cfg)
+    assert deploy.model.backbone.conv_cfg == dict(type='Conv2dAdaptivePadding')
+    for plain_cfg in (base, deploy):
+        torch.manual_seed(0)
+        plain = _build(plain_cfg).eval()
+        assert _plain_keys(model.state_dict()) == list(plain.state_dict())
+        x = torch.randn(1, 3, 64, 96)
+        with torch.no_grad():
+            for got, want in zip(model(x, mode='tensor'), plain(x, mode='tensor')):
+                assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_mmseg_init_model_builds_doconv_model_config():

@@ -27,6 +27,7 @@ from training_helpers import tool_env  # noqa: E402
 # ResNet-18/50, ResNeXt-50: 7×7 stem + 16 block 3×3s; ResNetV1c-50: 3×3 deep stem (3) + 16;
 # MobileNetV2: 3×3 stem + 17 depthwise 3×3s; CSPNeXt-tiny (mmdet's, RTMDet-tiny's backbone):
 # 3×3 stem (3) + 4 stage downsamplings + 4 block conv1 3×3s (by name) + 4 depthwise 5×5s. Every
+# EfficientNet-B3: 3×3 stem + 26 depthwise 3×3 / 5×5s, all DOConvAdaptivePadding. Every
 # other conv is 1×1; the head is Linear.
 MMPRETRAIN = [
     ('mmpretrain/resnet50-doconv_8xb32_in1k.py', 17, 0),
@@ -35,6 +36,7 @@ MMPRETRAIN = [
     ('mmpretrain/mobilenet-v2-doconv_8xb32_in1k.py', 18, 0),
     ('mmpretrain/resnetv1c50-doconv_8xb32_in1k.py', 19, 0),
     ('mmpretrain/cspnext-tiny-doconv_8xb256-rsb-a1-600e_in1k.py', 15, 0),
+    ('mmpretrain/efficientnet-b3-doconv_8xb32_in1k.py', 27, 0),
 ]
 IDS = [name.split('/')[1] for name, _, _ in MMPRETRAIN]
 
@@ -72,6 +74,9 @@ def test_config_builds_in_mmpretrain_with_stated_doconv(name, n_doconv, n_plain)
             assert conv.groups == conv.in_channels == conv.out_channels
             assert conv.D.shape == (conv.in_channels, 9, 9)  # one 9×9 D per real channel
         assert model.get_submodule(doconv[0]).groups == 1  # the 3×3 stem
+    if name.startswith('mmpretrain/efficientnet'):  # TensorFlow 'SAME' padding kept
+        assert all(type(model.get_submodule(n)) is do_conv_mm.DOConv2dAdaptivePadding
+                   for n in doconv)
 
 
 @pytest.mark.parametrize('name', [name for name, _, _ in MMPRETRAIN], ids=IDS)
@@ -96,7 +101,8 @@ def test_doconv_model_at_d0_equals_stock_model_with_its_checkpoint(name):
 def test_pretrained_backbones_match_the_detection_and_segmentation_backbones():
     """What the config comments promise: the ResNet-50 checkpoint's backbone keys (D included)
     are those of configs/mmdet's R50 backbones; ResNetV1c-50's are mmseg's R50-D8 ones apart
-    from the deep stem's naming (stem.N.conv / stem.N.bn = mmseg's stem.3N / stem.3N+1)."""
+    from the deep stem's naming (stem.N.conv / stem.N.bn = mmseg's stem.3N / stem.3N+1);
+    EfficientNet-B3's are the RetinaNet's plus the last 1×1 conv (layers.6)."""
     def backbone_shapes(name, scope=None):
         cfg = Config.fromfile(_config_path(name))
         with DefaultScope.overwrite_default_scope(scope or cfg.default_scope):
@@ -117,6 +123,11 @@ def test_pretrained_backbones_match_the_detection_and_segmentation_backbones():
         return key
 
     assert {to_mmseg(k): v for k, v in v1c.items()} == seg
+    # EfficientNet-B3: the detector's backbone stops before the classifier's last 1×1 conv.
+    effb3 = backbone_shapes('mmpretrain/efficientnet-b3-doconv_8xb32_in1k.py')
+    retina = backbone_shapes('mmdet/retinanet_effb3-doconv_fpn_8xb4-crop896-1x_coco.py')
+    assert {k: v for k, v in effb3.items() if not k.startswith('layers.6.')} == retina
+    assert sum(k.endswith('.D') for k in retina) == 27
 
 
 # ----------------------------------------------------------------------------------------------

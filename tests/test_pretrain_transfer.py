@@ -321,3 +321,24 @@ def test_model_zoo_path_cspnext_into_rtmdet(tmp_path):
     assert len(loaded) == 15
     expected = _doconv_d(classifier.backbone)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_model_zoo_path_efficientnet_b3_into_retinanet(tmp_path):
+    """EfficientNet's path (random weights, no training): the mmpretrain EfficientNet-B3 DO-Conv
+    checkpoint (27 DOConvAdaptivePadding layers) goes into the EfficientNet-B3 RetinaNet's
+    backbone with the base config's prefix ('backbone', no dot); the classifier's last 1×1 conv
+    (layers.6) is reported unused, and every D arrives bit for bit after mmengine's init."""
+    torch.manual_seed(0)
+    path = tmp_path / 'effb3.pth'
+    classifier = _save_random_d_classifier('efficientnet-b3-doconv_8xb32_in1k', path)
+    detector = _build(osp.join(REPO, 'configs', 'mmdet',
+                               'retinanet_effb3-doconv_fpn_8xb4-crop896-1x_coco.py'),
+                      **{'model.backbone.init_cfg.checkpoint': str(path)})
+    assert detector.backbone.init_cfg['prefix'] == 'backbone'  # the base config's
+    (line, ) = check_pretrained_inits(detector)
+    assert 'D of 27 DO-Conv layer(s)' in line and 'layers.6' in line, line
+    detector.init_weights()
+    loaded = _doconv_d(detector.backbone)
+    assert len(loaded) == 27
+    expected = _doconv_d(classifier.backbone)
+    assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
