@@ -79,12 +79,11 @@ class DOConv2dAdaptivePadding(DOConv2d):
         return layer
 
     def _empty_plain_conv(self) -> Conv2dAdaptivePadding:
-        with torch.device(self.weight.device):
-            conv = Conv2dAdaptivePadding(self.in_channels, self.out_channels, self.kernel_size,
-                                         self.stride, 0, self.dilation, self.groups,
-                                         self.bias is not None)
+        conv = Conv2dAdaptivePadding(self.in_channels, self.out_channels, self.kernel_size,
+                                     self.stride, 0, self.dilation, self.groups,
+                                     self.bias is not None)  # it takes no device / dtype
         conv.padding = self.padding
-        return conv.to(self.weight.dtype)
+        return conv.to(device=self.weight.device, dtype=self.weight.dtype)
 
 
 register_doconv_layer(DOConv2dAdaptivePadding,
