@@ -341,7 +341,8 @@ def main(argv=None):
     result = profile_model(model, device, args.reps)
     sections = [
         f'Kernel composition cost per training step on the trained DO-Conv layers of '
-        f'{mm_models.TITLES[args.model]} (frozen layers compose without autograd and are left out). '
+        f'{mm_models.TITLES[args.model]} (frozen layers compose without autograd and are left '
+        f'out). '
         f'Medians of {args.reps} repetitions per layer, summed over layers.',
         '## Setup\n\n' + '\n'.join([f'- Command: {command_line(sys.argv)}']
                                    + environment_lines(args, device)),

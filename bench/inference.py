@@ -8,7 +8,8 @@ One call is mmengine's ``test_step`` (preprocess + predict, post-processing incl
 
 In eval without gradients DOConv2d composes its kernel on every call (no autograd; on CPU into a
 kept buffer for kernels of 32 MiB or more), so the unfolded model costs the plain one plus one
-composition per layer; the folded one *is* a plain model. Also checks that folding keeps the outputs (max |difference| of the backbone/neck features).
+composition per layer; the folded one *is* a plain model. Also checks that folding keeps the
+outputs (max |difference| of the backbone/neck features).
 
 Writes bench/results/inference.md.
 """
@@ -68,7 +69,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup_run(args)
     sections = [
-        'Plain vs DO-Conv unfolded (eval mode, kernel composed on every call) vs DO-Conv folded to plain '
+        'Plain vs DO-Conv unfolded (eval mode, kernel composed on every call) vs DO-Conv '
+        'folded to plain '
         'convs (`do_conv_mm.fold_doconv`), mmengine `test_step` (preprocess + predict incl. '
         f'post-processing), batch {args.batch}, {args.size}×{args.size}. Targets (issue 5): '
         f'unfolded ≤ {TARGET_UNFOLDED}, folded {TARGET_FOLDED:.2f} within noise.',

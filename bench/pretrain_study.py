@@ -23,7 +23,6 @@ Differences are paired by seed (same data order and head init across arms of a s
 with a two-sided paired t-test and Wilcoxon signed-rank test.
 """
 import argparse
-import json
 import os
 import os.path as osp
 import platform

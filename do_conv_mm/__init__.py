@@ -22,7 +22,8 @@ from .version import __version__
 register_model_tools()
 
 __all__ = [
-    'DOConv2d', 'DOConv2dAdaptivePadding', 'compose_kernel', 'count_doconv', 'fold_doconv', 'fold_state_dict',
+    'DOConv2d', 'DOConv2dAdaptivePadding', 'compose_kernel', 'count_doconv', 'fold_doconv',
+    'fold_state_dict',
     'DOConvModel', 'check_doconv_cfg', 'convert_to_doconv', 'register_doconv_model',
     'FoldError', 'fold_checkpoint', 'fold_checkpoints', 'make_deploy_config',
     'BF16AmpOptimWrapper', 'CheckpointError', 'allow_mmengine_checkpoint_types',

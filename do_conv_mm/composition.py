@@ -89,7 +89,8 @@ def compose_kernel_backward(grad_kernel: torch.Tensor,
                             weight_extra: Optional[torch.Tensor] = None,
                             groups: int = 1,
                             needs: Tuple[bool, bool, bool] = (True, True, True)):
-    """Gradients of ``compose_kernel`` w.r.t. (weight, D, weight_extra) given dL/dW' (O, Cg, kh, kw).
+    """Gradients of ``compose_kernel`` w.r.t. (weight, D, weight_extra), given dL/dW'
+    (O, Cg, kh, kw).
 
     Same batched layout as the forward: dD[c] = g_c @ W_c^T, dW_c = D[c]^T @ g_c with g_c, W_c the
     (K, Og) / (S, Og) blocks of input channel c. Entries of ``needs`` that are False return None.

@@ -103,6 +103,7 @@ def _check_shapes(prefix, weight, D, extra) -> None:
           and (extra is None or tuple(extra.shape[:2]) == (O, Cg)))
     if not ok:
         raise ValueError(
-            f'fold_state_dict: {where} has inconsistent DOConv shapes: weight {tuple(weight.shape)}, '
+            f'fold_state_dict: {where} has inconsistent DOConv shapes: '
+            f'weight {tuple(weight.shape)}, '
             f'D {tuple(D.shape)}, weight_extra {None if extra is None else tuple(extra.shape)}. '
             f'Is this a DO-Conv checkpoint from do_conv_mm?')

@@ -32,8 +32,6 @@ import contextlib
 import functools
 from typing import Iterator, List, Tuple
 
-import torch
-
 __all__ = ['mmdeploy_export_compat', 'SHIMS']
 
 # What the shim changes, for the README and the report: (name, reason).

@@ -700,6 +700,7 @@ def test_analyze_tool_loss_pass_with_fewer_classes_than_dummy_boxes(num_classes,
     (a 1-class detector used to fail with 'Class values must be smaller than num_classes')."""
     capsys.readouterr()
     analyze_tool.main([_config_path('toy/retinanet_r18-tiny-doconv_fpn_toy.py'), '--shape', '64',
-                       '64', '--json', '--cfg-options', f'model.bbox_head.num_classes={num_classes}'])
+                       '64', '--json', '--cfg-options',
+                       f'model.bbox_head.num_classes={num_classes}'])
     result = json.loads(capsys.readouterr().out)
     assert result['mode'] == 'loss' and result['total']['doconv_kxk'] == 24

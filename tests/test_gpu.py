@@ -22,9 +22,9 @@ Error measure: ``rel(t) = ||t - ref|| / ||ref||`` over the whole tensor (float64
 
 Each case draws D ~ N(0, 1/S), so D moves the output by rel >= 0.3 (asserted; 0.63-0.73 in the
 cases here): dropping D, or applying it to the wrong channel, fails even the bf16 tolerance by a
-factor >= 15. Measured on the CPU (torch 2.13): fp32 <= 3e-7, fp16 <= 8e-4, bf16 <= 5.2e-3. Cases cover groups 1, 2,
-depthwise and depthwise x2, D_mul > kh*kw (weight_extra), stride, dilation, a non-square kernel
-and all four padding modes.
+factor >= 15. Measured on the CPU (torch 2.13): fp32 <= 3e-7, fp16 <= 8e-4, bf16 <= 5.2e-3.
+Cases cover groups 1, 2, depthwise and depthwise x2, D_mul > kh*kw (weight_extra), stride,
+dilation, a non-square kernel and all four padding modes.
 """
 import contextlib
 import importlib.util

@@ -228,8 +228,8 @@ def test_bf16_optim_wrapper_runs_forward_in_bfloat16_and_keeps_fp32_params():
 def test_amp_flag_trains_detector_with_bf16_on_cpu(toy_configs, tmp_path):
     work_dir = str(tmp_path / 'work')
     proc = run_tool('train.py', toy_configs['det'], '--amp', '--work-dir', work_dir,
-                    '--cfg-options', 'train_cfg.max_epochs=1', 'default_hooks.checkpoint.interval=1',
-                    *NO_VAL)
+                    '--cfg-options', 'train_cfg.max_epochs=1',
+                    'default_hooks.checkpoint.interval=1', *NO_VAL)
     assert 'bfloat16 CPU autocast' in proc.stdout + proc.stderr
     losses = train_losses(work_dir)
     assert len(losses) == 2 and all(math.isfinite(v) for _, v in losses)
@@ -462,7 +462,8 @@ def test_train_tool_reports_dcn_with_doconv_in_one_line(tmp_path):
     """DO-Conv asked for on DCN blocks: the tool names the component and the fix, no trace."""
     config = tmp_path / 'dcn.py'
     config.write_text(
-        f"_base_ = {osp.join(REPO, 'configs', 'mmdet', 'faster-rcnn_r50-doconv_fpn_1x_coco.py')!r}\n"
+        f"_base_ = "
+        f"{osp.join(REPO, 'configs', 'mmdet', 'faster-rcnn_r50-doconv_fpn_1x_coco.py')!r}\n"
         "model = dict(backbone=dict(dcn=dict(type='DCNv2', deform_groups=1, "
         "fallback_on_stride=False), stage_with_dcn=(False, True, True, True)))\n")
     proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), str(config),

@@ -5,7 +5,7 @@
 
 Steps, each through the project's command-line tools (so the demo is also their showcase):
   1. tools/make_toy_data.py                     generate the toy data if missing
-  2. tools/train.py CONFIG                       train the DO-Conv detector (mmengine log = progress)
+  2. tools/train.py CONFIG                       train the DO-Conv detector (mmengine log)
   3. tools/test.py CONFIG CKPT                   evaluate it
   4. tools/fold_doconv.py CONFIG CKPT OUT --verify    fold DO-Conv into plain convs
   5. tools/test.py DEPLOY_CONFIG OUT             evaluate the folded model
