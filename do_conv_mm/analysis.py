@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from mmcv.cnn.bricks import Conv2dAdaptivePadding
 
 from .convert import _is_conv_like, _why_not_convertible
 from .doconv import DOConv2d
@@ -109,7 +110,12 @@ def _component(name: str) -> str:
 
 def _plain_reason(module: nn.Module) -> str:
     reason = _why_not_convertible(module)
-    return 'plain nn.Conv2d: convertible with DOConvModel include' if reason is None else reason
+    if reason is not None:
+        return reason
+    if type(module) is Conv2dAdaptivePadding:
+        return ("mmcv Conv2dAdaptivePadding: convertible with DOConvModel include (it becomes "
+                "DOConvAdaptivePadding, its 'SAME' padding kept)")
+    return 'plain nn.Conv2d: convertible with DOConvModel include'
 
 
 def doconv_coverage(model: nn.Module, flops: Dict[str, int]) -> Dict:

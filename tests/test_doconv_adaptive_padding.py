@@ -16,6 +16,7 @@ from mmengine.config import Config
 
 from do_conv_mm import (DOConv2d, DOConv2dAdaptivePadding, check_doconv_cfg, convert_to_doconv,
                         fold_doconv, fold_state_dict, make_deploy_config)
+from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage
 from test_doconv_layer import ATOL64, randomise, reference_kernel
 
 # (kernel, stride, dilation, groups, input size): even and odd sizes, where 'SAME' padding is
@@ -136,9 +137,10 @@ def test_bad_arguments():
 
 def test_convert_to_doconv_keeps_mobilenet_v3_adaptive_padding():
     """mmseg's MobileNetV3 hard-codes Conv2dAdaptivePadding for its stem and stride-2 depthwise
-    convs, which conv_cfg cannot reach: convert_to_doconv makes them DOConv2dAdaptivePadding
-    (bit-identical outputs at D = 0) and fold_doconv turns them back into Conv2dAdaptivePadding
-    at the same names (fp32 fold rounding: 1e-4 relative)."""
+    convs, which conv_cfg cannot reach: the coverage analysis names them convertible,
+    convert_to_doconv makes them DOConv2dAdaptivePadding (bit-identical outputs at D = 0) and
+    fold_doconv turns them back into Conv2dAdaptivePadding at the same names (fp32 fold
+    rounding: 1e-4 relative)."""
     from mmseg.models.backbones import MobileNetV3
     torch.manual_seed(0)
     net = MobileNetV3(arch='small', out_indices=(0, 1, 12))
@@ -148,6 +150,9 @@ def test_convert_to_doconv_keeps_mobilenet_v3_adaptive_padding():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         expected = net(x)
+        flops = conv_flops_by_module(net, lambda: net(x))
+    reasons = doconv_coverage(net, flops)['plain_reasons']  # what tools/analyze_doconv.py lists
+    assert all(reasons[n].startswith('mmcv Conv2dAdaptivePadding: convertible') for n in adaptive)
     converted = convert_to_doconv(net)
     assert set(adaptive) <= set(converted)
     modules = dict(net.named_modules())
