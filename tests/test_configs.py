@@ -284,7 +284,15 @@ SHIPPED = [
     ('mmseg/deeplabv3_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 24, 0),
     ('mmseg/deeplabv3plus_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py', 26, 0),
     ('mmseg/upernet_r50-doconv_4xb2-80k_cityscapes-512x1024.py', 25, 0),
+    # Other families. YOLOX-s: 31 3×3 (backbone, PAFPN, head; predictors 1×1). HRNet-W18: 265
+    # (FCN head 1×1). UNet-S5-D16: 10 encoder + 8 decoder 3×3s + the 2 FCN heads' 3×3s.
+    # SegFormer-B0 (by name): 4 patch embeddings, 8 depthwise 3×3s, 6 spatial reductions.
+    ('mmdet/yolox_s-doconv_8xb8-300e_coco.py', 31, 0),
+    ('mmseg/fcn_hr18-doconv_4xb2-80k_cityscapes-512x1024.py', 265, 0),
+    ('mmseg/unet-s5-d16-doconv_fcn_4xb4-160k_cityscapes-512x1024.py', 20, 0),
+    ('mmseg/segformer_mit-b0-doconv_8xb2-160k_ade20k-512x512.py', 18, 0),
 ]
+FAMILIES = [name for name, _, _ in SHIPPED[-4:]]
 # The DO-Conv toy configs (configs/toy), same columns. Plain k×k left: RetinaHead's retina_cls /
 # retina_reg (built without conv_cfg). RTMDet: 21 by conv_cfg + 11 by name (CSPNeXt stem and
 # CSPNeXtBlock conv1); its head's stacked 3×3 convs are shared across the 3 levels (counted once)
@@ -460,6 +468,29 @@ def test_efficientnet_config_keeps_adaptive_padding_and_equals_stock_model():
         with torch.no_grad():
             for got, want in zip(model(x, mode='tensor'), plain(x, mode='tensor')):
                 assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize('name', FAMILIES, ids=[n.split('/')[1] for n in FAMILIES])
+def test_family_config_equals_its_base_model(name):
+    """YOLOX, HRNet, UNet (whose base sets conv_cfg=None: merged with _delete_) and SegFormer
+    (by name): built from the same seed, the DO-Conv model has the base model's state_dict keys
+    plus D and computes the identical tensor (D = 0)."""
+    torch.manual_seed(0)
+    model = _build(Config.fromfile(_config_path(name))).eval()
+    torch.manual_seed(0)
+    base = _build(Config.fromfile(_base_config_path(name))).eval()
+    assert _plain_keys(model.state_dict()) == list(base.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got, want = model(x, mode='tensor'), base(x, mode='tensor')
+    assert all(torch.equal(g, w) for g, w in zip(_tensors(got), _tensors(want), strict=True))
+
+
+def _tensors(out) -> list:
+    """The tensors of a ``mode='tensor'`` output (a tensor, or nested lists / tuples)."""
+    if torch.is_tensor(out):
+        return [out]
+    return [t for item in out for t in _tensors(item)]
 
 
 def test_mmseg_init_model_builds_doconv_model_config():
