@@ -324,14 +324,22 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model', scope: Optional[str]
     Detected: a ResNet-style component with ``dcn`` and ``conv_cfg=dict(type='DOConv')`` (mmdet
     and mmseg Bottleneck/BasicBlock assert ``conv_cfg is None`` for DCN blocks); a ``conv_cfg``
     whose type is not registered (a typo such as 'DOconv', or a missing ``custom_imports``),
-    named with the closest registered conv types. Warned (a UserWarning; the model is valid):
-    ``conv_cfg=dict(type='DOConv')`` on a component whose default conv type is
-    ``Conv2dAdaptivePadding`` (use 'DOConvAdaptivePadding' to keep its padding).
+    named with the closest registered conv types; a DO-Conv ``conv_cfg`` that still holds
+    ``_delete_`` (given where the base has no conv_cfg, so mmengine did not consume it).
+    Warned (a UserWarning; the model is valid): ``conv_cfg=dict(type='DOConv')`` on a component
+    whose default conv type is ``Conv2dAdaptivePadding`` (use 'DOConvAdaptivePadding' to keep
+    its padding).
     """
     _check_conv_types(model_cfg, where, scope)
     for path, component in walk_cfg(model_cfg, where):
         if not _is_doconv_cfg(component.get('conv_cfg')):
             continue
+        if '_delete_' in component['conv_cfg']:
+            raise DOConvNotApplicableError(
+                f'{path}.conv_cfg still holds _delete_=True after the config was merged: the base '
+                f'config has no conv_cfg there, so mmengine passed _delete_ on and the layer '
+                f'would get it as an argument. Remove _delete_=True from {path}.conv_cfg (it is '
+                f'needed only where the base sets conv_cfg=None, e.g. mmseg\'s UNet backbone).')
         _warn_if_padding_changes(path, component, scope)
         stages = _dcn_stages(component)
         if stages:
