@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from do_conv_mm import DOConv2d, compose_kernel, fold_doconv
+from do_conv_mm import DOConv2d, DOConv2dAdaptivePadding, compose_kernel, fold_doconv
+from do_conv_mm.doconv_adaptive_padding import same_padding
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)]
@@ -187,6 +188,35 @@ def test_large_kernel_matches_float64_reference(device, precision):
 @pytest.mark.parametrize('name', list(CASES))
 def test_autocast_forward_backward_match_float64_reference(device, precision, name):
     check_forward_backward(name, device, precision)
+
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('precision', ['fp32', 'fp16', 'bf16'])
+def test_adaptive_padding_layer_matches_float64_reference(device, precision):
+    """DOConv2dAdaptivePadding (EfficientNet's 'SAME' padding, asymmetric at this even size and
+    stride 2) takes the same training path: forward and every gradient against the float64
+    reference on the input padded the 'SAME' way, within the precision's TOL."""
+    torch.manual_seed(0)
+    layer = DOConv2dAdaptivePadding(6, 8, 3, 2, D_mul=13)
+    with torch.no_grad():
+        layer.D.normal_(0.0, 1.0 / math.sqrt(13))
+    x = torch.randn(2, 6, 10, 12, generator=torch.Generator().manual_seed(1))
+    pads = same_padding([10, 12], [3, 3], [2, 2], [1, 1])
+    assert pads == [0, 1, 0, 1]  # nothing left / top, one pixel right / bottom
+    g = torch.randn(2, 8, 5, 6, generator=torch.Generator().manual_seed(2))
+    ref_y, ref_grads = reference(layer, F.pad(x, pads), g)
+    ref_grads['x'] = ref_grads['x'][:, :, :10, :12]  # the padding's gradient is dropped
+    layer = layer.to(device)
+    xd = x.to(device).requires_grad_()
+    with autocast(device, precision):
+        y = layer(xd)
+    assert y.dtype == (AUTOCAST_DTYPE[precision] or torch.float32) and y.shape == (2, 8, 5, 6)
+    (y.float() * g.to(device)).sum().backward()
+    tol_out, tol_grad = TOL[precision]
+    assert rel(y, ref_y) <= tol_out
+    got = {'x': xd.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    assert all(rel(got[k], ref) <= tol_grad for k, ref in ref_grads.items()), \
+        {k: rel(got[k], ref) for k, ref in ref_grads.items()}
 
 
 def test_tolerances_catch_a_wrong_channel_mapping():
