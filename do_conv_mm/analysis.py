@@ -16,10 +16,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from mmcv.cnn.bricks import Conv2dAdaptivePadding
 
-from .convert import _is_conv_like, _why_not_convertible
+from .convert import _doconv_class_for, _is_conv_like, _why_not_convertible
 from .doconv import DOConv2d
+from .doconv_adaptive_padding import DOConv2dAdaptivePadding
 
 __all__ = ['ComponentCoverage', 'conv_flops_by_module', 'doconv_coverage']
 
@@ -112,7 +112,7 @@ def _plain_reason(module: nn.Module) -> str:
     reason = _why_not_convertible(module)
     if reason is not None:
         return reason
-    if type(module) is Conv2dAdaptivePadding:
+    if _doconv_class_for(module) is DOConv2dAdaptivePadding:
         return ("mmcv Conv2dAdaptivePadding: convertible with DOConvModel include (it becomes "
                 "DOConvAdaptivePadding, its 'SAME' padding kept)")
     return 'plain nn.Conv2d: convertible with DOConvModel include'

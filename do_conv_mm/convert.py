@@ -276,8 +276,9 @@ def _few(names: List[str], limit: int = 4) -> str:
 
 
 def _to_doconv(conv: nn.Conv2d, D_mul: Optional[int]) -> DOConv2d:
-    if type(conv) is Conv2dAdaptivePadding:
-        return DOConv2dAdaptivePadding.from_conv2d(conv, D_mul=D_mul)
+    doconv_class = _doconv_class_for(conv)
+    if doconv_class is not DOConv2d:
+        return doconv_class.from_conv2d(conv, D_mul=D_mul)
     if type(conv) is not nn.Conv2d:  # mmcv's Conv2d wrapper: view it as the nn.Conv2d it is
         plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                           conv.padding, conv.dilation, conv.groups, conv.bias is not None,

@@ -345,14 +345,14 @@ class DOConv2d(nn.Conv2d):
 _PLAIN_TYPE_OF = {}
 
 
-def register_doconv_layer(cls: type, names, plain_type: str) -> None:
+def register_doconv_layer(cls: type, names) -> None:
     """Register a DO-Conv layer class under ``names`` in mmengine's root MODELS, where mmcv's
-    build_conv_layer looks conv types up, and record ``plain_type``, the registered conv type
-    its fold gives (the deploy config builds that type where the training config names one of
-    ``names``)."""
+    build_conv_layer looks conv types up, and record ``cls.plain_layer_type``, the registered
+    conv type its fold gives (the deploy config builds that type where the training config
+    names one of ``names``)."""
     from mmengine.registry import MODELS
     MODELS.register_module(name=list(names), module=cls)
-    _PLAIN_TYPE_OF.update(dict.fromkeys(names, plain_type))
+    _PLAIN_TYPE_OF.update(dict.fromkeys(names, cls.plain_layer_type))
 
 
 def is_doconv_layer_type(value) -> bool:
@@ -371,4 +371,4 @@ def plain_layer_type(value) -> str:
     return _PLAIN_TYPE_OF[value.rpartition('.')[2]]
 
 
-register_doconv_layer(DOConv2d, ('DOConv', 'DOConv2d'), DOConv2d.plain_layer_type)
+register_doconv_layer(DOConv2d, ('DOConv', 'DOConv2d'))

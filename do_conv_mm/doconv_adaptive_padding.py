@@ -86,6 +86,4 @@ class DOConv2dAdaptivePadding(DOConv2d):
         return conv.to(device=self.weight.device, dtype=self.weight.dtype)
 
 
-register_doconv_layer(DOConv2dAdaptivePadding,
-                      ('DOConvAdaptivePadding', 'DOConv2dAdaptivePadding'),
-                      DOConv2dAdaptivePadding.plain_layer_type)
+register_doconv_layer(DOConv2dAdaptivePadding, ('DOConvAdaptivePadding', 'DOConv2dAdaptivePadding'))
