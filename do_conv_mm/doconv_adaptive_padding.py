@@ -37,12 +37,16 @@ def same_padding(size: List[int], kernel_size: List[int], stride: List[int],
     return pads
 
 
-class DOConv2dAdaptivePadding(DOConv2d):
+class DOConv2dAdaptivePadding(DOConv2d, nn.Conv2d):
     """:class:`DOConv2d` that pads its input like mmcv's ``Conv2dAdaptivePadding``.
 
     Same arguments as DOConv2d; ``padding`` is set to 0 as in Conv2dAdaptivePadding (the "SAME"
     padding replaces it) and ``padding_mode`` must stay 'zeros'. Input (N, C, H, W) or (C, H, W);
     output (N, O, ceil(H / sh), ceil(W / sw)).
+
+    nn.Conv2d is named among the direct bases (the MRO is unchanged) because mmengine's
+    ``init_cfg`` matches ``layer='Conv2d'`` against a module's class and its *direct* bases only:
+    EfficientNet's default ``dict(type='Kaiming', layer='Conv2d')`` must reach this layer.
     """
     plain_layer_type = 'Conv2dAdaptivePadding'
 

@@ -126,6 +126,24 @@ def test_built_from_conv_cfg_and_deployed_as_conv2d_adaptive_padding():
         assert (scripted - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_init_cfg_for_conv2d_layers_reaches_it():
+    """mmengine matches init_cfg ``layer=`` against a module's class and direct bases: the
+    'Conv2d' of EfficientNet's default Kaiming init reaches DOConv2dAdaptivePadding (D stays 0),
+    and 'DOConv2d' does too."""
+    from mmengine.model import BaseModule
+
+    class Block(BaseModule):
+        def __init__(self, layer):
+            super().__init__(init_cfg=dict(type='Constant', layer=layer, val=0.5, bias=0.25))
+            self.conv = DOConv2dAdaptivePadding(4, 8, 3, 2)
+
+    for layer in ('Conv2d', 'DOConv2d'):
+        block = Block(layer)
+        block.init_weights()
+        assert (block.conv.weight == 0.5).all() and (block.conv.bias == 0.25).all(), layer
+        assert torch.count_nonzero(block.conv.D) == 0
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="padding_mode='reflect'.*use DOConv2d"):
         DOConv2dAdaptivePadding(4, 8, 3, padding_mode='reflect')
