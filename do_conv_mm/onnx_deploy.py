@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from .checkpoint import CheckpointError, load_checkpoint_file
+from .checkpoint import CheckpointError, key_listing, load_checkpoint_file
 from .checkpoint_guard import check_checkpoint_config, config_has_doconv
 from .deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs, format_diffs
 
@@ -637,6 +637,25 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _refuse_dynamic_same_padding(model: nn.Module) -> None:
+    """A dynamic-shape export cannot keep mmcv Conv2dAdaptivePadding's TensorFlow 'SAME' padding
+    where it depends on the input size (strided k×k convs: EfficientNet's downsamplings). mmcv
+    computes it in Python, so the exported graph holds the padding of the export size and other
+    sizes give wrong outputs (measured: a 16×16 input came out 5×5 instead of 8×8). Stride-1
+    and 1×1 layers pad the same at every size. Refused before exporting."""
+    from mmcv.cnn.bricks import Conv2dAdaptivePadding
+    names = [name for name, m in model.named_modules() if isinstance(m, Conv2dAdaptivePadding)
+             and any(s > 1 and (k - 1) * d > 0
+                     for s, k, d in zip(m.stride, m.kernel_size, m.dilation))]
+    if names:
+        raise DeployError(
+            f"a dynamic-shape export cannot keep the 'SAME' padding of {len(names)} strided "
+            f'Conv2dAdaptivePadding layer(s) ({key_listing(names)}): mmcv computes it from the '
+            f'input size in Python, so the export would hold the padding of one size and give '
+            f'wrong outputs at others (a plain model of this architecture has the same limit). '
+            f'Export statically at the size you deploy: drop --dynamic (and give --shape H W).')
+
+
 def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape, verify,
          evaluate, cfg_options, atol, rtol, score_atol, box_atol, runs, log) -> None:
     from mmdeploy.apis import build_task_processor, torch2onnx
@@ -688,6 +707,8 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     from .fold import count_doconv
     if count_doconv(torch_model):
         raise RuntimeError('the model to export still has DO-Conv layers')
+    if report['dynamic']:
+        _refuse_dynamic_same_padding(torch_model)
     if image is not None:
         img, image_desc = image, image
     else:

@@ -144,6 +144,20 @@ def test_init_cfg_for_conv2d_layers_reaches_it():
         assert torch.count_nonzero(block.conv.D) == 0
 
 
+def test_dynamic_export_of_size_dependent_same_padding_is_refused():
+    """tools/deploy_onnx.py --dynamic on a folded 'SAME'-padded model: the strided k×k
+    Conv2dAdaptivePadding layers (whose padding depends on the input size and would be baked
+    into the graph) are named and the export is refused; stride-1 and 1×1 ones pad the same at
+    every size and pass."""
+    from do_conv_mm.onnx_deploy import DeployError, _refuse_dynamic_same_padding
+    constant = nn.Sequential(Conv2dAdaptivePadding(3, 4, 3), Conv2dAdaptivePadding(4, 4, 1, 2))
+    _refuse_dynamic_same_padding(constant)
+    model = nn.Sequential(constant, Conv2dAdaptivePadding(4, 4, 3, 2))
+    with pytest.raises(DeployError, match=r"'SAME' padding of 1 strided Conv2dAdaptivePadding "
+                                          r"layer\(s\) \(1\).*drop --dynamic"):
+        _refuse_dynamic_same_padding(model)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="padding_mode='reflect'.*use DOConv2d"):
         DOConv2dAdaptivePadding(4, 8, 3, padding_mode='reflect')
