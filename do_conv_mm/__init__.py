@@ -1,7 +1,8 @@
 """do_conv_mm: DO-Conv (depthwise over-parameterised convolution) for OpenMMLab.
 
 Importing the package registers ``DOConv`` (alias ``DOConv2d``) as an mmcv conv layer type, and
-``DOConvAdaptivePadding``, the DO-Conv twin of mmcv's ``Conv2dAdaptivePadding``, so
+``DOConvAdaptivePadding`` / ``DOConvWS``, the DO-Conv twins of mmcv's ``Conv2dAdaptivePadding`` /
+``ConvWS``, so
 ``conv_cfg=dict(type='DOConv')`` works in any mmdet / mmseg / mmpretrain config that imports it
 through ``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False)``. The by-name
 converter ``DOConvModel`` goes into mmdet's, mmseg's and mmpretrain's ``MODELS`` (whichever are
@@ -13,6 +14,7 @@ from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv, register_
 from .deploy import FoldError, fold_checkpoint, fold_checkpoints, make_deploy_config
 from .doconv import DOConv2d, compose_kernel
 from .doconv_adaptive_padding import DOConv2dAdaptivePadding
+from .doconv_ws import DOConv2dWS
 from .fold import count_doconv, fold_doconv, fold_state_dict
 from .model_tools import register_model_tools
 from .pretrained import (PretrainedMismatchError, backbone_state_dict, check_pretrained_inits,
@@ -22,8 +24,8 @@ from .version import __version__
 register_model_tools()
 
 __all__ = [
-    'DOConv2d', 'DOConv2dAdaptivePadding', 'compose_kernel', 'count_doconv', 'fold_doconv',
-    'fold_state_dict',
+    'DOConv2d', 'DOConv2dAdaptivePadding', 'DOConv2dWS', 'compose_kernel', 'count_doconv',
+    'fold_doconv', 'fold_state_dict',
     'DOConvModel', 'check_doconv_cfg', 'convert_to_doconv', 'register_doconv_model',
     'FoldError', 'fold_checkpoint', 'fold_checkpoints', 'make_deploy_config',
     'BF16AmpOptimWrapper', 'CheckpointError', 'allow_mmengine_checkpoint_types',

@@ -19,7 +19,6 @@ import torch.nn as nn
 
 from .convert import _doconv_class_for, _is_conv_like, _why_not_convertible
 from .doconv import DOConv2d
-from .doconv_adaptive_padding import DOConv2dAdaptivePadding
 
 __all__ = ['ComponentCoverage', 'conv_flops_by_module', 'doconv_coverage']
 
@@ -112,10 +111,11 @@ def _plain_reason(module: nn.Module) -> str:
     reason = _why_not_convertible(module)
     if reason is not None:
         return reason
-    if _doconv_class_for(module) is DOConv2dAdaptivePadding:
-        return ("mmcv Conv2dAdaptivePadding: convertible with DOConvModel include (it becomes "
-                "DOConvAdaptivePadding, its 'SAME' padding kept)")
-    return 'plain nn.Conv2d: convertible with DOConvModel include'
+    doconv_class = _doconv_class_for(module)
+    if doconv_class is DOConv2d:
+        return 'plain nn.Conv2d: convertible with DOConvModel include'
+    return (f'mmcv {type(module).__name__}: convertible with DOConvModel include (it becomes '
+            f'{doconv_class.__name__}, which computes the same at D = 0)')
 
 
 def doconv_coverage(model: nn.Module, flops: Dict[str, int]) -> Dict:

@@ -20,10 +20,11 @@ to reach them:
   merged over a ``_base_`` model: it builds ``dict(type=model_type, **other_keys)`` in the current
   scope, converts, and returns that same model object (no wrapper, no key prefix).
 
-Conversion uses :meth:`DOConv2d.from_conv2d` (:class:`DOConv2dAdaptivePadding` for mmcv's
-``Conv2dAdaptivePadding``): weight and bias are shared, D = 0, so the model
-computes exactly what it computed before and its state_dict keys only gain ``<conv>.D`` (and
-``<conv>.weight_extra`` when D_mul > kh*kw). Plain checkpoints still load (missing D = identity).
+Conversion uses :meth:`DOConv2d.from_conv2d` (:class:`DOConv2dAdaptivePadding` /
+:class:`DOConv2dWS` for mmcv's ``Conv2dAdaptivePadding`` / ``ConvWS2d``): weight and bias are
+shared, D = 0, so the model computes exactly what it computed before and its state_dict keys
+only gain ``<conv>.D`` (and ``<conv>.weight_extra`` when D_mul > kh*kw). Plain checkpoints still
+load (missing D = identity).
 """
 import difflib
 import inspect
@@ -34,11 +35,12 @@ from fnmatch import fnmatchcase
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
-from mmcv.cnn.bricks import Conv2dAdaptivePadding
+from mmcv.cnn.bricks import Conv2dAdaptivePadding, ConvWS2d
 from mmengine.registry import MODELS, Registry
 
 from .doconv import DOConv2d, is_doconv_layer_type, plain_layer_type
 from .doconv_adaptive_padding import DOConv2dAdaptivePadding
+from .doconv_ws import DOConv2dWS
 
 __all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError',
            'register_doconv_model']
@@ -68,9 +70,7 @@ def _doconv_class_for(module: nn.Module) -> Optional[type]:
     """The DO-Conv class whose ``from_conv2d`` computes what ``module`` computes, or None."""
     if _is_plain_conv2d(module):
         return DOConv2d
-    if type(module) is Conv2dAdaptivePadding:
-        return DOConv2dAdaptivePadding
-    return None
+    return {Conv2dAdaptivePadding: DOConv2dAdaptivePadding, ConvWS2d: DOConv2dWS}.get(type(module))
 
 
 def _is_conv_like(module: nn.Module) -> bool:

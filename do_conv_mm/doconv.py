@@ -311,14 +311,17 @@ class DOConv2d(nn.Conv2d):
         if type(conv) is not nn.Conv2d:
             raise TypeError(f'DOConv2d.from_conv2d expects a plain torch.nn.Conv2d, got '
                             f'{type(conv).__name__}.')
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                    conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
-                    D_mul=D_mul)
-        nn.Module.__setattr__(layer, 'weight', conv.weight)  # sharing, not a rescale
-        layer.bias = conv.bias
-        layer.train(conv.training)
-        return layer
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                   conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                   conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                   D_mul=D_mul)._sharing_parameters_of(conv)
+
+    def _sharing_parameters_of(self, conv: nn.Conv2d) -> 'DOConv2d':
+        """This layer with ``conv``'s weight and bias (the same Parameters) and training flag."""
+        nn.Module.__setattr__(self, 'weight', conv.weight)  # sharing, not a rescale
+        self.bias = conv.bias
+        self.train(conv.training)
+        return self
 
     @torch.no_grad()
     def to_conv2d(self) -> nn.Conv2d:

@@ -77,10 +77,7 @@ class DOConv2dAdaptivePadding(DOConv2d, nn.Conv2d):
                     conv.dilation, conv.groups, conv.bias is not None,
                     device=conv.weight.device, dtype=conv.weight.dtype, D_mul=D_mul)
         layer.padding = conv.padding  # 0 unless set after construction; applied after 'SAME'
-        nn.Module.__setattr__(layer, 'weight', conv.weight)  # sharing, not a rescale
-        layer.bias = conv.bias
-        layer.train(conv.training)
-        return layer
+        return layer._sharing_parameters_of(conv)
 
     def _empty_plain_conv(self) -> Conv2dAdaptivePadding:
         conv = Conv2dAdaptivePadding(self.in_channels, self.out_channels, self.kernel_size,

@@ -85,7 +85,8 @@ def test_mmcv_build_conv_layer_check_still_passes(monkeypatch):
             assert layer.out_channels == kwargs['out_channels'], type_name
             kwargs['dilation'] = 2  # recover the key
             built.append(type_name)
-    layer_types = {'DOConv', 'DOConv2d', 'DOConvAdaptivePadding', 'DOConv2dAdaptivePadding'}
+    layer_types = {'DOConv', 'DOConv2d', 'DOConvAdaptivePadding', 'DOConv2dAdaptivePadding',
+                   'DOConvWS', 'DOConv2dWS'}
     assert layer_types <= set(built) and 'DOConvModel' not in MODELS.module_dict
     ours = {n for n, m in MODELS.module_dict.items() if m.__module__.startswith('do_conv_mm')}
     assert ours == layer_types
