@@ -185,3 +185,39 @@ def test_a_downstream_package_that_fails_to_import_is_skipped_with_a_warning(mon
         warnings.simplefilter('error')
         monkeypatch.undo()
         convert._register_downstream()  # a healthy environment: silent
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-parameterisable backbones: fold DO-Conv first, then switch_to_deploy
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('arch', ['RepVGG', 'MobileOne'])
+def test_reparameterisable_backbone_folds_doconv_first(arch):
+    """mmpretrain's RepVGG / MobileOne with conv_cfg=DOConv and random D: fold_doconv, then the
+    backbone's own switch_to_deploy, then fold_doconv again (the fused branches it rebuilds
+    through conv_cfg are DOConv2d with D = 0) gives a plain-conv model with the same outputs
+    (fp32: 1e-4 relative). What the README warns about stays true: switch_to_deploy on the
+    unfolded model fuses conv.weight, W without D, and the output is another one."""
+    from copy import deepcopy
+    from mmpretrain.models.backbones import MobileOne, RepVGG
+    torch.manual_seed(0)
+    net = (RepVGG('A0', conv_cfg=dict(type='DOConv'), out_indices=(3, )) if arch == 'RepVGG'
+           else MobileOne('s0', conv_cfg=dict(type='DOConv'), out_indices=(3, )))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, DOConv2d) and m.D is not None:
+                m.D.normal_(0, 0.1)
+    net.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = net(x)[0]
+    deployed = do_conv_mm.fold_doconv(net)
+    deployed.switch_to_deploy()
+    do_conv_mm.fold_doconv(deployed, inplace=True)
+    assert do_conv_mm.count_doconv(deployed) == 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())  # fused
+    unfolded = deepcopy(net)
+    unfolded.switch_to_deploy()
+    with torch.no_grad():
+        scale = expected.abs().max()
+        assert (deployed(x)[0] - expected).abs().max() <= 1e-4 * scale
+        assert (unfolded(x)[0] - expected).abs().max() > 0.1 * scale
