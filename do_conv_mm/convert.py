@@ -35,12 +35,10 @@ from fnmatch import fnmatchcase
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
-from mmcv.cnn.bricks import Conv2dAdaptivePadding, ConvWS2d
 from mmengine.registry import MODELS, Registry
 
-from .doconv import DOConv2d, is_doconv_layer_type, plain_layer_type
+from .doconv import DOConv2d, doconv_twin_of, is_doconv_layer_type, plain_layer_type
 from .doconv_adaptive_padding import DOConv2dAdaptivePadding
-from .doconv_ws import DOConv2dWS
 
 __all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError',
            'register_doconv_model']
@@ -70,7 +68,7 @@ def _doconv_class_for(module: nn.Module) -> Optional[type]:
     """The DO-Conv class whose ``from_conv2d`` computes what ``module`` computes, or None."""
     if _is_plain_conv2d(module):
         return DOConv2d
-    return {Conv2dAdaptivePadding: DOConv2dAdaptivePadding, ConvWS2d: DOConv2dWS}.get(type(module))
+    return doconv_twin_of(type(module))
 
 
 def _is_conv_like(module: nn.Module) -> bool:
@@ -370,7 +368,7 @@ def _warn_if_padding_changes(path: str, component: Dict, scope: Optional[str]) -
     except (KeyError, TypeError, ValueError):  # no conv_cfg argument, or no signature
         return
     if isinstance(default, dict) and str(default.get('type')).rpartition('.')[2] == \
-            Conv2dAdaptivePadding.__name__:
+            DOConv2dAdaptivePadding.plain_layer_type:
         warnings.warn(
             f'{path} ({cls.__name__}) builds its convs as Conv2dAdaptivePadding by default '
             f"(TensorFlow 'SAME' padding, which its pretrained weights were trained with), but "

@@ -35,8 +35,8 @@ from .compose_blocked import BlockedComposer
 from .composed_conv import composed_conv2d
 from .composition import compose_kernel, fold_kernel, no_autocast
 
-__all__ = ['DOConv2d', 'compose_kernel', 'fold_kernel', 'is_doconv_layer_type', 'plain_layer_type',
-           'register_doconv_layer']
+__all__ = ['DOConv2d', 'compose_kernel', 'doconv_twin_of', 'fold_kernel', 'is_doconv_layer_type',
+           'plain_layer_type', 'register_doconv_layer']
 
 # torch.fx records calls to compose_kernel as one node (weight, D, weight_extra -> W') instead of
 # tracing its reshapes, so a traced DOConv2d reads as "compose, then F.conv2d".
@@ -96,7 +96,8 @@ class DOConv2d(nn.Conv2d):
     current weight, ``weight_extra`` is scaled with it, so W' scales as a whole.
     ``to_conv2d()`` / :func:`do_conv_mm.fold_doconv` fold it into a plain Conv2d for deployment.
     """
-    plain_layer_type = 'Conv2d'  # the registered conv type to_conv2d() returns
+    plain_class = nn.Conv2d  # what from_conv2d() takes and to_conv2d() returns (exact type)
+    plain_layer_type = 'Conv2d'  # plain_class's name in mmcv's conv registry
 
     def __init__(self,
                  in_channels: int,
@@ -112,6 +113,10 @@ class DOConv2d(nn.Conv2d):
                  dtype=None,
                  *,
                  D_mul: Optional[int] = None):
+        if padding_mode != 'zeros' and self.plain_class is not nn.Conv2d:
+            raise ValueError(f'{type(self).__name__} pads with zeros as '
+                             f'{self.plain_class.__name__} does, got padding_mode='
+                             f'{padding_mode!r}; use DOConv2d for other modes.')
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
         kh, kw = self.kernel_size
@@ -308,13 +313,21 @@ class DOConv2d(nn.Conv2d):
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, D_mul: Optional[int] = None) -> 'DOConv2d':
         """A DOConv2d that computes exactly what ``conv`` computes (D = 0), weights shared."""
-        if type(conv) is not nn.Conv2d:
-            raise TypeError(f'DOConv2d.from_conv2d expects a plain torch.nn.Conv2d, got '
-                            f'{type(conv).__name__}.')
+        cls._check_plain_twin(conv)
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                    conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
                    D_mul=D_mul)._sharing_parameters_of(conv)
+
+    @classmethod
+    def _check_plain_twin(cls, conv: nn.Module) -> None:
+        """from_conv2d takes exactly ``cls.plain_class`` (a subclass may compute otherwise)."""
+        plain = cls.plain_class
+        if type(conv) is not plain:
+            expected = ('a plain torch.nn.Conv2d' if plain is nn.Conv2d
+                        else f'an mmcv {plain.__name__}')
+            raise TypeError(f'{cls.__name__}.from_conv2d expects {expected}, got '
+                            f'{type(conv).__name__}.')
 
     def _sharing_parameters_of(self, conv: nn.Conv2d) -> 'DOConv2d':
         """This layer with ``conv``'s weight and bias (the same Parameters) and training flag."""
@@ -346,16 +359,24 @@ class DOConv2d(nn.Conv2d):
 
 # Config type name of every registered DO-Conv layer -> the plain conv type it folds into.
 _PLAIN_TYPE_OF = {}
+# Plain conv class -> the registered DO-Conv layer class that is its twin.
+_TWIN_OF = {}
 
 
 def register_doconv_layer(cls: type, names) -> None:
     """Register a DO-Conv layer class under ``names`` in mmengine's root MODELS, where mmcv's
-    build_conv_layer looks conv types up, and record ``cls.plain_layer_type``, the registered
-    conv type its fold gives (the deploy config builds that type where the training config
-    names one of ``names``)."""
+    build_conv_layer looks conv types up, and record its plain twin: ``cls.plain_layer_type``,
+    the conv type its fold gives (the deploy config builds that type where the training config
+    names one of ``names``), and ``cls.plain_class``, the layers it converts."""
     from mmengine.registry import MODELS
     MODELS.register_module(name=list(names), module=cls)
     _PLAIN_TYPE_OF.update(dict.fromkeys(names, cls.plain_layer_type))
+    _TWIN_OF[cls.plain_class] = cls
+
+
+def doconv_twin_of(plain_class: type) -> Optional[type]:
+    """The registered DO-Conv class whose from_conv2d takes exactly ``plain_class``, or None."""
+    return _TWIN_OF.get(plain_class)
 
 
 def is_doconv_layer_type(value) -> bool:

@@ -48,14 +48,12 @@ class DOConv2dAdaptivePadding(DOConv2d, nn.Conv2d):
     ``init_cfg`` matches ``layer='Conv2d'`` against a module's class and its *direct* bases only:
     EfficientNet's default ``dict(type='Kaiming', layer='Conv2d')`` must reach this layer.
     """
+    plain_class = Conv2dAdaptivePadding
     plain_layer_type = 'Conv2dAdaptivePadding'
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
                  device=None, dtype=None, *, D_mul: Optional[int] = None):
-        if padding_mode != 'zeros':
-            raise ValueError(f"DOConv2dAdaptivePadding pads with zeros (TensorFlow 'SAME'), got "
-                             f"padding_mode={padding_mode!r}; use DOConv2d for other modes.")
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups,
                          bias, padding_mode, device, dtype, D_mul=D_mul)
 
@@ -70,9 +68,7 @@ class DOConv2dAdaptivePadding(DOConv2d, nn.Conv2d):
     def from_conv2d(cls, conv: nn.Conv2d,
                     D_mul: Optional[int] = None) -> 'DOConv2dAdaptivePadding':
         """The DO-Conv twin of a ``Conv2dAdaptivePadding`` (D = 0, weights shared)."""
-        if type(conv) is not Conv2dAdaptivePadding:
-            raise TypeError(f'DOConv2dAdaptivePadding.from_conv2d expects an mmcv '
-                            f'Conv2dAdaptivePadding, got {type(conv).__name__}.')
+        cls._check_plain_twin(conv)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
                     conv.dilation, conv.groups, conv.bias is not None,
                     device=conv.weight.device, dtype=conv.weight.dtype, D_mul=D_mul)

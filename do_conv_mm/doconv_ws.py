@@ -33,14 +33,12 @@ class DOConv2dWS(DOConv2d, nn.Conv2d):
     direct bases for mmengine's ``init_cfg`` ``layer='Conv2d'`` matching (see
     :class:`DOConv2dAdaptivePadding`). ``composed_weight()`` is W' before standardisation.
     """
+    plain_class = ConvWS2d
     plain_layer_type = 'ConvWS'
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
                  device=None, dtype=None, *, D_mul: Optional[int] = None, eps: float = 1e-5):
-        if padding_mode != 'zeros':
-            raise ValueError(f'DOConv2dWS pads with zeros as ConvWS does, got '
-                             f'padding_mode={padding_mode!r}; use DOConv2d for other modes.')
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype, D_mul=D_mul)
         self.eps = eps
@@ -60,9 +58,7 @@ class DOConv2dWS(DOConv2d, nn.Conv2d):
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, D_mul: Optional[int] = None) -> 'DOConv2dWS':
         """The DO-Conv twin of an mmcv ``ConvWS2d`` (D = 0, weights shared, same eps)."""
-        if type(conv) is not ConvWS2d:
-            raise TypeError(f'DOConv2dWS.from_conv2d expects an mmcv ConvWS2d, got '
-                            f'{type(conv).__name__}.')
+        cls._check_plain_twin(conv)
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                    device=conv.weight.device, dtype=conv.weight.dtype, D_mul=D_mul,

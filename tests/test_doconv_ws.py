@@ -23,13 +23,14 @@ CASES = [(4, 8, 3, 1, 1, 1, None), (4, 8, 3, 2, 1, 2, 12), (4, 4, 5, 1, 2, 4, No
 IDS = ['g1', 'g2-stride2-Dmul12', 'dw-5x5']
 
 
-def mmcv_twin(layer: DOConv2dWS) -> ConvWS2d:
-    """mmcv's ConvWS2d (same eps) with the formula's kernel of ``layer``."""
+def mmcv_twin(layer: DOConv2dWS, kernel: torch.Tensor = None) -> ConvWS2d:
+    """mmcv's ConvWS2d (same eps and bias) holding ``kernel``, by default the formula's kernel
+    of ``layer``."""
     conv = ConvWS2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                     layer.padding, layer.dilation, layer.groups, layer.bias is not None,
                     eps=layer.eps).to(layer.weight.dtype)
     with torch.no_grad():
-        conv.weight.copy_(reference_kernel(layer))
+        conv.weight.copy_(reference_kernel(layer) if kernel is None else kernel)
         conv.bias.copy_(layer.bias)
     return conv
 
@@ -62,7 +63,7 @@ def test_matches_formula_trains_and_folds(cin, cout, kernel, stride, padding, gr
     assert (got - expected).abs().max() < ATOL64
     # Without D the output is another one: D acts before the standardisation.
     with torch.no_grad():
-        assert (mmcv_plain(layer)(x) - expected).abs().max() > 1e-3
+        assert (mmcv_twin(layer, layer.weight)(x) - expected).abs().max() > 1e-3
     got.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
     small = torch.randn(1, cin, 6, 7, dtype=torch.float64, requires_grad=True)
@@ -74,15 +75,6 @@ def test_matches_formula_trains_and_folds(cin, cout, kernel, stride, padding, gr
     assert type(folded) is ConvWS2d and folded.eps == layer.eps
     with torch.no_grad():
         assert (folded(x) - expected).abs().max() < ATOL64
-
-
-def mmcv_plain(layer: DOConv2dWS) -> ConvWS2d:
-    """A ConvWS2d holding ``layer.weight`` alone (the layer without its D)."""
-    conv = ConvWS2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                    layer.padding, layer.dilation, layer.groups, layer.bias is not None,
-                    eps=layer.eps).to(layer.weight.dtype)
-    conv.weight, conv.bias = layer.weight, layer.bias
-    return conv
 
 
 def test_conv_cfg_init_cfg_deploy_config_and_bad_arguments():
