@@ -10,7 +10,8 @@ installed; not mmengine's root, where only conv layers belong).
 """
 from .amp import BF16AmpOptimWrapper
 from .checkpoint import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file
-from .convert import DOConvModel, check_doconv_cfg, convert_to_doconv, register_doconv_model
+from .config_check import check_doconv_cfg
+from .convert import DOConvModel, convert_to_doconv, register_doconv_model
 from .deploy import FoldError, fold_checkpoint, fold_checkpoints, make_deploy_config
 from .doconv import DOConv2d, compose_kernel
 from .doconv_adaptive_padding import DOConv2dAdaptivePadding

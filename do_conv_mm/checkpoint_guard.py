@@ -51,7 +51,7 @@ def unfolded_doconv_layers(checkpoint: Dict[str, Any]) -> List[str]:
 
 def config_has_doconv(cfg: Union[Config, dict]) -> bool:
     """Whether a config asks for DO-Conv layers (``conv_cfg``/``*_cfg`` DOConv or DOConvModel)."""
-    from .convert import walk_cfg
+    from .config_check import walk_cfg
     from .doconv import is_doconv_layer_type
     node = cfg.to_dict() if isinstance(cfg, Config) else cfg
     for _, entry in walk_cfg(node, 'cfg'):

@@ -97,7 +97,7 @@ def build_model(cfg: Config) -> nn.Module:
     """Build ``cfg.model`` on the CPU in the config's default scope, SyncBN reverted to BN."""
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import MODELS, DefaultScope
-    from .convert import DOConvNotApplicableError, check_doconv_cfg, explain_build_error
+    from .config_check import DOConvNotApplicableError, check_doconv_cfg, explain_build_error
     scope = cfg.get('default_scope')
     try:
         check_doconv_cfg(cfg.model, scope=scope)

@@ -19,7 +19,7 @@ from typing import Any, List, Union
 
 from mmengine.config import Config
 
-from .convert import walk_cfg
+from .config_check import walk_cfg
 from .doconv import is_doconv_layer_type, plain_layer_type
 
 __all__ = ['make_deploy_config', 'doconv_references']

@@ -62,7 +62,7 @@ def load_config_file(path: str, error_type=None) -> Config:
 
 def _check_doconv(cfg: Config) -> None:
     """DO-Conv asked for where it cannot apply (e.g. DCN blocks): one clear line, no trace."""
-    from .convert import DOConvNotApplicableError, check_doconv_cfg
+    from .config_check import DOConvNotApplicableError, check_doconv_cfg
     if 'model' not in cfg:
         return
     try:
@@ -168,7 +168,7 @@ _SYNC_BN_TYPES = ('SyncBN', 'MMSyncBN')
 def revert_sync_bn_cfg(model_cfg) -> list:
     """Replace every ``dict(type='SyncBN' | 'MMSyncBN', ...)`` in a model config by BN, in
     place (config-level ``mmengine.model.revert_sync_batchnorm``); returns the config paths."""
-    from .convert import walk_cfg
+    from .config_check import walk_cfg
     changed = []
     for path, node in walk_cfg(model_cfg, 'model'):
         if isinstance(node.get('type'), str) and node['type'] in _SYNC_BN_TYPES:
@@ -212,7 +212,7 @@ def build_runner(cfg: Config):
     except Exception as error:
         # A known DO-Conv build failure (e.g. D_mul below a 7x7 stem's kh*kw): one line that
         # names the module and the fix instead of mmengine's nested build traceback.
-        from .convert import explain_build_error
+        from .config_check import explain_build_error
         message = explain_build_error(cfg.model, error, cfg.get('default_scope'))
         if message is None:
             raise

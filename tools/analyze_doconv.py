@@ -26,8 +26,8 @@ from mmengine.registry import MODELS, init_default_scope
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage  # noqa: E402
-from do_conv_mm.convert import (DOConvNotApplicableError, check_doconv_cfg,  # noqa: E402
-                                explain_build_error)
+from do_conv_mm.config_check import (DOConvNotApplicableError, check_doconv_cfg,  # noqa: E402
+                                     explain_build_error)
 from do_conv_mm.deploy_verify import model_task  # noqa: E402
 from do_conv_mm.runner_setup import load_config_file  # noqa: E402
 
