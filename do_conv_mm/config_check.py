@@ -8,27 +8,29 @@ both; :class:`~do_conv_mm.convert.DOConvModel` does too.
 """
 import difflib
 import inspect
+import os
 import re
 import warnings
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch.nn as nn
+from mmengine.config import Config
 from mmengine.registry import MODELS
 
-from .doconv import DOConv2d, is_doconv_layer_type, plain_layer_type
-from .doconv_adaptive_padding import DOConv2dAdaptivePadding
+from .doconv import DOConv2d, doconv_layer_type_for, is_doconv_layer_type, plain_layer_type
 
-__all__ = ['DOConvNotApplicableError', 'check_doconv_cfg', 'explain_build_error', 'walk_cfg']
+__all__ = ['DOConvNotApplicableError', 'check_base_conv_types', 'check_doconv_cfg',
+           'explain_build_error', 'walk_cfg']
+
 
 class DOConvNotApplicableError(ValueError):
     """DO-Conv was requested for a module or component it cannot apply to."""
 
 
-
 def _few(names: List[str], limit: int = 4) -> str:
     shown = ', '.join(names[:limit])
     return shown + (f', ... ({len(names) - limit} more)' if len(names) > limit else '')
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,10 +70,13 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model', scope: Optional[str]
     and mmseg Bottleneck/BasicBlock assert ``conv_cfg is None`` for DCN blocks); a ``conv_cfg``
     whose type is not registered (a typo such as 'DOconv', or a missing ``custom_imports``),
     named with the closest registered conv types; a DO-Conv ``conv_cfg`` that still holds
-    ``_delete_`` (given where the base has no conv_cfg, so mmengine did not consume it).
-    Warned (a UserWarning; the model is valid): ``conv_cfg=dict(type='DOConv')`` on a component
-    whose default conv type is ``Conv2dAdaptivePadding`` (use 'DOConvAdaptivePadding' to keep
-    its padding).
+    ``_delete_`` (given where the base has no conv_cfg, so mmengine did not consume it); a
+    DO-Conv ``conv_cfg`` on a component that builds 1-D / 3-D convs by default (PointRend's point
+    heads: Conv1d), where the 2-D layers would fail at the first forward.
+    Warned (a UserWarning; the model is valid): a DO-Conv ``conv_cfg`` on a component whose
+    default conv type adds something a plain conv lacks (EfficientNet's Conv2dAdaptivePadding:
+    use 'DOConvAdaptivePadding' to keep its padding). Conv types a *base config* set are checked
+    by :func:`check_base_conv_types`.
     """
     _check_conv_types(model_cfg, where, scope)
     for path, component in walk_cfg(model_cfg, where):
@@ -83,7 +88,7 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model', scope: Optional[str]
                 f'config has no conv_cfg there, so mmengine passed _delete_ on and the layer '
                 f'would get it as an argument. Remove _delete_=True from {path}.conv_cfg (it is '
                 f'needed only where the base sets conv_cfg=None, e.g. mmseg\'s UNet backbone).')
-        _warn_if_padding_changes(path, component, scope)
+        _check_class_default_conv(path, component, scope)
         stages = _dcn_stages(component)
         if stages:
             kind = component.get('type', 'this component')
@@ -99,26 +104,115 @@ def check_doconv_cfg(model_cfg: Dict, where: str = 'model', scope: Optional[str]
                 f'exclude={exclude})).')
 
 
-def _warn_if_padding_changes(path: str, component: Dict, scope: Optional[str]) -> None:
-    """Warn when conv_cfg=DOConv replaces a component's default Conv2dAdaptivePadding (mmdet's /
-    mmpretrain's EfficientNet): DOConv pads symmetrically, which moves every stride-2 sampling
-    grid by a pixel against weights trained with TensorFlow 'SAME' padding."""
-    conv_type = component['conv_cfg']['type']
-    if plain_layer_type(conv_type) != 'Conv2d':
+# What a conv type other than the plain Conv2d adds, for the messages below.
+_WHAT_IT_ADDS = {
+    'Conv2dAdaptivePadding': "TensorFlow 'SAME' padding, which its pretrained weights were "
+                             'trained with (symmetric padding makes stride-2 convs sample one '
+                             'pixel off on even input sizes)',
+    'ConvWS': 'weight standardisation, which GN+WS recipes and their pretrained weights rely on',
+    'ConvAWS': 'adaptive weight standardisation (DetectoRS), which its recipes rely on',
+}
+
+
+def _is_plain_conv_class(cls: type) -> bool:
+    """nn.Conv2d, or mmcv's ``Conv2d`` wrapper (registered as 'Conv'; otherwise nn.Conv2d)."""
+    return cls is nn.Conv2d or (cls.__name__ == 'Conv2d' and cls.__module__ ==
+                                'mmcv.cnn.bricks.wrappers' and cls.__bases__ == (nn.Conv2d, ))
+
+
+def _check_replaced_conv(where: str, path: str, old_type: Any, new_type: str,
+                         scope: Optional[str]) -> None:
+    """``where`` (e.g. "model.backbone (EfficientNet) builds its convs as X by default") had conv
+    type ``old_type`` at ``path``; the config now asks for the DO-Conv type ``new_type``.
+
+    Silent when the two compute the same thing at D = 0 (old is plain Conv2d or DO-Conv, or the
+    twin of ``new_type``); raises DOConvNotApplicableError for 1-D / 3-D convs (the 2-D layer
+    would fail on their inputs); warns (UserWarning) for other conv types, whose behaviour
+    DO-Conv over a plain conv would drop, naming the DO-Conv type that keeps it where one exists.
+    """
+    old_cls = _registered_class(old_type, scope)
+    new_plain = plain_layer_type(new_type)
+    if old_cls is None or issubclass(old_cls, DOConv2d) or _is_plain_conv_class(old_cls) \
+            or old_cls is _registered_class(new_plain, scope):
         return
+    old = str(old_type).rpartition('.')[2] if isinstance(old_type, str) else old_cls.__name__
+    if issubclass(old_cls, (nn.Conv1d, nn.Conv3d)):
+        dims = 1 if issubclass(old_cls, nn.Conv1d) else 3
+        raise DOConvNotApplicableError(
+            f'{where} ({dims}-D convolutions), but conv_cfg=dict(type={new_type!r}) builds 2-D '
+            f'DO-Conv layers, which fail on {dims}-D inputs. DO-Conv applies to 2-D convolutions '
+            f'only: remove conv_cfg from {path}.')
+    adds = _WHAT_IT_ADDS.get(old, f'the behaviour of {old_cls.__name__} (it is not a plain '
+                                  f'nn.Conv2d)')
+    twin = doconv_layer_type_for(old_cls)
+    fix = (f'To keep it use conv_cfg=dict(type={twin!r}).' if twin else
+           f'DO-Conv has no twin of {old}; to keep it, leave {path} without '
+           f'conv_cfg=dict(type={new_type!r}).')
+    over = 'a plain Conv2d' if new_plain == 'Conv2d' else new_plain
+    warnings.warn(f'{where}, but conv_cfg=dict(type={new_type!r}) builds DO-Conv over {over}, '
+                  f'which drops {adds}. {fix}', UserWarning, stacklevel=4)
+
+
+def _check_class_default_conv(path: str, component: Dict, scope: Optional[str]) -> None:
+    """A DO-Conv conv_cfg replacing what a component builds by default (mmdet's / mmpretrain's
+    EfficientNet: Conv2dAdaptivePadding; mmdet's MaskPointHead, mmseg's PointHead: Conv1d)."""
     cls = _registered_class(component.get('type'), scope)
     try:
         default = inspect.signature(cls).parameters['conv_cfg'].default if cls else None
     except (KeyError, TypeError, ValueError):  # no conv_cfg argument, or no signature
         return
-    if isinstance(default, dict) and str(default.get('type')).rpartition('.')[2] == \
-            DOConv2dAdaptivePadding.plain_layer_type:
-        warnings.warn(
-            f'{path} ({cls.__name__}) builds its convs as Conv2dAdaptivePadding by default '
-            f"(TensorFlow 'SAME' padding, which its pretrained weights were trained with), but "
-            f'conv_cfg=dict(type={conv_type!r}) pads symmetrically: stride-2 convs then sample '
-            f"one pixel off on even input sizes. To keep the padding use "
-            f"conv_cfg=dict(type='DOConvAdaptivePadding').", UserWarning, stacklevel=3)
+    if isinstance(default, dict) and default.get('type') is not None:
+        _check_replaced_conv(f'{path} ({cls.__name__}) builds its convs as '
+                             f'{default["type"]} by default', path, default['type'],
+                             component['conv_cfg']['type'], scope)
+
+
+def check_base_conv_types(cfg: Config,
+                          earlier: Sequence[Tuple[str, Dict]] = ()) -> None:
+    """Check each DO-Conv ``conv_cfg`` of ``cfg.model`` against the conv type that the config's
+    direct ``_base_`` files (and ``earlier``: (label, model config) pairs, e.g. the file before
+    ``--cfg-options``) set at the same place, as :func:`check_doconv_cfg` does for class
+    defaults: mmengine's merge keeps only the child's type, so ``conv_cfg=dict(type='DOConv')``
+    over a GN+WS recipe's ``ConvWS`` would otherwise drop the weight standardisation silently.
+
+    Warns (UserWarning) where a DO-Conv over a plain conv replaces a conv type that adds
+    something (ConvWS, ConvAWS, Conv2dAdaptivePadding, ...), naming the DO-Conv twin that keeps
+    it; raises :class:`DOConvNotApplicableError` where it replaces 1-D / 3-D convs. Bases that
+    cannot be read are skipped (the config itself loaded, so this check only adds).
+    """
+    model = cfg.get('model')
+    if not isinstance(model, dict) or not any(
+            _is_doconv_cfg(c.get('conv_cfg')) for _, c in walk_cfg(model, 'model')):
+        return
+    scope = cfg.get('default_scope')
+    for label, base_model in list(earlier) + _base_models(cfg.filename):
+        base_types = {path: c['conv_cfg']['type'] for path, c in walk_cfg(base_model, 'model')
+                      if isinstance(c.get('conv_cfg'), dict) and c['conv_cfg'].get('type')}
+        for path, component in walk_cfg(model, 'model'):
+            if _is_doconv_cfg(component.get('conv_cfg')) and path in base_types:
+                _check_replaced_conv(f'{path}: {label} sets conv_cfg=dict(type='
+                                     f'{base_types[path]!r}) there', path, base_types[path],
+                                     component['conv_cfg']['type'], scope)
+
+
+def _base_models(filename: Optional[str]) -> List[Tuple[str, Dict]]:
+    """('the base config <name>', model config) of each direct ``_base_`` of ``filename`` that
+    has a model (a base's own bases are merged into it)."""
+    if not filename or not os.path.isfile(filename):
+        return []
+    try:  # mmengine's own reading of _base_ (relative paths and 'mmdet::' package paths)
+        bases = Config._get_base_files(filename)
+    except Exception:  # noqa: BLE001  (a config that loaded but whose _base_ we cannot read)
+        return []
+    found = []
+    for base in bases if isinstance(bases, (list, tuple)) else [bases]:
+        try:
+            base_cfg = Config.fromfile(Config._get_cfg_path(base, filename)[0])
+        except Exception:  # noqa: BLE001
+            continue
+        if isinstance(base_cfg.get('model'), dict):
+            found.append((f'the base config {base!r}', base_cfg.model))
+    return found
 
 
 def _conv_registry_lookup(type_name: str, scope: Optional[str]):

@@ -35,8 +35,8 @@ from .compose_blocked import BlockedComposer
 from .composed_conv import composed_conv2d
 from .composition import compose_kernel, fold_kernel, no_autocast
 
-__all__ = ['DOConv2d', 'compose_kernel', 'doconv_twin_of', 'fold_kernel', 'is_doconv_layer_type',
-           'plain_layer_type', 'register_doconv_layer']
+__all__ = ['DOConv2d', 'compose_kernel', 'doconv_layer_type_for', 'doconv_twin_of', 'fold_kernel',
+           'is_doconv_layer_type', 'plain_layer_type', 'register_doconv_layer']
 
 # torch.fx records calls to compose_kernel as one node (weight, D, weight_extra -> W') instead of
 # tracing its reshapes, so a traced DOConv2d reads as "compose, then F.conv2d".
@@ -377,6 +377,15 @@ def register_doconv_layer(cls: type, names) -> None:
 def doconv_twin_of(plain_class: type) -> Optional[type]:
     """The registered DO-Conv class whose from_conv2d takes exactly ``plain_class``, or None."""
     return _TWIN_OF.get(plain_class)
+
+
+def doconv_layer_type_for(plain_class: type) -> Optional[str]:
+    """The config type name of ``plain_class``'s DO-Conv twin ('DOConvWS' for mmcv's ConvWS2d,
+    'DOConv' for nn.Conv2d), or None when it has none."""
+    twin = _TWIN_OF.get(plain_class)
+    if twin is None:
+        return None
+    return next(n for n, plain in _PLAIN_TYPE_OF.items() if plain == twin.plain_layer_type)
 
 
 def is_doconv_layer_type(value) -> bool:

@@ -5,6 +5,7 @@ CLI > config > ``./work_dirs/<config name>``, ``runner_type`` through the scope'
 what those tools leave to a stack trace: a clear error for a missing config or an uninstalled
 scope, and distributed training on CPU-only machines (see :func:`prepare_cpu_distributed`).
 """
+import copy
 import importlib
 import logging
 import os
@@ -38,10 +39,13 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
                         f'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py.')
     cfg = load_config_file(path, ToolError)
     cfg.launcher = launcher
+    earlier = []  # the file's own model, for a conv type that --cfg-options replaces
     if cfg_options is not None:
+        if 'model' in cfg:
+            earlier.append((f'{path} (before --cfg-options)', copy.deepcopy(cfg.model)))
         cfg.merge_from_dict(cfg_options)
     _check_scope(cfg)
-    _check_doconv(cfg)
+    _check_doconv(cfg, earlier)
     if launcher != 'none':
         prepare_cpu_distributed(cfg)
     return cfg
@@ -60,13 +64,15 @@ def load_config_file(path: str, error_type=None) -> Config:
             f'config file.') from None
 
 
-def _check_doconv(cfg: Config) -> None:
-    """DO-Conv asked for where it cannot apply (e.g. DCN blocks): one clear line, no trace."""
-    from .config_check import DOConvNotApplicableError, check_doconv_cfg
+def _check_doconv(cfg: Config, earlier=()) -> None:
+    """DO-Conv asked for where it cannot apply (e.g. DCN blocks): one clear line, no trace; a
+    conv type of a base config (or ``earlier`` model configs) that DO-Conv replaces: warned."""
+    from .config_check import DOConvNotApplicableError, check_base_conv_types, check_doconv_cfg
     if 'model' not in cfg:
         return
     try:
         check_doconv_cfg(cfg.model, scope=cfg.get('default_scope'))
+        check_base_conv_types(cfg, earlier)
     except DOConvNotApplicableError as error:
         raise ToolError(str(error)) from None
 

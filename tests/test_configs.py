@@ -7,6 +7,8 @@ converted model computes the identical tensor (no tolerance needed).
 import importlib.util
 import json
 import os.path as osp
+import re
+import warnings
 
 import pytest
 import torch
@@ -683,6 +685,81 @@ def test_config_that_does_not_load_is_one_line(tmp_path, analyze_tool):
     with pytest.raises(ToolError, match=r"model\.decode_head\.conv_cfg still holds _delete_=True "
                                         r".*base config has no conv_cfg there.*Remove _delete_"):
         load_config(str(path))
+
+
+MMDET_CONFIGS = osp.join(osp.dirname(importlib.util.find_spec('mmdet').origin), '.mim', 'configs')
+MMSEG_CONFIGS = osp.join(osp.dirname(importlib.util.find_spec('mmseg').origin), '.mim', 'configs')
+
+
+def _conv_type_warnings(load):
+    """The messages of the conv-type warnings that ``load()`` emits."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        load()
+    return [str(w.message) for w in caught if 'builds DO-Conv over' in str(w.message)]
+
+
+def test_doconv_over_a_conv_type_set_by_a_base_config_is_warned_with_the_fix(tmp_path,
+                                                                              analyze_tool):
+    """mmengine's merge keeps only the child's conv type, so conv_cfg=DOConv over the GN+WS
+    recipe's ConvWS would drop the weight standardisation without a word: the tools warn and name
+    DOConvWS (DOConvWS itself is silent), also when --cfg-options does the replacing; over
+    DetectoRS' ConvAWS, which has no DO-Conv twin, the warning says so."""
+    from do_conv_mm.runner_setup import load_config
+    gn_ws = osp.join(MMDET_CONFIGS, 'gn+ws', 'faster-rcnn_r50_fpn_gn-ws-all_1x_coco.py')
+    child = tmp_path / 'gn_ws_doconv.py'
+    child.write_text(f'_base_ = {gn_ws!r}\n'
+                     "custom_imports = dict(imports=['do_conv_mm'], allow_failed_imports=False)\n"
+                     "model = dict(backbone=dict(conv_cfg=dict(type='DOConv')),\n"
+                     "             neck=dict(conv_cfg=dict(type='DOConvWS')))\n")
+    expected = (r"model\.backbone: the base config '.*gn\+ws/faster-rcnn_r50_fpn_gn-ws-all_1x_coco"
+                r"\.py' sets conv_cfg=dict\(type='ConvWS'\) there, but conv_cfg=dict\(type='DOConv'"
+                r"\) builds DO-Conv over a plain Conv2d, which drops weight standardisation.*To "
+                r"keep it use conv_cfg=dict\(type='DOConvWS'\)\.$")
+    messages = _conv_type_warnings(lambda: load_config(str(child)))
+    assert len(messages) == 1 and re.match(expected, messages[0]), messages
+    messages = _conv_type_warnings(lambda: analyze_tool.main([str(child), '--shape', '64', '64']))
+    assert len(messages) == 1 and re.match(expected, messages[0]), messages
+    # With DOConvWS on the backbone too, nothing is dropped: silent.
+    child.write_text(child.read_text().replace("dict(type='DOConv')", "dict(type='DOConvWS')"))
+    assert _conv_type_warnings(lambda: load_config(str(child))) == []
+    # --cfg-options replacing the file's own ConvWS.
+    messages = _conv_type_warnings(lambda: load_config(
+        gn_ws, cfg_options={'model.neck.conv_cfg': dict(type='DOConv')}))
+    assert len(messages) == 1 and re.match(
+        r"model\.neck: .*gn-ws-all_1x_coco\.py \(before --cfg-options\) sets conv_cfg=dict\("
+        r"type='ConvWS'\) there.*type='DOConvWS'", messages[0]), messages
+    # DetectoRS: ConvAWS has no DO-Conv twin.
+    sac = osp.join(MMDET_CONFIGS, 'detectors', 'cascade-rcnn_r50-sac_1x_coco.py')
+    child.write_text(f'_base_ = {sac!r}\n'
+                     "model = dict(backbone=dict(conv_cfg=dict(type='DOConv')))\n")
+    messages = _conv_type_warnings(lambda: load_config(str(child)))
+    assert len(messages) == 1 and re.match(
+        r"model\.backbone: the base config .* sets conv_cfg=dict\(type='ConvAWS'\) there.*drops "
+        r"adaptive weight standardisation.*DO-Conv has no twin of ConvAWS; to keep it, leave "
+        r"model\.backbone without conv_cfg=dict\(type='DOConv'\)\.$", messages[0]), messages
+
+
+def test_doconv_where_a_component_builds_1d_convs_is_refused():
+    """PointRend's point heads build Conv1d layers by default (their conv_cfg default): a DO-Conv
+    conv_cfg there would build 2-D layers that fail on the first forward deep inside the head, so
+    the config check refuses it in one line naming the path; the neighbouring FPN head (plain
+    Conv2d by default) takes it."""
+    from do_conv_mm.runner_setup import ToolError, load_config
+    config = osp.join(MMSEG_CONFIGS, 'point_rend', 'pointrend_r50_4xb4-160k_ade20k-512x512.py')
+    cfg = Config.fromfile(config)
+    cfg.model.decode_head[1].conv_cfg = dict(type='DOConv')
+    expected = (r"model\.decode_head\[1\] \(PointHead\) builds its convs as Conv1d by default "
+                r"\(1-D convolutions\), but conv_cfg=dict\(type='DOConv'\) builds 2-D DO-Conv "
+                r"layers, which fail on 1-D inputs\. DO-Conv applies to 2-D convolutions only: "
+                r"remove conv_cfg from model\.decode_head\[1\]\.")
+    with pytest.raises(DOConvNotApplicableError, match=expected):
+        check_doconv_cfg(cfg.model, scope='mmseg')
+    with pytest.raises(ToolError, match=expected):
+        load_config(config, cfg_options={'model.decode_head.1.conv_cfg': dict(type='DOConv')})
+    cfg.model.decode_head[1].conv_cfg = dict(type='Conv1d')
+    cfg.model.decode_head[0].conv_cfg = dict(type='DOConv')
+    assert _conv_type_warnings(lambda: check_doconv_cfg(cfg.model, scope='mmseg')) == []
 
 
 # ----------------------------------------------------------------------------------------------

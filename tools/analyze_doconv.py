@@ -13,6 +13,7 @@ sampling as in training, auxiliary heads included) on a synthetic annotation (bo
 or class label 0); ``--mode tensor`` runs the plain forward pass.
 """
 import argparse
+import copy
 import json
 import os.path as osp
 import sys
@@ -26,7 +27,8 @@ from mmengine.registry import MODELS, init_default_scope
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage  # noqa: E402
-from do_conv_mm.config_check import (DOConvNotApplicableError, check_doconv_cfg,  # noqa: E402
+from do_conv_mm.config_check import (DOConvNotApplicableError,  # noqa: E402
+                                     check_base_conv_types, check_doconv_cfg,
                                      explain_build_error)
 from do_conv_mm.deploy_verify import model_task  # noqa: E402
 from do_conv_mm.runner_setup import load_config_file  # noqa: E402
@@ -257,11 +259,15 @@ def main(argv=None):
         cfg = load_config_file(args.config, AnalyzeError)
     except AnalyzeError as error:
         sys.exit(f'error: {error}')
+    earlier = []  # the file's own model, for a conv type that --cfg-options replaces
     if args.cfg_options:
+        if 'model' in cfg:
+            earlier.append((f'{args.config} (before --cfg-options)', copy.deepcopy(cfg.model)))
         cfg.merge_from_dict(args.cfg_options)
     try:
+        check_base_conv_types(cfg, earlier)
         result = analyze(cfg, args.shape, args.mode)
-    except AnalyzeError as error:
+    except (AnalyzeError, DOConvNotApplicableError) as error:
         sys.exit(f'error: {error}')
     result['config'] = args.config
     if args.json:
