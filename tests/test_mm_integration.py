@@ -328,6 +328,79 @@ def _random_D(model: nn.Module, std: float = 0.05) -> nn.Module:
     return model
 
 
+def _detection_batch(size: int, images: int = 2, boxes: int = 3) -> dict:
+    """Random uint8 images with ``boxes`` random boxes each (sides >= 24 px), as a dataloader
+    would yield them."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    g = torch.Generator().manual_seed(0)
+    inputs, samples = [], []
+    for i in range(images):
+        inputs.append(torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g))
+        xy = torch.rand(boxes, 2, generator=g) * (size - 32)
+        wh = 24 + torch.rand(boxes, 2, generator=g) * (size - 32 - xy)
+        sample = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
+                                             pad_shape=(size, size), scale_factor=(1.0, 1.0),
+                                             img_id=i))
+        sample.gt_instances = InstanceData(bboxes=torch.cat([xy, xy + wh], 1),
+                                           labels=torch.randint(0, 80, (boxes, ), generator=g))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+@pytest.mark.parametrize('config, model_update, converted', [
+    # DETR family: ResNet-50 and the ChannelMapper neck through conv_cfg alone (17 + 1 k×k; the
+    # deformable transformer has no convs to convert).
+    ('dino/dino-4scale_r50_8xb2-12e_coco.py',
+     dict(backbone=dict(conv_cfg=dict(type='DOConv')), neck=dict(conv_cfg=dict(type='DOConv'))),
+     18),
+    # A transformer backbone: PVT-tiny's patch embeddings and spatial-reduction convs (4×4 to 8×8
+    # kernels, as strides) by name (10), the FPN through conv_cfg (5).
+    ('pvt/retinanet_pvt-t_fpn_1x_coco.py',
+     dict(type='DOConvModel', model_type='RetinaNet', doconv=dict(include=['backbone']),
+          neck=dict(conv_cfg=dict(type='DOConv'))), 15),
+])
+def test_detr_and_transformer_backbone_detectors_train_and_fold(config, model_update, converted):
+    """mmdet model-zoo detectors beyond CNN backbones with FPNs, built from their installed
+    configs with the DO-Conv additions merged: one training step reaches every trainable D, and
+    the fold keeps the features the heads read (the final detections go through top-k query /
+    box selection, where rounding may swap near-ties, so they are not compared; fp32 fold
+    rounding: DEEP_RTOL)."""
+    import copy
+    import os.path as osp
+
+    import mmdet
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', config))
+    cfg.merge_from_dict(dict(model=model_update))
+    model_cfg = copy.deepcopy(cfg.model)
+    for part in ('backbone', ):  # no ImageNet download: random weights
+        model_cfg[part].pop('init_cfg', None)
+        model_cfg[part].pop('pretrained', None)
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = DET_MODELS.build(model_cfg)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DOConv2d) and m.D is not None}
+    assert len(layers) == converted
+    _random_D(model)
+    model.train()
+    data = model.data_preprocessor(_detection_batch(256), True)  # DINO: 900 queries need 256²
+    loss, _ = model.parse_losses(model(**data, mode='loss'))
+    loss.backward()
+    trainable = {n: m for n, m in layers.items() if m.D.requires_grad}  # DINO freezes the stem
+    assert len(trainable) >= converted - 4
+    assert all(m.D.grad is not None and m.D.grad.abs().sum() > 0 for m in trainable.values())
+    model.eval()
+    inputs = model.data_preprocessor(_detection_batch(256), False)['inputs']
+    with torch.no_grad():
+        expected = model.extract_feat(inputs)
+        folded = fold_doconv(model)
+        assert count_doconv(folded) == 0
+        for got, want in zip(folded.extract_feat(inputs), expected):
+            assert_close_rel(got, want)
+
+
 def _tiny_hrnet_extra() -> dict:
     """HRNet's 4 stages, one module and one block per branch, 8-64 channels."""
     def stage(branches, block='BASIC'):
