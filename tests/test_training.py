@@ -4,6 +4,7 @@ Tiny settings throughout (4 training images, batch 2, a handful of iterations; c
 few steps visibly lower the loss). One trained work dir per task is shared by the resume and test
 checks (module-scoped fixtures). Tools run as subprocesses, as a user runs them.
 """
+import json
 import math
 import os.path as osp
 import pickle
@@ -138,6 +139,46 @@ def test_detection_test_tool_reports_metric(det_run, toy_configs, tmp_path):
     with open(out, 'rb') as f:
         predictions = pickle.load(f)
     assert len(predictions) == 4 and 'pred_instances' in predictions[0]
+
+
+TTA = """
+tta_model = dict(type='DetTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+_test = _base_.test_dataloader.dataset.pipeline
+tta_pipeline = [
+    _test[0],
+    dict(type='TestTimeAug', transforms=[
+        [_test[1]],
+        [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+        [_test[2]],
+        [dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                                               'scale_factor', 'flip', 'flip_direction'))]])]
+"""
+
+
+def test_detection_test_tool_tta(det_run, toy_configs, tmp_path):
+    """--tta as mmdet's test tool: the DO-Conv detector wrapped in DetTTAModel (flip and no flip,
+    merged) predicts every image, and its merged boxes differ from the plain test's; a config
+    without tta_model / tta_pipeline is refused in one line before anything is built."""
+    checkpoint = osp.join(det_run, 'epoch_4.pth')
+    with pytest.raises(AssertionError, match='error: --tta needs tta_model and tta_pipeline in '
+                                             'the config'):
+        run_tool('test.py', toy_configs['det'], checkpoint, '--tta',
+                 '--work-dir', str(tmp_path / 'none'))
+    config = _write_config(tmp_path, 'tta.py', f"_base_ = {toy_configs['det']!r}\n{TTA}")
+    predictions = {}
+    for mode, extra in (('plain', ()), ('tta', ('--tta', ))):
+        out = str(tmp_path / f'{mode}.pkl')
+        run_tool('test.py', config, checkpoint, *extra, '--work-dir', str(tmp_path / mode),
+                 '--out', out)
+        with open(out, 'rb') as f:
+            predictions[mode] = pickle.load(f)
+        with open(osp.join(tmp_path, mode, 'test_metrics.json')) as f:
+            assert 0.0 <= json.load(f)['metrics']['coco/bbox_mAP'] <= 1.0
+    assert len(predictions['tta']) == len(predictions['plain']) == 4
+    assert any(not torch.equal(torch.as_tensor(t['pred_instances']['bboxes']),
+                               torch.as_tensor(p['pred_instances']['bboxes']))
+               for t, p in zip(predictions['tta'], predictions['plain']))
 
 
 # ----------------------------------------------------------------------------------------------
