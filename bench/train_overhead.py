@@ -70,9 +70,11 @@ def parse_args(argv=None):
                         help='run the plain and DO-Conv memory subprocesses of a repetition at '
                              'the same time (each measures its own process; saves time)')
     parser.add_argument('--no-profile', action='store_true', help='skip the composition profile')
-    parser.add_argument('--op-profile', action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument('--op-profile', action='store_true', default=None,
                         help='one torch.profiler step per twin, top operators by self CPU time '
                              '(default: on with --device cuda, off on the CPU)')
+    parser.add_argument('--no-op-profile', dest='op_profile', action='store_false',
+                        help='skip the operator profile (also on CUDA)')
     parser.add_argument('--deadline', type=float, default=None,
                         help='time.time() by which the run should be done: each model gets an '
                              'equal share of what is left; timing stops early (results marked '
