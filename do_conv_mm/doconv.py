@@ -46,8 +46,13 @@ torch.fx.wrap('compose_kernel')
 def _transforms_active() -> bool:
     """True while a compiler, tracer, torch.func transform or forward-mode AD is running: the
     layer then uses the plain expression, which all of them understand."""
-    return (_is_compiling() or torch.jit.is_tracing()
-            or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+    return (_is_compiling() or torch.jit.is_tracing() or _functorch_transforms_active()
+            or forward_ad._current_level >= 0)
+
+
+def _functorch_transforms_active() -> bool:
+    active = getattr(torch._C, '_are_functorch_transforms_active', None)  # torch >= 2.0
+    return bool(active()) if active is not None else False
 
 
 def _is_compiling() -> bool:

@@ -86,7 +86,9 @@ def _tensor_identity(tensor):
     """What makes two state-dict entries the same tensor data (None for a missing entry)."""
     if tensor is None:
         return None
-    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+    storage = (tensor.untyped_storage() if hasattr(tensor, 'untyped_storage')
+               else tensor.storage())  # torch < 2.0
+    return (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
             tuple(tensor.stride()), tensor.dtype, tensor.device)
 
 
