@@ -335,9 +335,15 @@ class DOConv2d(nn.Conv2d):
                             f'{type(conv).__name__}.')
 
     def _sharing_parameters_of(self, conv: nn.Conv2d) -> 'DOConv2d':
-        """This layer with ``conv``'s weight and bias (the same Parameters) and training flag."""
+        """This layer with ``conv``'s weight and bias (the same Parameters) and training flag; D
+        and the extra columns train only if ``conv.weight`` does, so a conv frozen before the
+        conversion (a frozen stage, an EMA target network) stays frozen, as it would have been
+        had conv_cfg built it as DO-Conv and the model then frozen it."""
         nn.Module.__setattr__(self, 'weight', conv.weight)  # sharing, not a rescale
         self.bias = conv.bias
+        for extra in (self.D, self.weight_extra):
+            if extra is not None:
+                extra.requires_grad_(conv.weight.requires_grad)
         self.train(conv.training)
         return self
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from do_conv_mm import DOConv2d, compose_kernel, fold_doconv
+from do_conv_mm import DOConv2d, compose_kernel, convert_to_doconv, fold_doconv
 from do_conv_mm import compose_blocked
 from do_conv_mm.compose_batched import BATCHED_COMPOSER
 
@@ -254,6 +254,22 @@ def test_from_conv2d_shares_weights_and_matches():
     assert torch.equal(layer(x), conv(x))
     with pytest.raises(TypeError, match='plain torch.nn.Conv2d'):
         DOConv2d.from_conv2d(layer)
+
+
+@pytest.mark.parametrize('d_mul', [None, 12])
+def test_conversion_keeps_a_frozen_conv_frozen(d_mul):
+    """A conv frozen before conversion (requires_grad=False: a stage frozen in __init__, an EMA
+    target network) gets a frozen D and frozen extra columns, as if conv_cfg had built it and
+    the model had then frozen all its parameters; a trainable conv gets trainable ones."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    model[0].requires_grad_(False)
+    convert_to_doconv(model, D_mul=d_mul)
+    frozen, trainable = model
+    extras = ('D', ) if d_mul is None else ('D', 'weight_extra')
+    assert all(not getattr(frozen, name).requires_grad for name in extras)
+    assert all(getattr(trainable, name).requires_grad for name in extras)
+    model(torch.randn(1, 3, 9, 9)).sum().backward()
+    assert frozen.D.grad is None and trainable.D.grad is not None
 
 
 def test_to_conv2d_keeps_attributes_and_output():
