@@ -126,9 +126,10 @@ def _check_replaced_conv(where: str, path: str, old_type: Any, new_type: str,
     type ``old_type`` at ``path``; the config now asks for the DO-Conv type ``new_type``.
 
     Silent when the two compute the same thing at D = 0 (old is plain Conv2d or DO-Conv, or the
-    twin of ``new_type``); raises DOConvNotApplicableError for 1-D / 3-D convs (the 2-D layer
-    would fail on their inputs); warns (UserWarning) for other conv types, whose behaviour
-    DO-Conv over a plain conv would drop, naming the DO-Conv type that keeps it where one exists.
+    twin of ``new_type``); raises DOConvNotApplicableError for 1-D / 3-D and transposed convs
+    (the 2-D forward layer would fail on their inputs or shapes); warns (UserWarning) for other
+    conv types, whose behaviour DO-Conv over a plain conv would drop, naming the DO-Conv type that
+    keeps it where one exists.
     """
     old_cls = _registered_class(old_type, scope)
     new_plain = plain_layer_type(new_type)
@@ -136,6 +137,11 @@ def _check_replaced_conv(where: str, path: str, old_type: Any, new_type: str,
             or old_cls is _registered_class(new_plain, scope):
         return
     old = str(old_type).rpartition('.')[2] if isinstance(old_type, str) else old_cls.__name__
+    if issubclass(old_cls, nn.modules.conv._ConvTransposeNd):
+        raise DOConvNotApplicableError(
+            f'{where} (transposed convolutions, which upsample), but conv_cfg=dict(type='
+            f'{new_type!r}) builds forward DO-Conv layers. DO-Conv replaces forward convolutions '
+            f'only: remove conv_cfg from {path}.')
     if issubclass(old_cls, (nn.Conv1d, nn.Conv3d)):
         dims = 1 if issubclass(old_cls, nn.Conv1d) else 3
         raise DOConvNotApplicableError(

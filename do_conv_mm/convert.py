@@ -34,8 +34,8 @@ import torch.nn as nn
 from mmengine.registry import MODELS, Registry
 
 # The config checks lived here first; they are re-exported for code that imports them from here.
-from .config_check import (DOConvNotApplicableError, _few, check_doconv_cfg,  # noqa: F401
-                           explain_build_error, walk_cfg)
+from .config_check import (DOConvNotApplicableError, _few, _is_plain_conv_class,  # noqa: F401
+                           check_doconv_cfg, explain_build_error, walk_cfg)
 from .doconv import DOConv2d, doconv_twin_of
 
 __all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError',
@@ -51,11 +51,7 @@ _DEFORM_CLASS_NAMES = ('DeformConv2d', 'ModulatedDeformConv2d')
 def _is_plain_conv2d(module: nn.Module) -> bool:
     """nn.Conv2d itself, or mmcv's ``Conv2d`` wrapper (registered as 'Conv': it only adds an
     empty-input shortcut for torch < 1.4 and otherwise *is* nn.Conv2d)."""
-    cls = type(module)
-    if cls is nn.Conv2d:
-        return True
-    return (cls.__name__ == 'Conv2d' and cls.__module__ == 'mmcv.cnn.bricks.wrappers'
-            and cls.__bases__ == (nn.Conv2d, ))
+    return _is_plain_conv_class(type(module))
 
 
 def _doconv_class_for(module: nn.Module) -> Optional[type]:

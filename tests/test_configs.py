@@ -761,6 +761,15 @@ def test_doconv_where_a_component_builds_1d_convs_is_refused():
     cfg.model.decode_head[1].conv_cfg = dict(type='Conv1d')
     cfg.model.decode_head[0].conv_cfg = dict(type='DOConv')
     assert _conv_type_warnings(lambda: check_doconv_cfg(cfg.model, scope='mmseg')) == []
+    # Likewise over a transposed conv type that an earlier config set there.
+    from do_conv_mm.config_check import check_base_conv_types
+    child = Config(dict(default_scope='mmdet', model=dict(type='CenterNet', neck=dict(
+        type='CTResNetNeck', conv_cfg=dict(type='DOConv')))))
+    with pytest.raises(DOConvNotApplicableError, match=r"model\.neck: the base sets conv_cfg=dict"
+                                                        r"\(type='deconv'\) there \(transposed "
+                                                        r"convolutions.*remove conv_cfg"):
+        check_base_conv_types(child, [('the base', dict(type='CenterNet', neck=dict(
+            type='CTResNetNeck', conv_cfg=dict(type='deconv'))))])
 
 
 # ----------------------------------------------------------------------------------------------
