@@ -30,8 +30,8 @@ def fold_doconv(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if isinstance(model, DOConv2d):
         return model.to_conv2d()
-    if not inplace:
-        model = deepcopy(model)  # deepcopy keeps shared submodules shared
+    if not inplace:  # deepcopy keeps shared submodules shared
+        model = deepcopy(model, _graph_tensors_detached(model))
     folded = {}  # id(DOConv2d) -> (the layer, its folded conv); the layer is held so ids stay
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
@@ -80,6 +80,36 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> 'OrderedDict[str,
     if metadata is not None:
         folded._metadata = deepcopy(metadata)
     return folded
+
+
+def _graph_tensors_detached(model: nn.Module) -> dict:
+    """A deepcopy memo that copies, as their detached values, the tensors of an autograd graph
+    that modules keep outside their parameters and buffers (mmdet's dense heads keep training
+    predictions in ``_raw_positive_infos`` after a loss pass; torch cannot deep-copy them, so
+    folding a copy right after training would fail)."""
+    memo, seen = {}, set()
+
+    def visit(value, depth: int) -> None:
+        if id(value) in seen or depth > 6:
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None:
+                memo[id(value)] = value.detach()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth + 1)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                visit(item, depth + 1)
+        elif hasattr(value, '__dict__') and not isinstance(value, (nn.Module, type)):
+            visit(vars(value), depth + 1)  # e.g. mmengine InstanceData, SamplingResult
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ('_parameters', '_buffers', '_modules'):
+                visit(value, 0)
+    return memo
 
 
 def _tensor_identity(tensor):

@@ -380,6 +380,35 @@ def test_jit_trace_follows_parameters():
     torch.testing.assert_close(traced(x), layer(x))
 
 
+def test_fold_copy_of_a_model_that_keeps_graph_tensors():
+    """A module that keeps training-time tensors of an autograd graph (mmdet's dense heads keep
+    predictions in ``_raw_positive_infos`` after a loss pass) cannot be deep-copied by torch;
+    fold_doconv's copy holds their detached values instead, and the original keeps its own."""
+    import copy
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = randomise(DOConv2d(3, 4, 3, padding=1))
+            self._infos = {}
+
+        def forward(self, x):
+            y = self.conv(x)
+            self._infos['preds'] = [y * 2]
+            return y
+
+    head, x = Head(), torch.randn(1, 3, 6, 6)
+    head(x).sum().backward()
+    with pytest.raises(RuntimeError, match='graph leaves'):
+        copy.deepcopy(head)
+    kept = head._infos['preds'][0]
+    folded = fold_doconv(head)
+    assert type(folded.conv) is nn.Conv2d and folded._infos['preds'][0].grad_fn is None
+    assert torch.equal(folded._infos['preds'][0], kept) and head._infos['preds'][0] is kept
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), head(x), atol=1e-5, rtol=1e-5)
+
+
 def test_fold_doconv_model_copy_and_inplace():
     model = nn.Sequential(randomise(DOConv2d(3, 4, 3, padding=1)), nn.ReLU(),
                           nn.Sequential(randomise(DOConv2d(4, 4, 1)))).eval()
