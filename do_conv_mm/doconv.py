@@ -322,7 +322,12 @@ class DOConv2d(nn.Conv2d):
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                    conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
-                   D_mul=D_mul)._sharing_parameters_of(conv)
+                   D_mul=D_mul, **cls._twin_arguments(conv))._sharing_parameters_of(conv)
+
+    @classmethod
+    def _twin_arguments(cls, conv: nn.Conv2d) -> dict:
+        """Constructor arguments a twin class takes from its plain conv beyond nn.Conv2d's."""
+        return {}
 
     @classmethod
     def _check_plain_twin(cls, conv: nn.Module) -> None:
@@ -370,7 +375,7 @@ class DOConv2d(nn.Conv2d):
 
 # Config type name of every registered DO-Conv layer -> the plain conv type it folds into.
 _PLAIN_TYPE_OF = {}
-# Plain conv class -> the registered DO-Conv layer class that is its twin.
+# Plain conv class -> (the registered DO-Conv layer class that is its twin, its config name).
 _TWIN_OF = {}
 
 
@@ -382,21 +387,18 @@ def register_doconv_layer(cls: type, names) -> None:
     from mmengine.registry import MODELS
     MODELS.register_module(name=list(names), module=cls)
     _PLAIN_TYPE_OF.update(dict.fromkeys(names, cls.plain_layer_type))
-    _TWIN_OF[cls.plain_class] = cls
+    _TWIN_OF[cls.plain_class] = (cls, names[0])
 
 
 def doconv_twin_of(plain_class: type) -> Optional[type]:
     """The registered DO-Conv class whose from_conv2d takes exactly ``plain_class``, or None."""
-    return _TWIN_OF.get(plain_class)
+    return _TWIN_OF.get(plain_class, (None, None))[0]
 
 
 def doconv_layer_type_for(plain_class: type) -> Optional[str]:
     """The config type name of ``plain_class``'s DO-Conv twin ('DOConvWS' for mmcv's ConvWS2d,
     'DOConv' for nn.Conv2d), or None when it has none."""
-    twin = _TWIN_OF.get(plain_class)
-    if twin is None:
-        return None
-    return next(n for n, plain in _PLAIN_TYPE_OF.items() if plain == twin.plain_layer_type)
+    return _TWIN_OF.get(plain_class, (None, None))[1]
 
 
 def is_doconv_layer_type(value) -> bool:

@@ -56,13 +56,9 @@ class DOConv2dWS(DOConv2d, nn.Conv2d):
         return super().extra_repr() + f', eps={self.eps}'
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, D_mul: Optional[int] = None) -> 'DOConv2dWS':
-        """The DO-Conv twin of an mmcv ``ConvWS2d`` (D = 0, weights shared, same eps)."""
-        cls._check_plain_twin(conv)
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                   conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                   device=conv.weight.device, dtype=conv.weight.dtype, D_mul=D_mul,
-                   eps=conv.eps)._sharing_parameters_of(conv)
+    def _twin_arguments(cls, conv: ConvWS2d) -> dict:
+        """from_conv2d of an mmcv ``ConvWS2d`` keeps its eps."""
+        return dict(eps=conv.eps)
 
     def _empty_plain_conv(self) -> ConvWS2d:
         conv = ConvWS2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
