@@ -20,7 +20,8 @@ from mmengine.logging import print_log
 from .checkpoint import CheckpointError, load_checkpoint_file
 
 __all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'load_config_file',
-           'prepare_cpu_distributed', 'prepare_toy_data', 'revert_sync_bn_cfg', 'set_work_dir']
+           'merge_cfg_options', 'prepare_cpu_distributed', 'prepare_toy_data', 'revert_sync_bn_cfg',
+           'set_work_dir']
 
 # The packages that own each default_scope, for the "not installed" message.
 _SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2',
@@ -39,11 +40,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
                         f'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py.')
     cfg = load_config_file(path, ToolError)
     cfg.launcher = launcher
-    earlier = []  # the file's own model, for a conv type that --cfg-options replaces
-    if cfg_options is not None:
-        if 'model' in cfg:
-            earlier.append((f'{path} (before --cfg-options)', copy.deepcopy(cfg.model)))
-        cfg.merge_from_dict(cfg_options)
+    earlier = merge_cfg_options(cfg, path, cfg_options)
     _check_scope(cfg)
     _check_doconv(cfg, earlier)
     if launcher != 'none':
@@ -62,6 +59,17 @@ def load_config_file(path: str, error_type=None) -> Config:
         raise (error_type or ToolError)(
             f'config {path!r} could not be loaded ({type(error).__name__}: {text}); fix the '
             f'config file.') from None
+
+
+def merge_cfg_options(cfg: Config, path: str, cfg_options: Optional[dict]) -> list:
+    """Merge ``--cfg-options`` into ``cfg``; returns ``[(label, the file's model before them)]``
+    for :func:`~do_conv_mm.config_check.check_base_conv_types` (a conv type they replace)."""
+    if not cfg_options:
+        return []
+    earlier = ([(f'{path} (before --cfg-options)', copy.deepcopy(cfg.model))]
+               if 'model' in cfg else [])
+    cfg.merge_from_dict(cfg_options)
+    return earlier
 
 
 def _check_doconv(cfg: Config, earlier=()) -> None:

@@ -13,7 +13,6 @@ sampling as in training, auxiliary heads included) on a synthetic annotation (bo
 or class label 0); ``--mode tensor`` runs the plain forward pass.
 """
 import argparse
-import copy
 import json
 import os.path as osp
 import sys
@@ -31,7 +30,7 @@ from do_conv_mm.config_check import (DOConvNotApplicableError,  # noqa: E402
                                      check_base_conv_types, check_doconv_cfg,
                                      explain_build_error)
 from do_conv_mm.deploy_verify import model_task  # noqa: E402
-from do_conv_mm.runner_setup import load_config_file  # noqa: E402
+from do_conv_mm.runner_setup import load_config_file, merge_cfg_options  # noqa: E402
 
 DEFAULT_DET_SHAPE = (800, 1344)
 DEFAULT_SEG_SHAPE = (512, 1024)
@@ -259,11 +258,7 @@ def main(argv=None):
         cfg = load_config_file(args.config, AnalyzeError)
     except AnalyzeError as error:
         sys.exit(f'error: {error}')
-    earlier = []  # the file's own model, for a conv type that --cfg-options replaces
-    if args.cfg_options:
-        if 'model' in cfg:
-            earlier.append((f'{args.config} (before --cfg-options)', copy.deepcopy(cfg.model)))
-        cfg.merge_from_dict(args.cfg_options)
+    earlier = merge_cfg_options(cfg, args.config, args.cfg_options)
     try:
         check_base_conv_types(cfg, earlier)
         result = analyze(cfg, args.shape, args.mode)
