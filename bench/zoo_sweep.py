@@ -24,7 +24,6 @@ large variants left out), on the CPU:
 Writes ``results/zoo_sweep_<zoo>.md``. Not a timing benchmark: the seconds are there to plan runs.
 """
 import argparse
-import copy
 import glob
 import os
 import os.path as osp
@@ -118,36 +117,22 @@ def zoo_models(zoo: str, families: Optional[List[str]]) -> Dict[str, str]:
     return dict(sorted(picked.items()))
 
 
-def _strip_pretrained(node) -> None:
-    if isinstance(node, dict):
-        node.pop('pretrained', None)
-        init_cfg = node.get('init_cfg')
-        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
-            node['init_cfg'] = None
-        if node.get('type') in ('SyncBN', 'MMSyncBN'):
-            node['type'] = 'BN'
-        for value in node.values():
-            _strip_pretrained(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            _strip_pretrained(value)
-
-
 def build(zoo: str, source: str) -> nn.Module:
+    """The model of ``source`` without pretrained weights, SyncBN as BN (do_conv_mm's
+    ``deploy.build_model`` for mmdet / mmseg configs, ``get_model`` for mmpretrain names)."""
     torch.manual_seed(0)
     if zoo == 'mmpretrain':
         from mmpretrain import get_model
         return get_model(source, pretrained=False)
     from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-    model_cfg = copy.deepcopy(Config.fromfile(source).model)
-    _strip_pretrained(model_cfg)
-    if zoo == 'mmdet':
-        from mmdet.registry import MODELS
-    else:
-        from mmseg.registry import MODELS
-    with DefaultScope.overwrite_default_scope(zoo):
-        return MODELS.build(model_cfg)
+    from do_conv_mm.config_check import walk_cfg
+    from do_conv_mm.deploy import build_model
+    cfg = Config.fromfile(source)
+    for _, node in walk_cfg(cfg.model, 'model'):
+        node.pop('pretrained', None)
+        if isinstance(node.get('init_cfg'), dict) and node['init_cfg'].get('type') == 'Pretrained':
+            node['init_cfg'] = None
+    return build_model(cfg)
 
 
 # ------------------------------------------------------------------------------------------------
