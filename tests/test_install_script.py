@@ -224,3 +224,81 @@ def test_this_machine_needs_nothing_but_possibly_the_editable_install(tmp_path):
         f'would run: {sys.executable} -m pip install --no-build-isolation --no-deps -e .']
     assert commands == expected, proc.stdout
     assert ('nothing to install' in proc.stdout) == here
+
+
+WHEEL_INCLUDE = '/site-packages/nvidia/cu13/include'
+
+
+def test_toolkit_without_library_headers_builds_with_torchs_nvidia_wheel_headers(tmp_path):
+    # nvcc alone (this machine kind: /usr/local/bin/nvcc wraps /usr/local/cuda-13.0/bin/nvcc,
+    # and that toolkit has no cusparse.h): CUDA_HOME names the real toolkit, the wheel's headers
+    # come after the toolkit's own (-isystem, CPATH).
+    facts = dict(GPU_BARE, cuda_home='/usr/local/cuda-13.0', cuda_includes=WHEEL_INCLUDE)
+    code, commands, stderr = dry_run(tmp_path, facts, nvcc=True)
+    assert code == 0
+    assert ('env MAX_JOBS=2 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=/usr/local/cuda-13.0 '
+            f'CPATH={WHEEL_INCLUDE} NVCC_APPEND_FLAGS=-isystem {WHEEL_INCLUDE} python -m pip '
+            'install --no-build-isolation mmcv==2.1.0') in commands
+    assert 'CUDA_HOME=/usr/local/cuda-13.0, the toolkit of the nvcc found' in stderr
+    assert f"taking them from torch's nvidia wheels ({WHEEL_INCLUDE})" in stderr
+
+
+def test_wheel_header_folders_extend_the_users_cpath_and_nvcc_flags(tmp_path):
+    # CUDA 12 wheels keep each library's headers in its own folder
+    facts = dict(GPU_BARE, cuda_includes='/w/cusparse/include:/w/cublas/include')
+    _, commands, _ = dry_run(tmp_path, facts, nvcc=True,
+                             env_extra={'CPATH': '/mine', 'NVCC_APPEND_FLAGS': '-lineinfo'})
+    build = [c for c in commands if 'mmcv==2.1.0' in c]
+    assert len(build) == 1
+    assert ' CPATH=/w/cusparse/include:/w/cublas/include:/mine ' in build[0]
+    assert (' NVCC_APPEND_FLAGS=-lineinfo -isystem /w/cusparse/include -isystem '
+            '/w/cublas/include ') in build[0]
+    assert 'CUDA_HOME=' not in build[0]  # torch finds the toolkit itself
+
+
+def test_library_headers_found_nowhere_build_cpu_ops_and_name_them(tmp_path):
+    facts = dict(GPU_BARE, cuda_headers_missing='cusparse.h cusolverDn.h')
+    code, commands, stderr = dry_run(tmp_path, facts, nvcc=True)
+    assert code == 0
+    assert 'env MAX_JOBS=2 python -m pip install --no-build-isolation mmcv==2.1.0' in commands
+    assert 'lacks cusparse.h cusolverDn.h' in stderr and 'CPU ops only' in stderr
+
+
+def _real_probe(tmp_path, toolkit_headers, env_extra=None) -> dict:
+    """``install.sh --facts`` with this machine's Python, an nvcc wrapper first on PATH (outside
+    its toolkit, as /usr/local/bin/nvcc here) and a fake toolkit holding ``toolkit_headers``."""
+    root = tmp_path / 'cuda'
+    (root / 'bin').mkdir(parents=True)
+    (root / 'include').mkdir()
+    for header in toolkit_headers:
+        (root / 'include' / header).write_text('')
+    wrapper = tmp_path / 'wrap' / 'bin' / 'nvcc'
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\necho "#$ _HERE_={root}/bin"\n')  # as `nvcc --dryrun` says
+    wrapper.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ('CUDA_HOME', 'CUDA_PATH')}
+    env.update(PATH=f'{wrapper.parent}:{os.environ["PATH"]}', PYTHON=sys.executable,
+               **(env_extra or {}))
+    proc = subprocess.run(['bash', SCRIPT, '--facts'], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return dict(line.split('=', 1) for line in proc.stdout.splitlines() if '=' in line)
+
+
+def test_real_probe_finds_the_toolkit_behind_an_nvcc_wrapper_and_the_wheel_headers(tmp_path):
+    torch = pytest.importorskip('torch')
+    if not torch.version.cuda:
+        pytest.skip('needs a CUDA build of torch (PyPI\'s, as installed here): its nvidia wheels')
+    facts = _real_probe(tmp_path, ['cuda_runtime_api.h'])
+    assert facts['cuda_home'] == str(tmp_path / 'cuda')
+    site = osp.dirname(osp.dirname(torch.__file__))
+    dirs = facts['cuda_includes'].split(':')
+    assert dirs and all(d.startswith(osp.join(site, 'nvidia') + os.sep) for d in dirs), facts
+    for header in ('cusparse.h', 'cublas_v2.h', 'cublasLt.h', 'cusolverDn.h'):
+        assert any(osp.isfile(osp.join(d, header)) for d in dirs), header
+    assert facts['cuda_headers_missing'] == 'none'
+    # a complete toolkit needs no wheel folders; a CUDA_HOME set by the user is kept
+    complete = ['cuda_runtime_api.h', 'cusparse.h', 'cublas_v2.h', 'cublasLt.h', 'cusolverDn.h']
+    facts = _real_probe(tmp_path / 'full', complete,
+                        env_extra={'CUDA_HOME': str(tmp_path / 'full' / 'cuda')})
+    assert facts['cuda_home'] == 'none' and facts['cuda_includes'] == 'none'

@@ -23,6 +23,13 @@
 # no TORCH_CUDA_ARCH_LIST, CPU ops only (building every architecture takes hours). MAX_JOBS
 # (default 2) sets the build's jobs.
 #
+# Where nvcc's toolkit lacks the library headers torch's CUDA headers include (cuSPARSE, cuBLAS,
+# cuSOLVER: a toolkit with nvcc alone), they are taken from torch's own nvidia-* wheels (CPATH,
+# NVCC_APPEND_FLAGS -isystem, after the toolkit's headers); where the nvcc on PATH is a wrapper
+# outside its toolkit, CUDA_HOME is set to the toolkit nvcc reports (a CUDA_HOME or CUDA_PATH
+# you set is kept). Where neither has the headers, CPU ops only, with a warning naming them.
+#
+# bash tools/install.sh --facts   prints what it found (torch, CUDA, mmcv, ...) and installs nothing.
 # PYTHON=...              the interpreter to install into (default: python on PATH)
 # DOCONV_INSTALL_DRY_RUN=1 print the install commands it would run ('would run: ...'), run none.
 set -euo pipefail
@@ -50,9 +57,12 @@ run() {  # run an install command (print it on a dry run), then re-read the fact
 # One line per fact, key=value, read by the decisions below.
 probe() {
   (cd / && "$PYTHON" - "$CHECKOUT" "${STACK[@]}" <<'PY'
+import glob
 import importlib.metadata as md
 import os
 import re
+import shutil
+import subprocess
 import sys
 
 checkout, stack = sys.argv[1], sys.argv[2:]
@@ -69,6 +79,56 @@ def release(v):  # '2.11.0+cu130' -> (2, 11, 0)
     return tuple(int(x) for x in re.findall(r'\d+', v.split('+')[0])[:3])
 
 
+# Headers that torch's CUDA headers (ATen/cuda/CUDAContextLight.h) include, so every mmcv CUDA
+# source needs them. A toolkit with nvcc alone (some images, conda's cuda-nvcc) lacks the
+# library ones; torch's own nvidia-* wheels carry them.
+CUDA_HEADERS = ('cuda_runtime_api.h', 'cusparse.h', 'cublas_v2.h', 'cublasLt.h', 'cusolverDn.h')
+
+
+def nvcc_toolkit_root():
+    """The toolkit the nvcc that the build will run belongs to, from its own dry run (the nvcc
+    on PATH may be a wrapper script elsewhere, e.g. /usr/local/bin/nvcc), or None."""
+    nvcc = shutil.which('nvcc') or os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'),
+                                                'bin', 'nvcc')
+    try:
+        out = subprocess.run([nvcc, '--dryrun', '-x', 'cu', '-c', os.devnull, '-o', os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith('#$ _HERE_='):
+            return os.path.dirname(line.split('=', 1)[1].strip())
+    return None
+
+
+def cuda_build_facts(torch):
+    """cuda_home: the toolkit root to build with where torch would pick another (it takes the
+    parent of the nvcc on PATH, wrong for a wrapper; CUDA_HOME / CUDA_PATH set by the user
+    are kept); cuda_includes: torch's nvidia wheel include folders that supply headers the
+    toolkit lacks; cuda_headers_missing: headers found in neither."""
+    facts = dict(cuda_home='none', cuda_includes='none', cuda_headers_missing='none')
+    root = nvcc_toolkit_root()
+    if root is None:
+        return facts
+    home = os.environ.get('CUDA_HOME') or os.environ.get('CUDA_PATH')
+    if not home:
+        import logging  # torch logs a warning where its CUDA_HOME has no CUDA runtime
+        logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
+        from torch.utils.cpp_extension import CUDA_HOME as torch_choice
+        home = torch_choice
+        if not home or os.path.realpath(home) != os.path.realpath(root):
+            facts['cuda_home'] = home = root
+    missing = [h for h in CUDA_HEADERS if not os.path.isfile(os.path.join(home, 'include', h))]
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    wheel_dirs = sorted(glob.glob(os.path.join(site, 'nvidia', '*', 'include')))
+    found = {h: next((d for d in wheel_dirs if os.path.isfile(os.path.join(d, h))), None)
+             for h in missing}
+    extra = sorted({d for d in found.values() if d})
+    facts['cuda_includes'] = ':'.join(extra) or 'none'
+    facts['cuda_headers_missing'] = ' '.join(h for h, d in found.items() if not d) or 'none'
+    return facts
+
+
 facts = {}
 torch_version = version('torch')
 facts['torch'] = torch_version or 'none'
@@ -83,6 +143,12 @@ if torch_version:
         if torch.version.cuda and torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)
             facts['gpu_arch'] = f'{major}.{minor}'
+    except Exception:
+        pass
+facts.update(cuda_home='none', cuda_includes='none', cuda_headers_missing='none')
+if facts['torch_cuda'] != 'none':
+    try:
+        facts.update(cuda_build_facts(torch))
     except Exception:
         pass
 facts['torchvision'] = version('torchvision') or 'none'
@@ -131,6 +197,10 @@ have_nvcc() {
 }
 
 FACTS=$(probe)
+if [[ "${1:-}" == --facts ]]; then  # what the decisions below read, e.g. to see why one was taken
+  echo "$FACTS"
+  exit 0
+fi
 
 # torch: keep any installed version in range; install the verified one only where there is none,
 # or where it is the CPU-only 2.13.0+cpu wheel that cannot serve torchvision.
@@ -155,6 +225,41 @@ if [[ "$(fact build_tools)" != yes ]]; then
   run "$PYTHON" -m pip install setuptools==80.9.0 wheel ninja
 fi
 
+known() {  # known KEY: the fact is set and not 'none'
+  local value
+  value=$(fact "$1")
+  [[ -n "$value" && "$value" != none ]]
+}
+
+# add_cuda_build_env ARCHS: FORCE_CUDA for ARCHS into build_env, with the toolkit root and
+# header folders the build needs where torch would not find them itself; CPU ops only (and why)
+# where the toolkit lacks headers that no installed nvidia wheel supplies either.
+add_cuda_build_env() {
+  if known cuda_headers_missing; then
+    echo "warning: the CUDA toolkit of nvcc lacks $(fact cuda_headers_missing), which torch's" \
+         "CUDA headers include, and no installed nvidia-* wheel carries them: mmcv is built" \
+         "with CPU ops only. Install the toolkit's library headers (cuBLAS, cuSPARSE," \
+         "cuSOLVER development packages of CUDA $(fact torch_cuda)), pip uninstall mmcv, and" \
+         "run this again for CUDA ops." >&2
+    return
+  fi
+  build_env+=("FORCE_CUDA=1" "TORCH_CUDA_ARCH_LIST=$1")
+  if known cuda_home; then
+    echo "note: building with CUDA_HOME=$(fact cuda_home), the toolkit of the nvcc found" \
+         "(torch would take another folder)." >&2
+    build_env+=("CUDA_HOME=$(fact cuda_home)")
+  fi
+  if known cuda_includes; then
+    local dirs flags=()
+    IFS=: read -ra dirs <<<"$(fact cuda_includes)"
+    for d in "${dirs[@]}"; do flags+=("-isystem $d"); done
+    echo "note: the CUDA toolkit lacks library headers; taking them from torch's nvidia wheels" \
+         "($(fact cuda_includes)), after the toolkit's own." >&2
+    build_env+=("CPATH=$(fact cuda_includes)${CPATH:+:$CPATH}"
+                "NVCC_APPEND_FLAGS=${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }${flags[*]}")
+  fi
+}
+
 # mmcv: keep an installed 2.0-2.1 whose ops import; otherwise build 2.1.0 (no wheel exists for
 # these torch versions), with CUDA ops where torch has CUDA and nvcc is there.
 if [[ "$(fact mmcv_in_range)" == yes && "$(fact mmcv_ops)" == yes ]]; then
@@ -171,10 +276,8 @@ else
            "(PATH, CUDA_HOME): mmcv is built with CPU ops only, and detectors that need its" \
            "CUDA ops (RoIAlign, NMS, ...) will fail on the GPU. Install the CUDA toolkit" \
            "$(fact torch_cuda) and run this again for CUDA ops." >&2
-    elif [[ -n "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-      build_env+=("FORCE_CUDA=1" "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST")
-    elif [[ "$(fact gpu_arch)" != none ]]; then
-      build_env+=("FORCE_CUDA=1" "TORCH_CUDA_ARCH_LIST=$(fact gpu_arch)")
+    elif [[ -n "${TORCH_CUDA_ARCH_LIST:-}" || "$(fact gpu_arch)" != none ]]; then
+      add_cuda_build_env "${TORCH_CUDA_ARCH_LIST:-$(fact gpu_arch)}"
     else
       echo "note: no GPU visible and TORCH_CUDA_ARCH_LIST unset: mmcv is built with CPU ops" \
            "only. For CUDA ops, set TORCH_CUDA_ARCH_LIST to your GPUs' compute capability" \
