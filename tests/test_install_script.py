@@ -302,3 +302,31 @@ def test_real_probe_finds_the_toolkit_behind_an_nvcc_wrapper_and_the_wheel_heade
     facts = _real_probe(tmp_path / 'full', complete,
                         env_extra={'CUDA_HOME': str(tmp_path / 'full' / 'cuda')})
     assert facts['cuda_home'] == 'none' and facts['cuda_includes'] == 'none'
+
+
+def test_real_probe_judges_mmcv_ops_by_their_extension_not_by_mmcvs_imports(tmp_path):
+    """mmcv's package imports mmengine; where that is missing (mmcv installed before the rest of
+    the stack, as a wheel with --no-deps) the ops are still judged by whether the compiled
+    extension loads against this torch, so ops built with CUDA are not rebuilt without them."""
+    mmcv = pytest.importorskip('mmcv')
+    ops = pytest.importorskip('mmcv.ops')
+    ext = [p for p in os.listdir(osp.dirname(mmcv.__file__)) if p.startswith('_ext.')]
+    if not ext:
+        pytest.skip('needs an mmcv with compiled ops (installed here by tools/install.sh)')
+    site = tmp_path / 'site'
+    package = site / 'mmcv'
+    package.mkdir(parents=True)
+    (package / '__init__.py').write_text('import mmengine_is_not_installed\n')
+    (package / ext[0]).symlink_to(osp.join(osp.dirname(mmcv.__file__), ext[0]))
+    (site / 'mmcv-2.1.0.dist-info').mkdir()
+    (site / 'mmcv-2.1.0.dist-info' / 'METADATA').write_text('Name: mmcv\nVersion: 2.1.0\n')
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(site))
+    facts = subprocess.run(['bash', SCRIPT, '--facts'], env=env, capture_output=True, text=True,
+                           timeout=120).stdout
+    assert 'mmcv=2.1.0\n' in facts and 'mmcv_ops=yes\n' in facts, facts
+    assert f'mmcv_ops_cuda={ops.get_compiling_cuda_version()}\n' in facts
+    # without the extension (mmcv-lite) there are no ops
+    (package / ext[0]).unlink()
+    facts = subprocess.run(['bash', SCRIPT, '--facts'], env=env, capture_output=True, text=True,
+                           timeout=120).stdout
+    assert 'mmcv_ops=no\n' in facts, facts

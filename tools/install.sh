@@ -129,6 +129,29 @@ def cuda_build_facts(torch):
     return facts
 
 
+def mmcv_ext_facts():
+    """('yes', its CUDA version or 'not available') where mmcv's compiled ops load against this
+    torch, else ('no', 'none'). The extension is loaded on its own: mmcv's package imports
+    mmengine, which may not be installed yet, and that must not pass for ops built for another
+    torch (a rebuild, an hour with CUDA ops)."""
+    import importlib.machinery
+    import importlib.util
+    spec = importlib.util.find_spec('mmcv')  # finds the package without running it
+    folders = (spec.submodule_search_locations or []) if spec else []
+    paths = [p for d in folders for suffix in importlib.machinery.EXTENSION_SUFFIXES
+             for p in glob.glob(os.path.join(d, '_ext' + suffix))]
+    if not paths:  # no mmcv, or mmcv-lite
+        return 'no', 'none'
+    try:
+        import torch  # noqa: F401  (the extension links against torch's libraries)
+        loader = importlib.machinery.ExtensionFileLoader('mmcv._ext', paths[0])
+        ext = importlib.util.module_from_spec(importlib.util.spec_from_loader('mmcv._ext', loader))
+        loader.exec_module(ext)
+        return 'yes', ext.get_compiling_cuda_version()
+    except Exception:
+        return 'no', 'none'
+
+
 facts = {}
 torch_version = version('torch')
 facts['torch'] = torch_version or 'none'
@@ -163,13 +186,7 @@ facts['mmpretrain'] = version('mmpretrain') or 'none'
 mmcv_version = version('mmcv')
 facts['mmcv'] = mmcv_version or 'none'
 facts['mmcv_in_range'] = 'yes' if mmcv_version and (2, 0) <= release(mmcv_version)[:2] <= (2, 1) else 'no'
-try:
-    import mmcv.ops  # noqa: F401
-    facts['mmcv_ops'] = 'yes'
-    facts['mmcv_ops_cuda'] = mmcv.ops.get_compiling_cuda_version()
-except Exception:
-    facts['mmcv_ops'] = 'no'
-    facts['mmcv_ops_cuda'] = 'none'
+facts['mmcv_ops'], facts['mmcv_ops_cuda'] = mmcv_ext_facts()
 facts['build_tools'] = 'yes' if version('setuptools') == '80.9.0' and version('wheel') \
     and version('ninja') else 'no'
 missing = [spec for spec in stack
