@@ -330,3 +330,39 @@ def test_real_probe_judges_mmcv_ops_by_their_extension_not_by_mmcvs_imports(tmp_
     facts = subprocess.run(['bash', SCRIPT, '--facts'], env=env, capture_output=True, text=True,
                            timeout=120).stdout
     assert 'mmcv_ops=no\n' in facts, facts
+
+
+def test_deploy_venv_made_from_a_venv_sees_that_venvs_packages_behind_its_own(tmp_path):
+    """tools/install_deploy.sh where ``python`` is itself a venv (as many users' environments
+    are): --system-site-packages alone would reach only the base interpreter's packages, so the
+    deploy venv would miss torch / mmcv / mmdet installed in that venv."""
+    main = tmp_path / 'main-venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(main)], check=True,
+                   timeout=120)
+
+    def purelib(python) -> str:
+        return subprocess.run([str(python), '-c', 'import sysconfig; '
+                               'print(sysconfig.get_path("purelib"))'], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    main_site = purelib(main / 'bin' / 'python')
+    with open(osp.join(main_site, 'only_in_main_venv.py'), 'w') as f:
+        f.write('WHERE = "main"\n')
+    deploy = tmp_path / 'deploy-venv'
+    env = dict(os.environ, PATH=f'{main}/bin:{os.environ["PATH"]}',
+               DO_CONV_MM_DEPLOY_VENV=str(deploy), DOCONV_INSTALL_DRY_RUN='1')
+    proc = subprocess.run(['bash', osp.join(REPO, 'tools', 'install_deploy.sh')], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (f'would run: {deploy}/bin/python -m pip install '
+                                   '--no-build-isolation -e .[deploy]')
+
+    def where() -> str:
+        return subprocess.run([str(deploy / 'bin' / 'python'), '-c',
+                               'import only_in_main_venv as m; print(m.WHERE)'], cwd='/',
+                              capture_output=True, text=True).stdout.strip()
+
+    assert where() == 'main'
+    with open(osp.join(purelib(deploy / 'bin' / 'python'), 'only_in_main_venv.py'), 'w') as f:
+        f.write('WHERE = "deploy"\n')  # the deploy venv's own pins stay in front
+    assert where() == 'deploy'

@@ -6,6 +6,7 @@
 # mmdeploy pins protobuf<=3.20.2; the venv holds that protobuf and onnx 1.17.0 (the newest onnx
 # that accepts it) in front of the main stack's newer onnx/protobuf. Quick when already done.
 # Then: .venv-deploy/bin/python tools/deploy_onnx.py CONFIG CHECKPOINT OUT_DIR --verify
+# DOCONV_INSTALL_DRY_RUN=1: make the venv, print the install command, install nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DO_CONV_MM_DEPLOY_VENV:-.venv-deploy}"
@@ -24,6 +25,20 @@ if [ ! -x "$PY" ]; then
   # --without-pip: the main environment's pip serves the venv (installing into the venv), so no
   # second, older pip/setuptools shadows the main stack's.
   python -m venv --system-site-packages --without-pip "$VENV"
+fi
+# --system-site-packages reaches the base interpreter's packages only: where the main python is
+# itself a venv, its site-packages are added by a .pth file, after the deploy venv's own (whose
+# pins stay in front) and before the base interpreter's.
+MAIN_SITE=$(python -c 'import site, sys; print(":".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
+PTH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_do_conv_mm_main_env.pth"
+if [[ -n "$MAIN_SITE" ]]; then
+  tr ':' '\n' <<<"$MAIN_SITE" > "$PTH"
+else
+  rm -f "$PTH"
+fi
+if [[ "${DOCONV_INSTALL_DRY_RUN:-0}" == 1 ]]; then  # the venv only; say what would be installed
+  echo "would run: $PY -m pip install --no-build-isolation -e .[deploy]"
+  exit 0
 fi
 if ! "$PY" - $PINS <<'PY' >/dev/null 2>&1
 import importlib.metadata as md, os, sys
