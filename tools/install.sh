@@ -105,8 +105,8 @@ def cuda_build_facts(torch):
     """cuda_home: the toolkit root to build with where torch would pick another (it takes the
     parent of the nvcc on PATH, wrong for a wrapper; CUDA_HOME / CUDA_PATH set by the user
     are kept); cuda_includes: torch's nvidia wheel include folders that supply headers the
-    toolkit lacks; cuda_headers_missing: headers found in neither."""
-    facts = dict(cuda_home='none', cuda_includes='none', cuda_headers_missing='none')
+    toolkit lacks; cuda_headers_missing: headers found in neither. Empty without an nvcc."""
+    facts = {}
     root = nvcc_toolkit_root()
     if root is None:
         return facts
