@@ -277,10 +277,14 @@ def _real_probe(tmp_path, toolkit_headers, env_extra=None) -> dict:
     wrapper.write_text(f'#!/bin/sh\necho "#$ _HERE_={root}/bin"\n')  # as `nvcc --dryrun` says
     wrapper.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ('CUDA_HOME', 'CUDA_PATH')}
-    env.update(PATH=f'{wrapper.parent}:{os.environ["PATH"]}', PYTHON=sys.executable,
-               **(env_extra or {}))
-    proc = subprocess.run(['bash', SCRIPT, '--facts'], env=env, capture_output=True, text=True,
-                          timeout=120)
+    env.update(PATH=f'{wrapper.parent}:{os.environ["PATH"]}', **(env_extra or {}))
+    return probe_facts(env)
+
+
+def probe_facts(env: dict) -> dict:
+    """``install.sh --facts`` with this machine's Python under ``env``, as a dict."""
+    proc = subprocess.run(['bash', SCRIPT, '--facts'], env=dict(env, PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return dict(line.split('=', 1) for line in proc.stdout.splitlines() if '=' in line)
 
@@ -320,16 +324,13 @@ def test_real_probe_judges_mmcv_ops_by_their_extension_not_by_mmcvs_imports(tmp_
     (package / ext[0]).symlink_to(osp.join(osp.dirname(mmcv.__file__), ext[0]))
     (site / 'mmcv-2.1.0.dist-info').mkdir()
     (site / 'mmcv-2.1.0.dist-info' / 'METADATA').write_text('Name: mmcv\nVersion: 2.1.0\n')
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(site))
-    facts = subprocess.run(['bash', SCRIPT, '--facts'], env=env, capture_output=True, text=True,
-                           timeout=120).stdout
-    assert 'mmcv=2.1.0\n' in facts and 'mmcv_ops=yes\n' in facts, facts
-    assert f'mmcv_ops_cuda={ops.get_compiling_cuda_version()}\n' in facts
+    env = dict(os.environ, PYTHONPATH=str(site))
+    facts = probe_facts(env)
+    assert facts['mmcv'] == '2.1.0' and facts['mmcv_ops'] == 'yes', facts
+    assert facts['mmcv_ops_cuda'] == ops.get_compiling_cuda_version()
     # without the extension (mmcv-lite) there are no ops
     (package / ext[0]).unlink()
-    facts = subprocess.run(['bash', SCRIPT, '--facts'], env=env, capture_output=True, text=True,
-                           timeout=120).stdout
-    assert 'mmcv_ops=no\n' in facts, facts
+    assert probe_facts(env)['mmcv_ops'] == 'no'
 
 
 def test_deploy_venv_made_from_a_venv_sees_that_venvs_packages_behind_its_own(tmp_path):
