@@ -58,7 +58,9 @@ run() {  # run an install command (print it on a dry run), then re-read the fact
 probe() {
   (cd / && "$PYTHON" - "$CHECKOUT" "${STACK[@]}" <<'PY'
 import glob
+import importlib.machinery
 import importlib.metadata as md
+import importlib.util
 import os
 import re
 import shutil
@@ -134,8 +136,6 @@ def mmcv_ext_facts():
     torch, else ('no', 'none'). The extension is loaded on its own: mmcv's package imports
     mmengine, which may not be installed yet, and that must not pass for ops built for another
     torch (a rebuild, an hour with CUDA ops)."""
-    import importlib.machinery
-    import importlib.util
     spec = importlib.util.find_spec('mmcv')  # finds the package without running it
     folders = (spec.submodule_search_locations or []) if spec else []
     paths = [p for d in folders for suffix in importlib.machinery.EXTENSION_SUFFIXES
@@ -193,11 +193,11 @@ missing = [spec for spec in stack
            if version(spec.split('==')[0]) is None
            or ('==' in spec and version(spec.split('==')[0]).split('+')[0] != spec.split('==')[1])]
 facts['stack_missing'] = ' '.join(missing) or 'none'
-try:
-    import do_conv_mm
-    here = os.path.realpath(do_conv_mm.__file__).startswith(checkout + os.sep)
-except Exception:
-    here = False
+# where do_conv_mm imports from, found without running it (its import would warn about a stack
+# that this script is about to complete)
+spec = importlib.util.find_spec('do_conv_mm')
+here = bool(spec and spec.origin
+            and os.path.realpath(spec.origin).startswith(checkout + os.sep))
 facts['do_conv_mm_here'] = 'yes' if here else 'no'
 for key, value in facts.items():
     print(f'{key}={value}')
