@@ -29,10 +29,10 @@ fi
 # --system-site-packages reaches the base interpreter's packages only: where the main python is
 # itself a venv, its site-packages are added by a .pth file, after the deploy venv's own (whose
 # pins stay in front) and before the base interpreter's.
-MAIN_SITE=$(python -c 'import site, sys; print(":".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
+MAIN_SITE=$(python -c 'import site, sys; sys.prefix != sys.base_prefix and print(*site.getsitepackages(), sep="\n")')
 PTH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_do_conv_mm_main_env.pth"
 if [[ -n "$MAIN_SITE" ]]; then
-  tr ':' '\n' <<<"$MAIN_SITE" > "$PTH"
+  echo "$MAIN_SITE" > "$PTH"
 else
   rm -f "$PTH"
 fi
