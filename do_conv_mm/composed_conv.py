@@ -37,7 +37,8 @@ def _as(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tens
 
 
 class _ComposedConv2d(torch.autograd.Function):
-    """``conv2d(x, compose_kernel(weight, D, weight_extra, groups).to(x.dtype), bias)``.
+    """``conv2d(x, compose_kernel(weight, D, weight_extra, groups), bias)``, the kernel cast to
+    the autocast dtype where autocast has cast ``x``.
 
     ``padding`` is numeric: non-'zeros' padding modes pad the input before the Function.
     """
@@ -48,14 +49,18 @@ class _ComposedConv2d(torch.autograd.Function):
         with no_autocast(weight.device.type):
             kernel, token = composer.compose(weight, D, weight_extra, groups)
         low_precision_kernel = None
-        if x.dtype != weight.dtype:  # autocast: convolve in the input's (autocast) dtype
+        # Only autocast convolves in another dtype than the parameters'. Any other mismatch
+        # (a float64 or fp16 input to a float32 layer) reaches conv2d, which rejects it as it
+        # does for nn.Conv2d.
+        if x.dtype != weight.dtype and x.dtype == autocast_dtype(x.device.type):
             kernel = low_precision_kernel = kernel.to(x.dtype)
             token = None
         ctx.save_for_backward(x, weight, D, weight_extra, bias, low_precision_kernel)
         ctx.composer, ctx.token = composer, token
         ctx.conv_args = (stride, padding, dilation, groups)
-        with no_autocast(x.device.type):  # dtypes are settled: x's
-            return F.conv2d(x, kernel, _as(bias, x.dtype), stride, padding, dilation, groups)
+        with no_autocast(x.device.type):  # dtypes are settled: the kernel's
+            return F.conv2d(x, kernel, _as(bias, kernel.dtype), stride, padding, dilation,
+                            groups)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -299,6 +299,24 @@ def test_autocast_bf16_cpu():
     torch.testing.assert_close(y.float(), layer(x).detach(), atol=5e-2 * 10, rtol=5e-2)
 
 
+@pytest.mark.parametrize('mode', ['train', 'no_grad', 'frozen'])
+@pytest.mark.parametrize('input_dtype', [torch.float64, torch.float16, torch.bfloat16])
+def test_input_of_another_dtype_is_rejected_as_conv2d_rejects_it(mode, input_dtype):
+    """Outside autocast a float32 layer given another dtype fails as nn.Conv2d does, with the
+    same message, in every forward path (the training Function used to cast W' silently)."""
+    layer = randomise(DOConv2d(4, 6, 3, padding=1))
+    plain = layer.to_conv2d()
+    if mode == 'frozen':
+        layer.requires_grad_(False)
+    x = torch.randn(2, 4, 8, 8, dtype=input_dtype)
+    with torch.set_grad_enabled(mode != 'no_grad'):
+        with pytest.raises(RuntimeError) as plain_error:
+            plain(x)
+        with pytest.raises(RuntimeError) as doconv_error:
+            layer(x)
+    assert str(doconv_error.value) == str(plain_error.value)
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_low_precision_parameters_train(dtype):
     """A model cast to bf16 / fp16 as a whole (no autocast) trains through the training path:
