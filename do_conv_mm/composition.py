@@ -78,8 +78,8 @@ def plus_identity(D: torch.Tensor) -> torch.Tensor:
     key = (K, S, D.dtype, D.device)
     eye = _IDENTITY.get(key)
     if eye is None:
-        with torch.inference_mode(False):
-            eye = _IDENTITY[key] = torch.eye(K, S, dtype=D.dtype, device=D.device)
+        with torch.inference_mode(False):  # torch 2.1 has no bfloat16 eye on CPU: cast one
+            eye = _IDENTITY[key] = torch.eye(K, S, device=D.device).to(D.dtype)
     return D + eye
 
 
@@ -129,6 +129,8 @@ def fold_kernel(weight: torch.Tensor,
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast runs convolutions in on ``device_type``; None while autocast is off
     there (or the device type has none). Works on torch 2.0 and later."""
+    if not isinstance(device_type, str):  # torch.fx tracing: a Proxy's device
+        return None
     try:
         if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4
             if torch.is_autocast_enabled(device_type):

@@ -55,15 +55,29 @@ def _functorch_transforms_active() -> bool:
     return bool(active()) if active is not None else False
 
 
-def _is_compiling() -> bool:
+def _compiling_query():
+    """torch's "is dynamo tracing?" function, looked up once at import: a lookup inside the
+    traced forward (``getattr``, ``import``) makes torch 2.1's dynamo break the graph there and
+    run the check eagerly, where it says False."""
     compiler = getattr(torch, 'compiler', None)
     if compiler is not None and hasattr(compiler, 'is_compiling'):  # torch >= 2.3
-        return compiler.is_compiling()
+        return compiler.is_compiling
     try:
-        from torch._dynamo import is_compiling
+        from torch._dynamo import is_compiling  # torch 2.0 - 2.2
     except ImportError:
+        return lambda: False
+    return is_compiling
+
+
+_is_compiling = _compiling_query()
+
+
+def _substitutes(weight: torch.Tensor, own: torch.Tensor) -> bool:
+    """True when ``weight`` is not the layer's own ``own``. While compiling, a Parameter counts
+    as the layer's own: torch 2.0-2.2's dynamo cannot compare tensors by identity."""
+    if _is_compiling() and isinstance(weight, nn.Parameter):
         return False
-    return is_compiling()
+    return weight is not own
 
 
 def _output_channel_scale(new: torch.Tensor, old: torch.Tensor) -> Optional[torch.Tensor]:
@@ -232,6 +246,12 @@ class DOConv2d(nn.Conv2d):
         with no_autocast(self.weight.device.type):
             return compose_kernel(self.weight, self.D, self.weight_extra, self.groups)
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """nn.Conv2d's forward, defined here so that torch 2.0-2.2's dynamo traces into it: it
+        keeps a method of a ``torch.nn`` module opaque, and then AOTAutograd, where the layer
+        cannot tell it is being compiled, meets the training Function."""
+        return self._conv_forward(input, self.weight, self.bias)
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Convolve with the kernel composed from ``weight`` (normally ``self.weight``)."""
@@ -258,13 +278,14 @@ class DOConv2d(nn.Conv2d):
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.D is None:
             return super()._conv_forward(input, weight, bias)
-        substitute = weight is not self.weight
-        if (substitute or isinstance(input, torch.fx.Proxy) or _transforms_active()
-                or isinstance(self.padding, str)):
-            return self._expression_conv_forward(input, weight, bias, substitute)
+        # Transforms first: torch 2.0-2.2's dynamo breaks the graph at a tensor `is not`, and
+        # the checks after a break run eagerly, where they cannot see the compiler.
+        if (_transforms_active() or isinstance(input, torch.fx.Proxy)
+                or isinstance(self.padding, str) or weight is not self.weight):
+            return self._expression_conv_forward(input, weight, bias)
         if torch.is_grad_enabled():
             if not any(p.requires_grad for p in self._doconv_parameters()):
-                return self._expression_conv_forward(input, weight, bias, False)
+                return self._expression_conv_forward(input, weight, bias)
             if self.padding_mode != 'zeros':
                 input = F.pad(input, self._reversed_padding_repeated_twice,
                               mode=self.padding_mode)
@@ -279,10 +300,11 @@ class DOConv2d(nn.Conv2d):
                                                           self.groups)
         return super()._conv_forward(input, kernel, bias)
 
-    def _expression_conv_forward(self, input, weight, bias, substitute: bool) -> torch.Tensor:
-        """conv2d(input, compose_kernel(weight, D, weight_extra)) as differentiable ops."""
+    def _expression_conv_forward(self, input, weight, bias) -> torch.Tensor:
+        """conv2d(input, compose_kernel(weight, D, weight_extra)) as differentiable ops; a
+        substitute ``weight`` that rescales ``self.weight`` rescales weight_extra too."""
         extra = self.weight_extra
-        if substitute and extra is not None:
+        if extra is not None and _substitutes(weight, self.weight):
             scale = _output_channel_scale(weight, self.weight)
             if scale is not None:
                 extra = extra * scale.view(-1, 1, 1).to(extra.dtype)

@@ -323,6 +323,10 @@ def test_low_precision_parameters_train(dtype):
     output and every gradient in the parameters' dtype, each within 4 machine epsilons of the
     float64 result relative to its largest entry (measured: at most 1.05 eps over 10 seeds; each
     entry rounds a few times: a 12-term composition, then a 72-term convolution sum)."""
+    try:
+        nn.Conv2d(1, 1, 1).to(dtype)(torch.zeros(1, 1, 1, 1, dtype=dtype))
+    except RuntimeError as error:  # torch 2.1: "slow_conv2d_cpu" not implemented for 'Half'
+        pytest.skip(f'this torch has no {dtype} conv2d on CPU, plain or DO-Conv: {error}')
     torch.manual_seed(0)
     layer = randomise(DOConv2d(8, 16, 3, padding=1, D_mul=12)).to(dtype)
     reference = deepcopy(layer).double()  # the same (rounded) parameters
@@ -762,6 +766,15 @@ def test_fx_symbolic_trace_records_composition_and_conv():
     assert traced.get_submodule('0').D.grad is not None
 
 
+def exported_name_of(exported, parameter: torch.Tensor) -> str:
+    """The name under which an ExportedProgram holds ``parameter`` as a parameter (not a
+    constant): the one state-dict entry with its shape and values."""
+    names = [name for name, value in exported.state_dict.items()
+             if value.shape == parameter.shape and torch.equal(value, parameter)]
+    assert len(names) == 1 and names[0] in exported.graph_signature.parameters, names
+    return names[0]
+
+
 def test_torch_export_composes_live_and_trains():
     """torch.export (the capture behind torch.onnx's dynamo exporter, ExecuTorch, AOTInductor):
     an unfolded model exports with the composition in its graph (bmm + conv, D a parameter), the
@@ -774,18 +787,20 @@ def test_torch_export_composes_live_and_trains():
     for train in (False, True):
         model.train(train)
         exported = torch.export.export(model, (x,))
-        assert {'0.D', '2.D'} <= set(exported.state_dict)
+        D_name = exported_name_of(exported, model[0].D)  # '0.D' (torch 2.1: 'L__self___0_D')
+        exported_name_of(exported, model[2].D)
         targets = {str(n.target) for n in exported.graph.nodes if n.op == 'call_function'}
-        assert 'aten.bmm.default' in targets and 'aten.conv2d.default' in targets
+        assert 'aten.bmm.default' in targets
+        assert targets & {'aten.conv2d.default', 'aten.convolution.default'}  # 2.1: convolution
         module = exported.module()
         torch.testing.assert_close(module(x), model(x), atol=ATOL64, rtol=1e-12)
     with torch.no_grad():
-        module.get_parameter('0.D').add_(0.1)
+        module.get_parameter(D_name).add_(0.1)
         model[0].D.add_(0.1)
     torch.testing.assert_close(module(x), model(x), atol=ATOL64, rtol=1e-12)
     module(x).square().sum().backward()
     model(x).square().sum().backward()
-    torch.testing.assert_close(module.get_parameter('0.D').grad, model[0].D.grad, atol=ATOL64,
+    torch.testing.assert_close(module.get_parameter(D_name).grad, model[0].D.grad, atol=ATOL64,
                                rtol=1e-10)
 
 

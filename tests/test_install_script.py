@@ -264,6 +264,22 @@ def test_library_headers_found_nowhere_build_cpu_ops_and_name_them(tmp_path):
     assert 'lacks cusparse.h cusolverDn.h' in stderr and 'CPU ops only' in stderr
 
 
+@pytest.mark.parametrize('nvcc_cuda, cuda_ops', [('12.4', False), ('13.1', True)])
+def test_nvcc_of_another_cuda_major_builds_cpu_ops_and_says_which_toolkit(tmp_path, nvcc_cuda,
+                                                                          cuda_ops):
+    # torch's extension builder raises on a major mismatch (a minor one only warns), minutes
+    # into the mmcv build; the script says so before starting and builds the CPU ops
+    facts = dict(GPU_BARE, nvcc_cuda=nvcc_cuda)  # torch_cuda 13.0
+    code, commands, stderr = dry_run(tmp_path, facts, nvcc=True)
+    assert code == 0
+    build = [c for c in commands if 'mmcv==2.1.0' in c]
+    assert len(build) == 1 and ('FORCE_CUDA=1' in build[0]) == cuda_ops
+    warned = f'nvcc is CUDA {nvcc_cuda} but torch 2.11.0+cu130 was built with CUDA 13.0' in stderr
+    assert warned == (not cuda_ops)
+    if warned:
+        assert 'Install the CUDA 13.0 toolkit (or set CUDA_HOME to one)' in stderr
+
+
 def _real_probe(tmp_path, toolkit_headers, env_extra=None) -> dict:
     """``install.sh --facts`` with this machine's Python, an nvcc wrapper first on PATH (outside
     its toolkit, as /usr/local/bin/nvcc here) and a fake toolkit holding ``toolkit_headers``."""
@@ -272,6 +288,9 @@ def _real_probe(tmp_path, toolkit_headers, env_extra=None) -> dict:
     (root / 'include').mkdir()
     for header in toolkit_headers:
         (root / 'include' / header).write_text('')
+    nvcc = root / 'bin' / 'nvcc'  # what torch's version check runs: CUDA_HOME/bin/nvcc
+    nvcc.write_text('#!/bin/sh\necho "Cuda compilation tools, release 12.8, V12.8.93"\n')
+    nvcc.chmod(0o755)
     wrapper = tmp_path / 'wrap' / 'bin' / 'nvcc'
     wrapper.parent.mkdir(parents=True)
     wrapper.write_text(f'#!/bin/sh\necho "#$ _HERE_={root}/bin"\n')  # as `nvcc --dryrun` says
@@ -301,6 +320,7 @@ def test_real_probe_finds_the_toolkit_behind_an_nvcc_wrapper_and_the_wheel_heade
     for header in ('cusparse.h', 'cublas_v2.h', 'cublasLt.h', 'cusolverDn.h'):
         assert any(osp.isfile(osp.join(d, header)) for d in dirs), header
     assert facts['cuda_headers_missing'] == 'none'
+    assert facts['nvcc_cuda'] == '12.8'
     # a complete toolkit needs no wheel folders; a CUDA_HOME set by the user is kept
     complete = ['cuda_runtime_api.h', 'cusparse.h', 'cublas_v2.h', 'cublasLt.h', 'cusolverDn.h']
     facts = _real_probe(tmp_path / 'full', complete,

@@ -103,11 +103,23 @@ def nvcc_toolkit_root():
     return None
 
 
+def nvcc_release(nvcc):
+    """'12.1' from ``nvcc --version`` ("Cuda compilation tools, release 12.1, V12.1.105"): the
+    check torch's extension builder runs on CUDA_HOME's nvcc. None where it does not answer."""
+    try:
+        out = subprocess.run([nvcc, '--version'], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r'release (\d+\.\d+)', out.stdout)
+    return found.group(1) if found else None
+
+
 def cuda_build_facts(torch):
     """cuda_home: the toolkit root to build with where torch would pick another (it takes the
     parent of the nvcc on PATH, wrong for a wrapper; CUDA_HOME / CUDA_PATH set by the user
     are kept); cuda_includes: torch's nvidia wheel include folders that supply headers the
-    toolkit lacks; cuda_headers_missing: headers found in neither. Empty without an nvcc."""
+    toolkit lacks; cuda_headers_missing: headers found in neither; nvcc_cuda: the CUDA release
+    of the toolkit's nvcc. Empty without an nvcc."""
     facts = {}
     root = nvcc_toolkit_root()
     if root is None:
@@ -120,6 +132,7 @@ def cuda_build_facts(torch):
         home = torch_choice
         if not home or os.path.realpath(home) != os.path.realpath(root):
             facts['cuda_home'] = home = root
+    facts['nvcc_cuda'] = nvcc_release(os.path.join(home, 'bin', 'nvcc')) or 'none'
     missing = [h for h in CUDA_HEADERS if not os.path.isfile(os.path.join(home, 'include', h))]
     site = os.path.dirname(os.path.dirname(torch.__file__))
     wheel_dirs = sorted(glob.glob(os.path.join(site, 'nvidia', '*', 'include')))
@@ -252,6 +265,14 @@ known() {  # known KEY: the fact is set and not 'none'
 # header folders the build needs where torch would not find them itself; CPU ops only (and why)
 # where the toolkit lacks headers that no installed nvidia wheel supplies either.
 add_cuda_build_env() {
+  if known nvcc_cuda && [[ "$(fact nvcc_cuda | cut -d. -f1)" != "$(fact torch_cuda | cut -d. -f1)" ]]
+  then
+    echo "warning: nvcc is CUDA $(fact nvcc_cuda) but torch $(fact torch) was built with CUDA" \
+         "$(fact torch_cuda), and torch builds no extension across CUDA major versions: mmcv" \
+         "is built with CPU ops only. Install the CUDA $(fact torch_cuda) toolkit (or set" \
+         "CUDA_HOME to one), pip uninstall mmcv, and run this again for CUDA ops." >&2
+    return
+  fi
   if known cuda_headers_missing; then
     echo "warning: the CUDA toolkit of nvcc lacks $(fact cuda_headers_missing), which torch's" \
          "CUDA headers include, and no installed nvidia-* wheel carries them: mmcv is built" \
