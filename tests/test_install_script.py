@@ -280,6 +280,64 @@ def test_nvcc_of_another_cuda_major_builds_cpu_ops_and_says_which_toolkit(tmp_pa
         assert 'Install the CUDA 13.0 toolkit (or set CUDA_HOME to one)' in stderr
 
 
+def test_installed_numpy_is_kept_by_a_constraint_on_every_install_that_could_move_it(tmp_path):
+    # torch 2.1 (numpy 1 ABI) beside numpy 1.26: the newest scikit-learn / onnx would pull numpy
+    # 2 in, and torch 2.1 then fails to initialise NumPy (seen here)
+    facts = dict(FRESH, torch='2.1.2+cu121', torch_in_range='yes', torch_imports='yes',
+                 torch_cuda='12.1', torchvision='0.16.2', torchvision_imports='yes',
+                 numpy='1.26.4')
+    code, commands, stderr = dry_run(tmp_path, facts)
+    assert code == 0
+    assert 'keeping the installed numpy 1.26.4' in stderr
+    constrained = [c for c in commands if ' -c ' in c]
+    assert [c.split(' -c ')[1].split()[1:] for c in constrained] == [
+        ['mmcv==2.1.0'], STACK.split(), ['mmpretrain==1.2.0']]
+    unconstrained = [c for c in commands if c not in constrained]
+    assert all('numpy' not in c for c in unconstrained)
+    # without numpy installed (a fresh machine) nothing is constrained
+    _, commands, stderr = dry_run(tmp_path, FRESH)
+    assert not [c for c in commands if ' -c ' in c] and 'keeping' not in stderr
+
+
+def test_mmcv_wheel_from_pips_cache_built_for_another_torch_is_rebuilt_without_it(tmp_path):
+    # Not a dry run: a fake interpreter whose "pip install mmcv" installs a wheel whose ops do not
+    # load (pip's cache), and whose "--no-cache-dir" build loads.
+    facts = dict(GPU_READY, mmcv='none', mmcv_in_range='no', mmcv_ops='no', mmcv_ops_cuda='none',
+                 gpu_arch='none', torch_cuda='none')
+    state = tmp_path / 'facts.txt'
+    state.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
+    cached = dict(facts, mmcv='2.1.0', mmcv_in_range='yes')
+    rebuilt = dict(cached, mmcv_ops='yes', mmcv_ops_cuda='not available')
+    write = {name: ''.join(f'{k}={v}\n' for k, v in f.items())
+             for name, f in (('cached', cached), ('rebuilt', rebuilt))}
+    (tmp_path / 'cached.txt').write_text(write['cached'])
+    (tmp_path / 'rebuilt.txt').write_text(write['rebuilt'])
+    log = tmp_path / 'pip.log'
+    fake_python = tmp_path / 'fake-python'
+    fake_python.write_text(
+        '#!/bin/sh\n'
+        'case "$*" in\n'
+        f'  "- "*) cat {state} ;;\n'  # the probe: python - CHECKOUT STACK...
+        f'  *--no-cache-dir*mmcv==2.1.0*) echo "$*" >>{log}; cp {tmp_path}/rebuilt.txt {state} ;;\n'
+        f'  *mmcv==2.1.0*) echo "$*" >>{log}; cp {tmp_path}/cached.txt {state} ;;\n'
+        f'  *) echo "$*" >>{log} ;;\n'
+        'esac\n')
+    fake_python.chmod(0o755)
+    env = {'PATH': '/usr/bin:/bin', 'HOME': str(tmp_path), 'PYTHON': str(fake_python),
+           'CUDA_HOME': str(tmp_path / 'no-cuda')}
+    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    builds = [line for line in log.read_text().splitlines() if 'mmcv==2.1.0' in line]
+    assert len(builds) == 2 and '--no-cache-dir' not in builds[0]
+    assert '--force-reinstall --no-deps --no-cache-dir' in builds[1]
+    assert 'built against another torch' in proc.stderr
+    # a build whose ops still do not load is an error, not a silent success
+    state.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
+    (tmp_path / 'rebuilt.txt').write_text(write['cached'])
+    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and 'its compiled ops do not load' in proc.stderr
+
+
 def _real_probe(tmp_path, toolkit_headers, env_extra=None) -> dict:
     """``install.sh --facts`` with this machine's Python, an nvcc wrapper first on PATH (outside
     its toolkit, as /usr/local/bin/nvcc here) and a fake toolkit holding ``toolkit_headers``."""

@@ -196,6 +196,7 @@ if version('torchvision') and facts['torch_imports'] == 'yes':
     except Exception:
         pass
 facts['mmpretrain'] = version('mmpretrain') or 'none'
+facts['numpy'] = version('numpy') or 'none'
 mmcv_version = version('mmcv')
 facts['mmcv'] = mmcv_version or 'none'
 facts['mmcv_in_range'] = 'yes' if mmcv_version and (2, 0) <= release(mmcv_version)[:2] <= (2, 1) else 'no'
@@ -251,15 +252,29 @@ elif [[ "$(fact torch)" == 2.13.0+cpu && "$(fact torchvision_imports)" != yes ]]
   TORCHVISION_INSTALLED=1
 fi
 
-if [[ "$(fact build_tools)" != yes ]]; then
-  run "$PYTHON" -m pip install setuptools==80.9.0 wheel ninja
-fi
-
 known() {  # known KEY: the fact is set and not 'none'
   local value
   value=$(fact "$1")
   [[ -n "$value" && "$value" != none ]]
 }
+
+# (Arrays that may be empty expand as ${a[@]+"${a[@]}"}: bash < 4.4 calls an empty one unbound
+# under set -u.)
+# An installed numpy stays as it is: the environment's torch and compiled packages were built
+# against it (torch <= 2.2 against numpy 1, which numpy 2 breaks), and the newest releases of
+# the stack's dependencies would otherwise pull numpy 2 in. pip takes it as a constraint.
+KEEP=()
+if known numpy; then
+  KEEP_FILE=$(mktemp "${TMPDIR:-/tmp}/do_conv_mm_constraints.XXXXXX")
+  trap 'rm -f "$KEEP_FILE"' EXIT
+  echo "numpy==$(fact numpy)" >"$KEEP_FILE"
+  KEEP=(-c "$KEEP_FILE")
+  echo "note: keeping the installed numpy $(fact numpy) (a pip constraint on what follows)." >&2
+fi
+
+if [[ "$(fact build_tools)" != yes ]]; then
+  run "$PYTHON" -m pip install setuptools==80.9.0 wheel ninja
+fi
 
 # add_cuda_build_env ARCHS: FORCE_CUDA for ARCHS into build_env, with the toolkit root and
 # header folders the build needs where torch would not find them itself; CPU ops only (and why)
@@ -330,17 +345,30 @@ else
   if [[ "$(fact mmcv)" != none ]]; then
     rebuild=(--force-reinstall --no-deps --no-cache-dir)
   fi
-  run env "${build_env[@]}" "$PYTHON" -m pip install --no-build-isolation "${rebuild[@]}" \
-      mmcv==2.1.0
+  run env "${build_env[@]}" "$PYTHON" -m pip install --no-build-isolation \
+      ${rebuild[@]+"${rebuild[@]}"} ${KEEP[@]+"${KEEP[@]}"} mmcv==2.1.0
+  # pip's wheel cache keys the mmcv build by its source, not by torch: a wheel built against
+  # another torch (another environment on this machine) installs, and its ops do not load.
+  if [[ "$DRY_RUN" != 1 && "$(fact mmcv_ops)" != yes && ${#rebuild[@]} == 0 ]]; then
+    echo "note: the mmcv wheel pip took from its cache was built against another torch (its ops" \
+         "do not load beside torch $(fact torch)): rebuilding it without the cache." >&2
+    run env "${build_env[@]}" "$PYTHON" -m pip install --no-build-isolation --force-reinstall \
+        --no-deps --no-cache-dir mmcv==2.1.0
+  fi
+  if [[ "$DRY_RUN" != 1 && "$(fact mmcv_ops)" != yes ]]; then
+    echo "error: mmcv 2.1.0 was built, but its compiled ops do not load beside torch" \
+         "$(fact torch). See pip's output above." >&2
+    exit 1
+  fi
 fi
 
 if [[ "$(fact stack_missing)" != none ]]; then
-  run "$PYTHON" -m pip install "${STACK[@]}"
+  run "$PYTHON" -m pip install ${KEEP[@]+"${KEEP[@]}"} "${STACK[@]}"
 fi
 # mmpretrain: needs a torchvision that imports beside this torch.
 if [[ "$(fact mmpretrain)" != 1.2.0 ]]; then
   if [[ "$(fact torchvision_imports)" == yes || "$TORCHVISION_INSTALLED" == 1 ]]; then
-    run "$PYTHON" -m pip install "${PRETRAIN_STACK[@]}"
+    run "$PYTHON" -m pip install ${KEEP[@]+"${KEEP[@]}"} "${PRETRAIN_STACK[@]}"
   else
     echo "warning: no torchvision imports beside torch $(fact torch): mmpretrain (DO-Conv" \
          "pretraining, configs/mmpretrain) is not installed and its tests skip. Install the" \
