@@ -1,4 +1,4 @@
-"""Safe loading of mmengine training checkpoints on torch >= 2.6.
+"""Safe loading of mmengine training checkpoints (torch >= 2.6 by default, and on older torch).
 
 torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.x calls ``torch.load``
 without ``weights_only``, so its full training checkpoints (``message_hub`` holds mmengine
@@ -9,11 +9,17 @@ reading ``torch.serialization.get_unsafe_globals_in_checkpoint``); torch's restr
 stays in charge of everything else.
 
 :func:`load_checkpoint_file` is the safe loader for our own tools: it returns the checkpoint dict
-or raises :class:`CheckpointError` with one line naming the problem and the fix.
+or raises :class:`CheckpointError` with one line naming the problem and the fix. torch < 2.4 has
+no allow-list, and its weights-only unpickler cannot rebuild objects such as HistoryBuffer; there
+the file is read by :func:`restricted_pickle_module`, a standard unpickler that resolves only
+the globals torch's weights-only loader allows plus the same list.
 """
+import _compat_pickle
+import codecs
 import os
 import pickle
 import re
+import types
 import zipfile
 from typing import Any, Dict, Union
 
@@ -21,7 +27,8 @@ import numpy as np
 import torch
 
 __all__ = ['CheckpointError', 'allow_mmengine_checkpoint_types', 'key_listing',
-           'load_checkpoint_file', 'mmengine_checkpoint_types']
+           'load_checkpoint_file', 'mmengine_checkpoint_types', 'restricted_pickle_module',
+           'safe_torch_load']
 
 # Statistics functions HistoryBuffer pickles by reference (``getattr(HistoryBuffer, 'mean')``).
 _HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
@@ -65,7 +72,10 @@ def mmengine_checkpoint_types() -> list:
     :func:`_history_buffer_getattr`.
     """
     from mmengine.logging import HistoryBuffer
-    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    try:
+        from numpy._core import multiarray  # numpy 2; numpy 1.26 maps it onto numpy.core
+    except ImportError:  # numpy < 1.26
+        from numpy.core import multiarray
     types = [
         HistoryBuffer,
         np.ndarray,
@@ -94,6 +104,49 @@ def allow_mmengine_checkpoint_types() -> None:
     if add_safe_globals is None:  # torch < 2.4 has no weights_only default to satisfy
         return
     add_safe_globals(mmengine_checkpoint_types())
+
+
+def restricted_pickle_module() -> types.ModuleType:
+    """A ``pickle_module`` for ``torch.load`` on torch < 2.4: ``find_class`` serves only the
+    globals of torch's own weights-only loader and :func:`mmengine_checkpoint_types`, and
+    refuses any other ("GLOBAL x was not an allowed global"), before it could run."""
+    from torch import _weights_only_unpickler
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    # protocol 2 pickles bytes (numpy scalars' data) as _codecs.encode(str, 'latin1'); newer
+    # torch's weights-only loader allows it too
+    allowed['_codecs.encode'] = codecs.encode
+    for entry in mmengine_checkpoint_types():
+        obj, name = entry if isinstance(entry, tuple) else (
+            entry, f'{entry.__module__}.{entry.__qualname__}')
+        allowed[name] = obj
+
+    class Unpickler(pickle.Unpickler):
+
+        def find_class(self, module_name, name):
+            # protocol 2 (torch.save's) names Python 2 modules: __builtin__.getattr
+            if (module_name, name) in _compat_pickle.NAME_MAPPING:
+                module_name, name = _compat_pickle.NAME_MAPPING[(module_name, name)]
+            module_name = _compat_pickle.IMPORT_MAPPING.get(module_name, module_name)
+            found = allowed.get(f'{module_name}.{name}')
+            if found is None:  # named as torch's own loader names it (builtins unqualified)
+                shown = name if module_name == 'builtins' else f'{module_name}.{name}'
+                raise pickle.UnpicklingError(f'GLOBAL {shown} was not an allowed global')
+            return found
+
+    module = types.ModuleType('do_conv_mm_restricted_pickle')
+    module.Unpickler = Unpickler
+    module.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()
+    return module
+
+
+def safe_torch_load(path: str, map_location: Any = 'cpu') -> Any:
+    """``torch.load`` with the allow-list: torch's weights-only loader where torch has
+    ``add_safe_globals`` (>= 2.4), else :func:`restricted_pickle_module`."""
+    if hasattr(torch.serialization, 'add_safe_globals'):
+        allow_mmengine_checkpoint_types()
+        return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, pickle_module=restricted_pickle_module(),
+                      weights_only=False)
 
 
 def _file_kind(path: str) -> str:
@@ -152,9 +205,8 @@ def load_checkpoint_file(path: Union[str, os.PathLike],
     if kind == 'zip' and not zipfile.is_zipfile(path):
         raise CheckpointError(f'Checkpoint {path!r} is truncated or corrupt (its zip directory is '
                               f'missing); copy or save it again.')
-    allow_mmengine_checkpoint_types()
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = safe_torch_load(path, map_location)
     except pickle.UnpicklingError as error:
         reason = _unpickler_reason(str(error))
         if reason.startswith(('the global', 'getattr(')) or 'allowlisted' in reason:
@@ -162,7 +214,7 @@ def load_checkpoint_file(path: Union[str, os.PathLike],
                 f'Refused to load {path!r}: it needs {reason}, which is outside the safe '
                 f'allow-list; nothing from the file was executed. Save a state_dict '
                 f'checkpoint instead, or if you trust the file allow-list that type with '
-                f'torch.serialization.add_safe_globals.') from None
+                f'torch.serialization.add_safe_globals (torch >= 2.4).') from None
         raise CheckpointError(f'Checkpoint {path!r} is corrupt ({reason}); copy or save '
                               f'it again.') from None
     except Exception as error:  # any other failure inside torch.load means a damaged file

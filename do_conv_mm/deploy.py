@@ -409,6 +409,8 @@ def _umask() -> int:
 
 def _load_plain(path: str) -> Dict[str, Any]:
     """torch.load with weights_only and *no* user allow-list: proves the file is plain."""
+    if not hasattr(torch.serialization, 'get_safe_globals'):  # torch < 2.4: no allow-list
+        return torch.load(path, map_location='cpu', weights_only=True)
     saved = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
     try:

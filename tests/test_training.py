@@ -20,6 +20,7 @@ pytest.importorskip('mmseg')
 
 import do_conv_mm  # noqa: E402,F401
 from do_conv_mm import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file  # noqa: E402
+from do_conv_mm.checkpoint import safe_torch_load  # noqa: E402
 from training_helpers import (REPO, free_port, logged_scalars, run, run_tool,  # noqa: E402
                               train_losses)
 
@@ -406,6 +407,24 @@ def _check_warm_start(models, backbone, path):
 # ----------------------------------------------------------------------------------------------
 # Safe checkpoint loading
 # ----------------------------------------------------------------------------------------------
+TORCH_HAS_ALLOW_LIST = hasattr(torch.serialization, 'add_safe_globals')  # torch >= 2.4
+TORCH_LOADS_WEIGHTS_ONLY = tuple(int(v) for v in torch.__version__.split('.')[:2]) >= (2, 6)
+
+
+@pytest.fixture(params=['weights_only', 'restricted_pickle'])
+def safe_loader(request, monkeypatch):
+    """Each safe loader of load_checkpoint_file: torch's weights-only one with the allow-list
+    (torch >= 2.4), and the restricted unpickler that torch < 2.4 gets (forced here by hiding
+    add_safe_globals, so this torch tests it too)."""
+    if request.param == 'weights_only' and not TORCH_HAS_ALLOW_LIST:
+        pytest.skip('torch < 2.4 has no allow-list; the restricted unpickler serves it')
+    if request.param == 'restricted_pickle':
+        monkeypatch.delattr(torch.serialization, 'add_safe_globals', raising=False)
+    return request.param
+
+
+@pytest.mark.skipif(not TORCH_LOADS_WEIGHTS_ONLY,
+                    reason='torch < 2.6 loads full checkpoints without weights_only by default')
 def test_full_training_checkpoint_needs_the_allow_list(det_run):
     path = osp.join(det_run, 'epoch_2.pth')
     bare = subprocess.run(
@@ -417,6 +436,17 @@ def test_full_training_checkpoint_needs_the_allow_list(det_run):
     assert history.mean() > 0  # HistoryBuffer restored with its statistics methods
 
 
+def test_both_safe_loaders_restore_a_full_training_checkpoint(det_run, safe_loader):
+    path = osp.join(det_run, 'epoch_2.pth')
+    checkpoint = safe_torch_load(path)
+    history = checkpoint['message_hub']['log_scalars']['train/loss']
+    assert history.mean() > 0  # HistoryBuffer restored with its statistics methods
+    full = torch.load(path, weights_only=False)  # trusted here: our own file
+    for key, value in full['state_dict'].items():
+        assert torch.equal(checkpoint['state_dict'][key], value), key
+
+
+@pytest.mark.skipif(not TORCH_HAS_ALLOW_LIST, reason='torch < 2.4 has no allow-list to extend')
 def test_allow_list_is_idempotent():
     allow_mmengine_checkpoint_types()
     count = len(torch.serialization.get_safe_globals())
@@ -447,7 +477,7 @@ def _history_getattr_exploit():
     return Exploit()
 
 
-def test_load_checkpoint_file_good_and_bad_inputs(det_run, tmp_path):
+def test_load_checkpoint_file_good_and_bad_inputs(det_run, tmp_path, safe_loader):
     good = osp.join(det_run, 'epoch_2.pth')
     assert {'meta', 'state_dict', 'message_hub', 'optimizer'} <= set(load_checkpoint_file(good))
 
