@@ -87,7 +87,7 @@ def mmdeploy_export_compat() -> Iterator[None]:
     import torch.onnx.symbolic_opset9 as opset9
     with contextlib.ExitStack() as stack:
         export = torch.onnx.export
-        if 'dynamo' in getattr(export, '__kwdefaults__', None) or {}:
+        if 'dynamo' in (getattr(export, '__kwdefaults__', None) or {}):  # torch >= 2.9
             @functools.wraps(export)
             def export_torchscript(*args, **kwargs):
                 kwargs.setdefault('dynamo', False)

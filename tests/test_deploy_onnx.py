@@ -144,6 +144,10 @@ def test_export_tool_without_the_deploy_extra_says_how_to_install(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+# torch.onnx.export's keyword defaults: 'dynamo' exists from torch 2.5 and is True from 2.9
+EXPORT_KWDEFAULTS = torch.onnx.export.__kwdefaults__ or {}
+
+
 def test_shim_patches_only_inside_and_restores_everything():
     import torch.onnx.symbolic_opset9 as opset9
     import torch.onnx.utils as onnx_utils
@@ -153,8 +157,10 @@ def test_shim_patches_only_inside_and_restores_everything():
     # mmdeploy hooks its graph passes on this name; torch 2.13 still re-exports it (no shim)
     assert hasattr(onnx_utils, '_model_to_graph')
     with mmdeploy_export_compat():
-        assert torch.onnx.export is not export
-        assert torch.onnx.export.__wrapped__ is export  # the wrapper only adds dynamo=False
+        if 'dynamo' in EXPORT_KWDEFAULTS:
+            assert torch.onnx.export.__wrapped__ is export  # the wrapper only adds dynamo=False
+        else:  # torch < 2.5: TorchScript is the only exporter, left as it is
+            assert torch.onnx.export is export
         assert callable(opset9._cast_Long)
     assert torch.onnx.export is export
     assert hasattr(opset9, '_cast_Long') == had_cast
@@ -182,7 +188,7 @@ def test_shim_exports_with_the_torchscript_exporter(tmp_path):
     from do_conv_mm.mmdeploy_compat import mmdeploy_export_compat
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     x = torch.randn(1, 3, 8, 8)
-    if importlib.util.find_spec('onnxscript') is None:
+    if EXPORT_KWDEFAULTS.get('dynamo') and importlib.util.find_spec('onnxscript') is None:
         with pytest.raises(ImportError):
             torch.onnx.export(model, (x, ), str(tmp_path / 'a.onnx'))
     with mmdeploy_export_compat():

@@ -300,7 +300,8 @@ def test_folded_model_exports_onnx_opset11_without_einsum():
         ConvModule(8, 4, 1, conv_cfg=dict(type='DOConv')))
     folded = fold_doconv(randomise_doconv_and_bn(model)).eval()
     buffer = io.BytesIO()
-    torch.onnx.export(folded, torch.randn(1, 3, 16, 16), buffer, opset_version=11, dynamo=False)
+    torchscript = {'dynamo': False} if 'dynamo' in (torch.onnx.export.__kwdefaults__ or {}) else {}
+    torch.onnx.export(folded, torch.randn(1, 3, 16, 16), buffer, opset_version=11, **torchscript)
     graph = onnx.load_from_string(buffer.getvalue()).graph
     ops = {node.op_type for node in graph.node}
     assert 'Einsum' not in ops and 'MatMul' not in ops

@@ -253,6 +253,7 @@ default_hooks = dict(checkpoint=dict(interval=3))
 # ----------------------------------------------------------------------------------------------
 def test_bf16_optim_wrapper_runs_forward_in_bfloat16_and_keeps_fp32_params():
     from do_conv_mm import BF16AmpOptimWrapper, DOConv2d
+    from do_conv_mm.composition import autocast_dtype
     torch.manual_seed(0)
     model = torch.nn.Sequential(DOConv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
                                 DOConv2d(4, 2, 3, padding=1))
@@ -260,7 +261,7 @@ def test_bf16_optim_wrapper_runs_forward_in_bfloat16_and_keeps_fp32_params():
     before = [p.detach().clone() for p in model.parameters()]
     with wrapper.optim_context(model):
         out = model(torch.randn(2, 3, 8, 8))
-        assert torch.is_autocast_enabled('cpu')
+        assert autocast_dtype('cpu') == torch.bfloat16
     assert out.dtype == torch.bfloat16
     wrapper.update_params(out.float().square().mean())
     assert all(p.dtype == torch.float32 for p in model.parameters())
