@@ -1004,6 +1004,59 @@ def test_fx_graph_mode_quantisation_of_unfolded_model():
     assert errors['unfolded'] < 2 * errors['folded'] + 1e-3 * scale
 
 
+def test_fx_quantisation_aware_training_of_unfolded_model():
+    """prepare_qat_fx on an unfolded model (the FX path QAT tools such as MMRazor build on): the
+    weight fake-quant observes the composed kernel W' per output channel (not W), D trains
+    through it, and convert_fx gives an int8 model within a few int8 steps of the QAT model."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+    torch.manual_seed(0)
+    model = nn.Sequential(DOConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          DOConv2d(8, 8, 3, padding=1, D_mul=12)).train()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, DOConv2d):
+                m.D.normal_(std=0.1)
+    x = torch.randn(4, 3, 16, 16)
+    prepared = prepare_qat_fx(model, get_default_qat_qconfig_mapping('x86'), (x, ))
+    compositions = [node for node in prepared.graph.nodes if node.target is compose_kernel]
+    assert [node.args[1].target for node in compositions] == ['0.D', '3.D']
+
+    def composed_and_fake_quant(node):  # W' from the GraphModule's copies of W, D (and extra)
+        tensors = [prepared.get_parameter(a.target) if a is not None else None
+                   for a in node.args[:3]]
+        kernel = compose_kernel(*tensors, groups=node.args[3]).detach().flatten(1)
+        return kernel, prepared.get_submodule(next(iter(node.users)).target)
+
+    def d_of(node):
+        return prepared.get_parameter(node.args[1].target)
+
+    d_before = [d_of(node).detach().clone() for node in compositions]
+    losses = []
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    for step in range(5):
+        loss = prepared(x).square().mean()
+        if step == 0:  # the observer's first reading is the kernel it saw, exactly
+            for node in compositions:
+                composed, fake_quant = composed_and_fake_quant(node)
+                observer = fake_quant.activation_post_process
+                torch.testing.assert_close(observer.min_val, composed.amin(1), atol=0, rtol=0)
+                torch.testing.assert_close(observer.max_val, composed.amax(1), atol=0, rtol=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for node, before in zip(compositions, d_before):
+        assert (d_of(node) - before).abs().max() > 1e-4
+
+    prepared.eval()
+    with torch.no_grad():
+        float_out = prepared(x)
+        int8_out = convert_fx(prepared)(x)
+    assert (int8_out - float_out).abs().max() < 0.05 * float_out.abs().max()
+
+
 @pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
 @pytest.mark.parametrize('d_extra', [0, 3])
 def test_training_function_with_batched_composer(monkeypatch, cin, cout, groups, d_extra):
