@@ -280,6 +280,53 @@ def test_nvcc_of_another_cuda_major_builds_cpu_ops_and_says_which_toolkit(tmp_pa
         assert 'Install the CUDA 13.0 toolkit (or set CUDA_HOME to one)' in stderr
 
 
+@pytest.mark.parametrize('cuda_ops', [False, True])
+def test_torch_whose_headers_need_cxx20_builds_mmcv_through_standard_wrappers(tmp_path, cuda_ops):
+    # torch 2.14's ATen.h refuses anything below C++20 and mmcv 2.1.0's setup.py passes
+    # -std=c++17 (seen: the build fails at its first source). Not a dry run: the fake "pip install
+    # mmcv" runs the compilers the build env names, and fake c++ / nvcc log what they were given.
+    log = tmp_path / 'compilers.log'
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for tool in ('c++', 'nvcc'):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >>{log}\n')
+        (bin_dir / tool).chmod(0o755)
+    facts = dict(GPU_BARE, torch='2.14.1+cu130', torch_cxx_std='c++20', nvcc_cuda='13.0',
+                 nvcc_path=str(bin_dir / 'nvcc'), build_tools='yes', stack_missing='none',
+                 torchvision_imports='yes', mmpretrain='1.2.0', do_conv_mm_here='yes')
+    if not cuda_ops:
+        facts.update(gpu_arch='none', torch_cuda='none')
+    state = tmp_path / 'facts.txt'
+    state.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
+    built = tmp_path / 'built.txt'
+    built.write_text(''.join(f'{k}={v}\n' for k, v in dict(
+        facts, mmcv='2.1.0', mmcv_in_range='yes', mmcv_ops='yes').items()))
+    fake_python = tmp_path / 'fake-python'
+    fake_python.write_text(
+        '#!/bin/bash\n'
+        'case "$*" in\n'
+        f'  "- "*) cat {state} ;;\n'
+        '  *mmcv==2.1.0*) "$CXX" -O3 -std=c++17 -c a.cpp\n'
+        '    [[ -n "${PYTORCH_NVCC:-}" ]] && "$PYTORCH_NVCC" -std=c++17 -c b.cu\n'
+        f'    cp {built} {state} ;;\n'
+        'esac\n')
+    fake_python.chmod(0o755)
+    env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'HOME': str(tmp_path), 'PYTHON': str(fake_python),
+           'CUDA_HOME': str(tmp_path / 'no-cuda')}
+    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    expected = ['c++ -O3 -std=c++20 -c a.cpp'] + (['nvcc -std=c++20 -c b.cu'] if cuda_ops else [])
+    assert log.read_text().splitlines() == expected
+    assert "torch 2.14.1+cu130's headers need c++20 but mmcv 2.1.0 compiles with -std=c++17" \
+        in proc.stderr
+    # torch <= 2.13 (C++17 headers): mmcv's own flags, no wrappers
+    for cxx_std in ('c++17', 'none'):
+        _, commands, stderr = dry_run(tmp_path, dict(facts, torch_cxx_std=cxx_std), nvcc=True)
+        build = [c for c in commands if 'mmcv==2.1.0' in c]
+        assert len(build) == 1 and 'CXX=' not in build[0] and 'PYTORCH_NVCC' not in build[0]
+        assert 'headers need' not in stderr
+
+
 def test_installed_numpy_is_kept_by_a_constraint_on_every_install_that_could_move_it(tmp_path):
     # torch 2.1 (numpy 1 ABI) beside numpy 1.26: the newest scikit-learn / onnx would pull numpy
     # 2 in, and torch 2.1 then fails to initialise NumPy (seen here)
@@ -445,3 +492,15 @@ def test_deploy_venv_made_from_a_venv_sees_that_venvs_packages_behind_its_own(tm
     with open(osp.join(purelib(deploy / 'bin' / 'python'), 'only_in_main_venv.py'), 'w') as f:
         f.write('WHERE = "deploy"\n')  # the deploy venv's own pins stay in front
     assert where() == 'deploy'
+
+
+def test_real_probe_reads_the_cxx_standard_torchs_headers_demand():
+    """torch_cxx_std decides whether mmcv is built through the -std wrappers: it must be read
+    from this torch (ATen.h's '#error C++NN or later ... required'), never silently missing."""
+    torch = pytest.importorskip('torch')
+    facts = probe_facts(dict(os.environ))
+    header = osp.join(osp.dirname(torch.__file__), 'include', 'ATen', 'ATen.h')
+    with open(header) as f:
+        text = f.read()
+    demanded = [f'c++{n}' for n in ('17', '20', '23') if f'C++{n} or later' in text]
+    assert len(demanded) == 1 and facts['torch_cxx_std'] == demanded[0], facts

@@ -28,6 +28,8 @@
 # NVCC_APPEND_FLAGS -isystem, after the toolkit's headers); where the nvcc on PATH is a wrapper
 # outside its toolkit, CUDA_HOME is set to the toolkit nvcc reports (a CUDA_HOME or CUDA_PATH
 # you set is kept). Where neither has the headers, CPU ops only, with a warning naming them.
+# Where torch's headers need C++20 (torch >= 2.14), mmcv's -std=c++17 is raised to it through
+# compiler wrappers (CXX, PYTORCH_NVCC) for the build.
 #
 # bash tools/install.sh --facts   prints what it found (torch, CUDA, mmcv, ...) and installs nothing.
 # PYTHON=...              the interpreter to install into (default: python on PATH)
@@ -118,8 +120,8 @@ def cuda_build_facts(torch):
     """cuda_home: the toolkit root to build with where torch would pick another (it takes the
     parent of the nvcc on PATH, wrong for a wrapper; CUDA_HOME / CUDA_PATH set by the user
     are kept); cuda_includes: torch's nvidia wheel include folders that supply headers the
-    toolkit lacks; cuda_headers_missing: headers found in neither; nvcc_cuda: the CUDA release
-    of the toolkit's nvcc. Empty without an nvcc."""
+    toolkit lacks; cuda_headers_missing: headers found in neither; nvcc_path: that toolkit's
+    nvcc; nvcc_cuda: its CUDA release. Empty without an nvcc."""
     facts = {}
     root = nvcc_toolkit_root()
     if root is None:
@@ -132,7 +134,8 @@ def cuda_build_facts(torch):
         home = torch_choice
         if not home or os.path.realpath(home) != os.path.realpath(root):
             facts['cuda_home'] = home = root
-    facts['nvcc_cuda'] = nvcc_release(os.path.join(home, 'bin', 'nvcc')) or 'none'
+    facts['nvcc_path'] = os.path.join(home, 'bin', 'nvcc')  # the nvcc torch's builder runs
+    facts['nvcc_cuda'] = nvcc_release(facts['nvcc_path']) or 'none'
     missing = [h for h in CUDA_HEADERS if not os.path.isfile(os.path.join(home, 'include', h))]
     site = os.path.dirname(os.path.dirname(torch.__file__))
     wheel_dirs = sorted(glob.glob(os.path.join(site, 'nvidia', '*', 'include')))
@@ -142,6 +145,18 @@ def cuda_build_facts(torch):
     facts['cuda_includes'] = ':'.join(extra) or 'none'
     facts['cuda_headers_missing'] = ' '.join(h for h, d in found.items() if not d) or 'none'
     return facts
+
+
+def torch_cxx_standard(torch):
+    """'c++20' where torch's headers refuse an older standard (torch >= 2.14: ATen.h says
+    '#error C++20 or later compatible compiler is required'), 'c++17' before; None unknown."""
+    header = os.path.join(os.path.dirname(torch.__file__), 'include', 'ATen', 'ATen.h')
+    try:
+        with open(header) as f:
+            found = re.search(r'C\+\+(\d+) or later compatible compiler is required', f.read())
+    except OSError:
+        return None
+    return f'c++{found.group(1)}' if found else None
 
 
 def mmcv_ext_facts():
@@ -181,6 +196,7 @@ if torch_version:
             facts['gpu_arch'] = f'{major}.{minor}'
     except Exception:
         pass
+facts['torch_cxx_std'] = (facts['torch_imports'] == 'yes' and torch_cxx_standard(torch)) or 'none'
 facts.update(cuda_home='none', cuda_includes='none', cuda_headers_missing='none')
 if facts['torch_cuda'] != 'none':
     try:
@@ -263,10 +279,11 @@ known() {  # known KEY: the fact is set and not 'none'
 # An installed numpy stays as it is: the environment's torch and compiled packages were built
 # against it (torch <= 2.2 against numpy 1, which numpy 2 breaks), and the newest releases of
 # the stack's dependencies would otherwise pull numpy 2 in. pip takes it as a constraint.
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/do_conv_mm_install.XXXXXX")  # this run's own files
+trap 'rm -rf "$SCRATCH"' EXIT
 KEEP=()
 if known numpy; then
-  KEEP_FILE=$(mktemp "${TMPDIR:-/tmp}/do_conv_mm_constraints.XXXXXX")
-  trap 'rm -f "$KEEP_FILE"' EXIT
+  KEEP_FILE="$SCRATCH/constraints.txt"
   echo "numpy==$(fact numpy)" >"$KEEP_FILE"
   KEEP=(-c "$KEEP_FILE")
   echo "note: keeping the installed numpy $(fact numpy) (a pip constraint on what follows)." >&2
@@ -313,6 +330,41 @@ add_cuda_build_env() {
   fi
 }
 
+# add_standard_wrappers STD: torch's headers need STD (C++20 from torch 2.14: ATen.h refuses
+# anything older) but mmcv 2.1.0's setup.py passes -std=c++17 to the C++ compiler and nvcc, so the
+# build fails at the first source. Wrappers that pass -std=STD instead of that one flag go into
+# build_env as CXX and, for CUDA ops, PYTORCH_NVCC (both honoured by torch's extension builder).
+add_standard_wrappers() {
+  local std=$1 cxx nvcc_wrapped=""
+  if ! cxx=$(command -v "${CXX:-c++}"); then
+    echo "error: no C++ compiler (${CXX:-c++}) found to build mmcv with; install g++." >&2
+    exit 1
+  fi
+  write_standard_wrapper "$SCRATCH/c++" "$cxx" "$std"
+  build_env+=("CXX=$SCRATCH/c++")
+  if [[ " ${build_env[*]} " == *" FORCE_CUDA=1 "* ]]; then
+    write_standard_wrapper "$SCRATCH/nvcc" "$(fact nvcc_path)" "$std"
+    build_env+=("PYTORCH_NVCC=$SCRATCH/nvcc")
+    nvcc_wrapped=" and nvcc"
+  fi
+  echo "note: torch $(fact torch)'s headers need $std but mmcv 2.1.0 compiles with" \
+       "-std=c++17: building it with -std=$std (a wrapper around $cxx$nvcc_wrapped)." >&2
+}
+
+write_standard_wrapper() {  # write_standard_wrapper PATH COMPILER STD
+  cat >"$1" <<WRAPPER
+#!/usr/bin/env bash
+# Made by do_conv_mm's tools/install.sh for one mmcv build: $2 with -std=$3 for -std=c++17.
+args=()
+for arg in "\$@"; do
+  [[ "\$arg" == -std=c++17 ]] && arg=-std=$3
+  args+=("\$arg")
+done
+exec "$2" "\${args[@]}"
+WRAPPER
+  chmod +x "$1"
+}
+
 # mmcv: keep an installed 2.0-2.1 whose ops import; otherwise build 2.1.0 (no wheel exists for
 # these torch versions), with CUDA ops where torch has CUDA and nvcc is there.
 if [[ "$(fact mmcv_in_range)" == yes && "$(fact mmcv_ops)" == yes ]]; then
@@ -336,6 +388,9 @@ else
            "only. For CUDA ops, set TORCH_CUDA_ARCH_LIST to your GPUs' compute capability" \
            "(e.g. 9.0), pip uninstall mmcv, and run this again." >&2
     fi
+  fi
+  if known torch_cxx_std && [[ "$(fact torch_cxx_std)" != c++17 ]]; then
+    add_standard_wrappers "$(fact torch_cxx_std)"
   fi
   # No wheel exists for these torch versions: built from source (~17 min on 2 cores for the CPU
   # ops, cached by pip afterwards; CUDA ops take longer). An installed mmcv (other version, or
