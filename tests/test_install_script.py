@@ -280,8 +280,9 @@ def test_nvcc_of_another_cuda_major_builds_cpu_ops_and_says_which_toolkit(tmp_pa
         assert 'Install the CUDA 13.0 toolkit (or set CUDA_HOME to one)' in stderr
 
 
-@pytest.mark.parametrize('cuda_ops', [False, True])
-def test_torch_whose_headers_need_cxx20_builds_mmcv_through_standard_wrappers(tmp_path, cuda_ops):
+@pytest.mark.parametrize('cuda_ops, nvcc_probed', [(False, True), (True, True), (True, False)])
+def test_torch_whose_headers_need_cxx20_builds_mmcv_through_standard_wrappers(tmp_path, cuda_ops,
+                                                                              nvcc_probed):
     # torch 2.14's ATen.h refuses anything below C++20 and mmcv 2.1.0's setup.py passes
     # -std=c++17 (seen: the build fails at its first source). Not a dry run: the fake "pip install
     # mmcv" runs the compilers the build env names, and fake c++ / nvcc log what they were given.
@@ -296,6 +297,8 @@ def test_torch_whose_headers_need_cxx20_builds_mmcv_through_standard_wrappers(tm
                  torchvision_imports='yes', mmpretrain='1.2.0', do_conv_mm_here='yes')
     if not cuda_ops:
         facts.update(gpu_arch='none', torch_cuda='none')
+    if not nvcc_probed:  # the nvcc wrapper then wraps the nvcc torch would find: here on PATH
+        del facts['nvcc_path']
     state = tmp_path / 'facts.txt'
     state.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
     built = tmp_path / 'built.txt'
@@ -311,8 +314,9 @@ def test_torch_whose_headers_need_cxx20_builds_mmcv_through_standard_wrappers(tm
         f'    cp {built} {state} ;;\n'
         'esac\n')
     fake_python.chmod(0o755)
-    env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'HOME': str(tmp_path), 'PYTHON': str(fake_python),
-           'CUDA_HOME': str(tmp_path / 'no-cuda')}
+    env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'HOME': str(tmp_path), 'PYTHON': str(fake_python)}
+    if nvcc_probed:
+        env['CUDA_HOME'] = str(tmp_path / 'no-cuda')
     proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     expected = ['c++ -O3 -std=c++20 -c a.cpp'] + (['nvcc -std=c++20 -c b.cu'] if cuda_ops else [])

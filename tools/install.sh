@@ -335,7 +335,7 @@ add_cuda_build_env() {
 # build fails at the first source. Wrappers that pass -std=STD instead of that one flag go into
 # build_env as CXX and, for CUDA ops, PYTORCH_NVCC (both honoured by torch's extension builder).
 add_standard_wrappers() {
-  local std=$1 cxx nvcc_wrapped=""
+  local std=$1 cxx nvcc nvcc_wrapped=""
   if ! cxx=$(command -v "${CXX:-c++}"); then
     echo "error: no C++ compiler (${CXX:-c++}) found to build mmcv with; install g++." >&2
     exit 1
@@ -343,7 +343,11 @@ add_standard_wrappers() {
   write_standard_wrapper "$SCRATCH/c++" "$cxx" "$std"
   build_env+=("CXX=$SCRATCH/c++")
   if [[ " ${build_env[*]} " == *" FORCE_CUDA=1 "* ]]; then
-    write_standard_wrapper "$SCRATCH/nvcc" "$(fact nvcc_path)" "$std"
+    # the nvcc torch's builder would run: the probe's, else as torch finds it
+    nvcc=$(fact nvcc_path)
+    known nvcc_path || nvcc=${CUDA_HOME:+$CUDA_HOME/bin/nvcc}
+    [[ -n "$nvcc" ]] || nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+    write_standard_wrapper "$SCRATCH/nvcc" "$nvcc" "$std"
     build_env+=("PYTORCH_NVCC=$SCRATCH/nvcc")
     nvcc_wrapped=" and nvcc"
   fi
