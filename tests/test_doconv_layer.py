@@ -980,20 +980,27 @@ def test_activation_checkpointing(use_reentrant):
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
 
 
+def quantisable_model_and_input():
+    """conv-BN-ReLU-conv with random D (the second with D_mul > kh·kw), in train mode, and an
+    input batch (4, 3, 16, 16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DOConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          DOConv2d(8, 8, 3, padding=1, D_mul=12))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, DOConv2d):
+                m.D.normal_(std=0.1)
+    return model, torch.randn(4, 3, 16, 16)
+
+
 def test_fx_graph_mode_quantisation_of_unfolded_model():
     """prepare_fx / convert_fx (post-training int8) on an unfolded model: the weight observer
     sees the composed kernel, so the quantised model approximates the float one as well as the
     quantised folded model does (int8 steps of ~1/128 of each tensor's range)."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-    torch.manual_seed(0)
-    model = nn.Sequential(DOConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          DOConv2d(8, 8, 3, padding=1, D_mul=12)).eval()
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, DOConv2d):
-                m.D.normal_(std=0.1)
-    x = torch.randn(4, 3, 16, 16)
+    model, x = quantisable_model_and_input()
+    model.eval()
     errors = {}
     for name, float_model in (('unfolded', model), ('folded', fold_doconv(model))):
         prepared = prepare_fx(float_model, get_default_qconfig_mapping('x86'), (x, ))
@@ -1010,14 +1017,7 @@ def test_fx_quantisation_aware_training_of_unfolded_model():
     through it, and convert_fx gives an int8 model within a few int8 steps of the QAT model."""
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
-    torch.manual_seed(0)
-    model = nn.Sequential(DOConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          DOConv2d(8, 8, 3, padding=1, D_mul=12)).train()
-    with torch.no_grad():
-        for m in model:
-            if isinstance(m, DOConv2d):
-                m.D.normal_(std=0.1)
-    x = torch.randn(4, 3, 16, 16)
+    model, x = quantisable_model_and_input()
     prepared = prepare_qat_fx(model, get_default_qat_qconfig_mapping('x86'), (x, ))
     compositions = [node for node in prepared.graph.nodes if node.target is compose_kernel]
     assert [node.args[1].target for node in compositions] == ['0.D', '3.D']
