@@ -323,8 +323,9 @@ def test_torch_whose_headers_need_cxx20_builds_mmcv_through_standard_wrappers(tm
     assert log.read_text().splitlines() == expected
     assert "torch 2.14.1+cu130's headers need c++20 but mmcv 2.1.0 compiles with -std=c++17" \
         in proc.stderr
-    # torch <= 2.13 (C++17 headers): mmcv's own flags, no wrappers
-    for cxx_std in ('c++17', 'none'):
+    # torch 2.0-2.13 (C++17 headers) and torch < 2.0 (C++14, which mmcv's C++17 satisfies):
+    # mmcv's own flags, no wrappers
+    for cxx_std in ('c++17', 'c++14', 'none'):
         _, commands, stderr = dry_run(tmp_path, dict(facts, torch_cxx_std=cxx_std), nvcc=True)
         build = [c for c in commands if 'mmcv==2.1.0' in c]
         assert len(build) == 1 and 'CXX=' not in build[0] and 'PYTORCH_NVCC' not in build[0]

@@ -148,8 +148,9 @@ def cuda_build_facts(torch):
 
 
 def torch_cxx_standard(torch):
-    """'c++20' where torch's headers refuse an older standard (torch >= 2.14: ATen.h says
-    '#error C++20 or later compatible compiler is required'), 'c++17' before; None unknown."""
+    """The C++ standard torch's headers demand (ATen.h: '#error C++20 or later compatible
+    compiler is required'): 'c++20' from torch 2.14, 'c++17' from 2.0, 'c++14' before; None
+    where ATen.h does not say."""
     header = os.path.join(os.path.dirname(torch.__file__), 'include', 'ATen', 'ATen.h')
     try:
         with open(header) as f:
@@ -393,8 +394,10 @@ else
            "(e.g. 9.0), pip uninstall mmcv, and run this again." >&2
     fi
   fi
-  if known torch_cxx_std && [[ "$(fact torch_cxx_std)" != c++17 ]]; then
-    add_standard_wrappers "$(fact torch_cxx_std)"
+  # (torch < 2.0 asks for C++14, which mmcv's C++17 satisfies: only a newer standard is raised)
+  cxx_std=$(fact torch_cxx_std)
+  if [[ "$cxx_std" =~ ^c\+\+([0-9]+)$ ]] && (( BASH_REMATCH[1] > 17 )); then
+    add_standard_wrappers "$cxx_std"
   fi
   # No wheel exists for these torch versions: built from source (~17 min on 2 cores for the CPU
   # ops, cached by pip afterwards; CUDA ops take longer). An installed mmcv (other version, or
