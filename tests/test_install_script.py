@@ -36,13 +36,37 @@ GPU_BARE = dict(FRESH, torch='2.11.0+cu130', torch_in_range='yes', torch_imports
                 torch_cuda='13.0', gpu_arch='9.0')
 
 
+def facts_text(facts: dict) -> str:
+    """What the script's probe prints for ``facts``: ``key=value`` lines."""
+    return ''.join(f'{k}={v}\n' for k, v in facts.items())
+
+
+def run_script(env: dict, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(['bash', SCRIPT, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stateful_python(tmp_path, facts: dict, arms: str):
+    """A fake interpreter for runs that are not dry: its probe (``python - CHECKOUT STACK...``)
+    answers from a state file holding ``facts`` at first; ``arms`` are more bash ``case "$*"``
+    arms (a fake mmcv build that copies other facts over ``$STATE``, say). Returns (its path,
+    the state file)."""
+    state = tmp_path / 'facts.txt'
+    state.write_text(facts_text(facts))
+    python = tmp_path / 'fake-python'
+    python.write_text(f'#!/bin/bash\nSTATE={state}\ncase "$*" in\n  "- "*) cat "$STATE" ;;\n'
+                      f'{arms}esac\n')
+    python.chmod(0o755)
+    return python, state
+
+
 def dry_run(tmp_path, facts: dict, nvcc: bool = False, env_extra: dict = None):
     """(exit code, install commands it would run, stderr), with ``python`` as a placeholder
     for the fake interpreter's path."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir(exist_ok=True)
     facts_file = tmp_path / 'facts.txt'
-    facts_file.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
+    facts_file.write_text(facts_text(facts))
     fake_python = bin_dir / 'fake-python'
     fake_python.write_text(f'#!/bin/sh\ncat {facts_file}\n')
     tools = [fake_python]
@@ -55,7 +79,7 @@ def dry_run(tmp_path, facts: dict, nvcc: bool = False, env_extra: dict = None):
            'PYTHON': str(fake_python), 'DOCONV_INSTALL_DRY_RUN': '1',
            'CUDA_HOME': str(tmp_path / 'no-cuda')}
     env.update(env_extra or {})
-    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    proc = run_script(env)
     commands = [line[len('would run: '):].replace(str(fake_python), 'python')
                 for line in proc.stdout.splitlines() if line.startswith('would run: ')]
     return proc.returncode, commands, proc.stderr
@@ -213,7 +237,7 @@ def test_this_machine_needs_nothing_but_possibly_the_editable_install(tmp_path):
     from elsewhere (e.g. another worktree's editable install)."""
     pytest.importorskip('mmdet')
     env = dict(os.environ, DOCONV_INSTALL_DRY_RUN='1', PYTHON=sys.executable)
-    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_script(env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     commands = [line for line in proc.stdout.splitlines() if line.startswith('would run: ')]
     probe = subprocess.run([sys.executable, '-c', 'import do_conv_mm, os; '
@@ -299,25 +323,16 @@ def test_torch_whose_headers_need_cxx20_builds_mmcv_through_standard_wrappers(tm
         facts.update(gpu_arch='none', torch_cuda='none')
     if not nvcc_probed:  # the nvcc wrapper then wraps the nvcc torch would find: here on PATH
         del facts['nvcc_path']
-    state = tmp_path / 'facts.txt'
-    state.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
     built = tmp_path / 'built.txt'
-    built.write_text(''.join(f'{k}={v}\n' for k, v in dict(
-        facts, mmcv='2.1.0', mmcv_in_range='yes', mmcv_ops='yes').items()))
-    fake_python = tmp_path / 'fake-python'
-    fake_python.write_text(
-        '#!/bin/bash\n'
-        'case "$*" in\n'
-        f'  "- "*) cat {state} ;;\n'
+    built.write_text(facts_text(dict(facts, mmcv='2.1.0', mmcv_in_range='yes', mmcv_ops='yes')))
+    fake_python, _ = stateful_python(tmp_path, facts, (
         '  *mmcv==2.1.0*) "$CXX" -O3 -std=c++17 -c a.cpp\n'
         '    [[ -n "${PYTORCH_NVCC:-}" ]] && "$PYTORCH_NVCC" -std=c++17 -c b.cu\n'
-        f'    cp {built} {state} ;;\n'
-        'esac\n')
-    fake_python.chmod(0o755)
+        f'    cp {built} "$STATE" ;;\n'))
     env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'HOME': str(tmp_path), 'PYTHON': str(fake_python)}
     if nvcc_probed:
         env['CUDA_HOME'] = str(tmp_path / 'no-cuda')
-    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    proc = run_script(env)
     assert proc.returncode == 0, proc.stderr
     expected = ['c++ -O3 -std=c++20 -c a.cpp'] + (['nvcc -std=c++20 -c b.cu'] if cuda_ops else [])
     assert log.read_text().splitlines() == expected
@@ -356,37 +371,28 @@ def test_mmcv_wheel_from_pips_cache_built_for_another_torch_is_rebuilt_without_i
     # load (pip's cache), and whose "--no-cache-dir" build loads.
     facts = dict(GPU_READY, mmcv='none', mmcv_in_range='no', mmcv_ops='no', mmcv_ops_cuda='none',
                  gpu_arch='none', torch_cuda='none')
-    state = tmp_path / 'facts.txt'
-    state.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
     cached = dict(facts, mmcv='2.1.0', mmcv_in_range='yes')
     rebuilt = dict(cached, mmcv_ops='yes', mmcv_ops_cuda='not available')
-    write = {name: ''.join(f'{k}={v}\n' for k, v in f.items())
-             for name, f in (('cached', cached), ('rebuilt', rebuilt))}
-    (tmp_path / 'cached.txt').write_text(write['cached'])
-    (tmp_path / 'rebuilt.txt').write_text(write['rebuilt'])
+    (tmp_path / 'cached.txt').write_text(facts_text(cached))
+    (tmp_path / 'rebuilt.txt').write_text(facts_text(rebuilt))
     log = tmp_path / 'pip.log'
-    fake_python = tmp_path / 'fake-python'
-    fake_python.write_text(
-        '#!/bin/sh\n'
-        'case "$*" in\n'
-        f'  "- "*) cat {state} ;;\n'  # the probe: python - CHECKOUT STACK...
-        f'  *--no-cache-dir*mmcv==2.1.0*) echo "$*" >>{log}; cp {tmp_path}/rebuilt.txt {state} ;;\n'
-        f'  *mmcv==2.1.0*) echo "$*" >>{log}; cp {tmp_path}/cached.txt {state} ;;\n'
-        f'  *) echo "$*" >>{log} ;;\n'
-        'esac\n')
-    fake_python.chmod(0o755)
+    fake_python, state = stateful_python(tmp_path, facts, (
+        f'  *--no-cache-dir*mmcv==2.1.0*) echo "$*" >>{log}; cp {tmp_path}/rebuilt.txt "$STATE"'
+        ' ;;\n'
+        f'  *mmcv==2.1.0*) echo "$*" >>{log}; cp {tmp_path}/cached.txt "$STATE" ;;\n'
+        f'  *) echo "$*" >>{log} ;;\n'))
     env = {'PATH': '/usr/bin:/bin', 'HOME': str(tmp_path), 'PYTHON': str(fake_python),
            'CUDA_HOME': str(tmp_path / 'no-cuda')}
-    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    proc = run_script(env)
     assert proc.returncode == 0, proc.stderr
     builds = [line for line in log.read_text().splitlines() if 'mmcv==2.1.0' in line]
     assert len(builds) == 2 and '--no-cache-dir' not in builds[0]
     assert '--force-reinstall --no-deps --no-cache-dir' in builds[1]
     assert 'built against another torch' in proc.stderr
     # a build whose ops still do not load is an error, not a silent success
-    state.write_text(''.join(f'{k}={v}\n' for k, v in facts.items()))
-    (tmp_path / 'rebuilt.txt').write_text(write['cached'])
-    proc = subprocess.run(['bash', SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    state.write_text(facts_text(facts))
+    (tmp_path / 'rebuilt.txt').write_text(facts_text(cached))
+    proc = run_script(env)
     assert proc.returncode == 1 and 'its compiled ops do not load' in proc.stderr
 
 
@@ -412,8 +418,7 @@ def _real_probe(tmp_path, toolkit_headers, env_extra=None) -> dict:
 
 def probe_facts(env: dict) -> dict:
     """``install.sh --facts`` with this machine's Python under ``env``, as a dict."""
-    proc = subprocess.run(['bash', SCRIPT, '--facts'], env=dict(env, PYTHON=sys.executable),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script(dict(env, PYTHON=sys.executable), '--facts', timeout=120)
     assert proc.returncode == 0, proc.stderr
     return dict(line.split('=', 1) for line in proc.stdout.splitlines() if '=' in line)
 
