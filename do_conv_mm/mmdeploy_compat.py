@@ -32,7 +32,7 @@ import contextlib
 import functools
 from typing import Iterator, List, Tuple
 
-__all__ = ['mmdeploy_export_compat', 'SHIMS']
+__all__ = ['mmdeploy_export_compat', 'torchscript_export_kwargs', 'SHIMS']
 
 # What the shim changes, for the README and the report: (name, reason).
 SHIMS: List[Tuple[str, str]] = [
@@ -80,6 +80,13 @@ def _upsample_forward(original):
     return forward
 
 
+def torchscript_export_kwargs() -> dict:
+    """The ``torch.onnx.export`` arguments that pick the TorchScript exporter: ``dynamo=False``
+    where export has that switch (torch >= 2.5; on by default from 2.9), else none."""
+    import torch.onnx
+    return {'dynamo': False} if 'dynamo' in (torch.onnx.export.__kwdefaults__ or {}) else {}
+
+
 @contextlib.contextmanager
 def mmdeploy_export_compat() -> Iterator[None]:
     """Patch torch's ONNX entry points the way mmdeploy 1.3.1 expects them, then restore them."""
@@ -87,11 +94,11 @@ def mmdeploy_export_compat() -> Iterator[None]:
     import torch.onnx.symbolic_opset9 as opset9
     with contextlib.ExitStack() as stack:
         export = torch.onnx.export
-        if 'dynamo' in (getattr(export, '__kwdefaults__', None) or {}):  # torch >= 2.9
+        torchscript = torchscript_export_kwargs()
+        if torchscript:
             @functools.wraps(export)
             def export_torchscript(*args, **kwargs):
-                kwargs.setdefault('dynamo', False)
-                return export(*args, **kwargs)
+                return export(*args, **{**torchscript, **kwargs})
             stack.enter_context(_patched(torch.onnx, 'export', export_torchscript))
         if not hasattr(opset9, '_cast_Long'):
             stack.enter_context(_patched(opset9, '_cast_Long', _cast_long))

@@ -23,6 +23,7 @@ from training_helpers import REPO, run_tool, tool_env
 import do_conv_mm  # noqa: F401  (registers DOConv, safe checkpoint globals)
 from do_conv_mm.checkpoint import CheckpointError, load_checkpoint_file
 from do_conv_mm.checkpoint_guard import check_checkpoint_config, describe_checkpoint
+from do_conv_mm.mmdeploy_compat import mmdeploy_export_compat, torchscript_export_kwargs
 
 DEPLOY_PY = os.environ.get('DO_CONV_MM_DEPLOY_PYTHON',
                            osp.join(REPO, '.venv-deploy', 'bin', 'python'))
@@ -145,19 +146,19 @@ def test_export_tool_without_the_deploy_extra_says_how_to_install(tmp_path):
 
 
 # torch.onnx.export's keyword defaults: 'dynamo' exists from torch 2.5 and is True from 2.9
-EXPORT_KWDEFAULTS = torch.onnx.export.__kwdefaults__ or {}
+DYNAMO_BY_DEFAULT = bool((torch.onnx.export.__kwdefaults__ or {}).get('dynamo'))
 
 
 def test_shim_patches_only_inside_and_restores_everything():
     import torch.onnx.symbolic_opset9 as opset9
     import torch.onnx.utils as onnx_utils
-    from do_conv_mm.mmdeploy_compat import mmdeploy_export_compat
     export = torch.onnx.export
     had_cast = hasattr(opset9, '_cast_Long')
     # mmdeploy hooks its graph passes on this name; torch 2.13 still re-exports it (no shim)
     assert hasattr(onnx_utils, '_model_to_graph')
+    has_dynamo_switch = bool(torchscript_export_kwargs())  # asked of torch's own export
     with mmdeploy_export_compat():
-        if 'dynamo' in EXPORT_KWDEFAULTS:
+        if has_dynamo_switch:
             assert torch.onnx.export.__wrapped__ is export  # the wrapper only adds dynamo=False
         else:  # torch < 2.5: TorchScript is the only exporter, left as it is
             assert torch.onnx.export is export
@@ -168,7 +169,6 @@ def test_shim_patches_only_inside_and_restores_everything():
 
 def test_shim_upsample_is_bit_identical_in_pytorch_and_restored():
     from mmseg.models.utils.wrappers import Upsample
-    from do_conv_mm.mmdeploy_compat import mmdeploy_export_compat
     original = Upsample.forward
     x = torch.randn(1, 4, 7, 10)
     for factor, mode, corners in ((2, 'bilinear', False), (4, 'nearest', None),
@@ -185,10 +185,9 @@ def test_shim_upsample_is_bit_identical_in_pytorch_and_restored():
 def test_shim_exports_with_the_torchscript_exporter(tmp_path):
     """torch 2.13's default (dynamo=True) needs onnxscript, which the stack does not have; under
     the shim the same call goes to the TorchScript exporter mmdeploy was written for."""
-    from do_conv_mm.mmdeploy_compat import mmdeploy_export_compat
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     x = torch.randn(1, 3, 8, 8)
-    if EXPORT_KWDEFAULTS.get('dynamo') and importlib.util.find_spec('onnxscript') is None:
+    if DYNAMO_BY_DEFAULT and importlib.util.find_spec('onnxscript') is None:
         with pytest.raises(ImportError):
             torch.onnx.export(model, (x, ), str(tmp_path / 'a.onnx'))
     with mmdeploy_export_compat():

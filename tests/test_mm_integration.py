@@ -11,6 +11,7 @@ from mmengine.registry import DefaultScope
 
 import do_conv_mm
 from do_conv_mm import DOConv2d, count_doconv, fold_doconv
+from do_conv_mm.mmdeploy_compat import torchscript_export_kwargs
 
 # A deep fp32 network: eval outputs of the DO-Conv model and its fold differ only by the float64
 # -> float32 rounding of each folded kernel entry (rel. 6e-8) accumulated through ~50 layers and
@@ -300,8 +301,8 @@ def test_folded_model_exports_onnx_opset11_without_einsum():
         ConvModule(8, 4, 1, conv_cfg=dict(type='DOConv')))
     folded = fold_doconv(randomise_doconv_and_bn(model)).eval()
     buffer = io.BytesIO()
-    torchscript = {'dynamo': False} if 'dynamo' in (torch.onnx.export.__kwdefaults__ or {}) else {}
-    torch.onnx.export(folded, torch.randn(1, 3, 16, 16), buffer, opset_version=11, **torchscript)
+    torch.onnx.export(folded, torch.randn(1, 3, 16, 16), buffer, opset_version=11,
+                      **torchscript_export_kwargs())
     graph = onnx.load_from_string(buffer.getvalue()).graph
     ops = {node.op_type for node in graph.node}
     assert 'Einsum' not in ops and 'MatMul' not in ops
