@@ -53,8 +53,8 @@ class _ComposedConv2d(torch.autograd.Function):
         # (a float64 or fp16 input to a float32 layer) reaches conv2d, which rejects it as it
         # does for nn.Conv2d.
         if x.dtype != weight.dtype and x.dtype == autocast_dtype(x.device.type):
+            # The token stays: the composer's backward needs it (P = D + I on CUDA).
             kernel = low_precision_kernel = kernel.to(x.dtype)
-            token = None
         ctx.save_for_backward(x, weight, D, weight_extra, bias, low_precision_kernel)
         ctx.composer, ctx.token = composer, token
         ctx.conv_args = (stride, padding, dilation, groups)

@@ -58,6 +58,9 @@ def randomise(layer: DOConv2d, seed: int = 0) -> DOConv2d:
 
 # (in, out, groups): plain, grouped, depthwise, depthwise with channel multiplier 2
 GROUPINGS = [(4, 6, 1), (4, 6, 2), (4, 4, 4), (4, 8, 4)]
+# The launch-light composer's layouts: channel-major (plain, depthwise) and the general formulas
+# (grouped).
+COMPOSER_GROUPINGS = GROUPINGS + [(68, 4, 2)]
 KERNELS = [(1, 1), (3, 3), (5, 5), (3, 5)]
 
 
@@ -874,7 +877,7 @@ def test_parametrize_acts_on_weight():
     assert layer.parametrizations.weight.original.grad is not None
 
 
-@pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
+@pytest.mark.parametrize('cin,cout,groups', COMPOSER_GROUPINGS)
 @pytest.mark.parametrize('d_extra', [0, 3])
 def test_batched_composer_equals_formula(cin, cout, groups, d_extra):
     """The launch-light CUDA formulation, run on CPU tensors: W', dL/dweight, dL/dD and
@@ -898,20 +901,22 @@ def test_batched_composer_equals_formula(cin, cout, groups, d_extra):
         torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize('cin,cout,groups', COMPOSER_GROUPINGS)
 @pytest.mark.parametrize('composer', ['blocked', 'batched'])
-def test_training_function_under_autocast(monkeypatch, composer):
+def test_training_function_under_autocast(monkeypatch, composer, cin, cout, groups):
     """Autocast runs inside the training Function (no fallback): W' composed in fp32 and cast
-    once, the conv in bf16, parameter gradients in fp32; both composers, CPU bf16. Reference:
-    the same bf16 conv of the fp32-composed kernel (bf16 keeps 8 mantissa bits: 2e-2)."""
+    once, the conv in bf16, parameter gradients in fp32; both composers (every layout of the
+    batched one), CPU bf16. Reference: the same bf16 conv of the fp32-composed kernel (bf16
+    keeps 8 mantissa bits: 2e-2)."""
     from do_conv_mm import composed_conv
-    layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=2, D_mul=12))
+    layer = randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=12))
     if composer == 'batched':
         monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
     applied = []
     original = composed_conv._ComposedConv2d.apply
     monkeypatch.setattr(composed_conv._ComposedConv2d, 'apply',
                         lambda *a: applied.append(1) or original(*a))
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, cin, 8, 8)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         y = layer(x)
     assert applied and y.dtype == torch.bfloat16
@@ -920,7 +925,8 @@ def test_training_function_under_autocast(monkeypatch, composer):
     assert all(g.dtype == torch.float32 for g in grads)
     kernel = layer.composed_weight()
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        ref = F.conv2d(x, kernel.to(torch.bfloat16), layer.bias.to(torch.bfloat16), 1, 1, 1, 2)
+        ref = F.conv2d(x, kernel.to(torch.bfloat16), layer.bias.to(torch.bfloat16), 1, 1, 1,
+                       groups)
     expected = torch.autograd.grad((ref.float() ** 2).sum(), list(layer.parameters()))
     torch.testing.assert_close(y.float(), ref.float(), atol=0, rtol=0)
     for g, e in zip(grads, expected):
