@@ -10,14 +10,18 @@ layer (groups == 1, or depthwise) this issues
 
 Per input channel c the composition is a small GEMM, W'_cᵀ (Og×K) = W_cᵀ (Og×S) · P_cᵀ (S×K),
 and ``weight.view(O, C, K).transpose(0, 1)`` is a (C, O, K) view that a batched GEMM reads and
-writes directly. Grouped convs whose channel blocks are no single strided batch (groups > 1 with
-more than one input channel per group) use the formulas of :mod:`do_conv_mm.composition`.
+writes directly (groups == 1; depthwise convs have a (g, Og, K) view).
+Grouped convs whose channel blocks are no single strided batch (groups > 1 with more than one
+input channel per group) use block-diagonal factors per group (:mod:`.compose_grouped`), and
+beyond ``MAX_CHANNELS_PER_GROUP`` channels per group the formulas of :mod:`.composition`.
 Device-independent: tested against ``compose_kernel`` in float64 on CPU tensors.
 """
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
+from .compose_grouped import (MAX_CHANNELS_PER_GROUP, block_diagonal_factors, blocks_backward,
+                              compose_with_blocks)
 from .composition import compose_kernel, compose_kernel_backward, plus_identity
 
 __all__ = ['BatchedComposer', 'BATCHED_COMPOSER']
@@ -35,44 +39,61 @@ def channel_major(kernel_like: torch.Tensor, groups: int) -> Optional[torch.Tens
 
 
 class BatchedComposer:
-    """Stateless: the token it hands from forward to backward is P = D + I (C·K·S values)."""
+    """Stateless: the token it hands from forward to backward is P = D + I (C·K·S values) for
+    channel-major layouts, the block-diagonal factors of :mod:`.compose_grouped` for grouped
+    convs with Cg <= MAX_CHANNELS_PER_GROUP, and None for wider groups (general formulas)."""
 
     @staticmethod
-    def _compose_with(P, weight, weight_extra, groups) -> Optional[torch.Tensor]:
+    def _layout(weight: torch.Tensor, groups: int) -> str:
+        Cg = weight.shape[1]
+        if groups == 1 or Cg == 1:
+            return 'channel_major'
+        return 'blocks' if Cg <= MAX_CHANNELS_PER_GROUP else 'general'
+
+    @staticmethod
+    def _compose_with(P, weight, weight_extra, groups) -> torch.Tensor:
         O, Cg, kh, kw = weight.shape
         K = kh * kw
         weight = weight.contiguous()  # no copy unless the model was made channels_last
-        W_cm = channel_major(weight.view(O, Cg, K), groups)
-        if W_cm is None:
-            return None
-        kernel = torch.empty_like(weight)
+        kernel = torch.empty_like(weight, memory_format=torch.contiguous_format)
         kernel_cm = channel_major(kernel.view(O, Cg, K), groups)  # (C, Og, K) view of W'
-        torch.bmm(W_cm, P[:, :, :K].transpose(1, 2), out=kernel_cm)
+        torch.bmm(channel_major(weight.view(O, Cg, K), groups), P[:, :, :K].transpose(1, 2),
+                  out=kernel_cm)
         if weight_extra is not None:
             extra_cm = channel_major(weight_extra.contiguous(), groups)
             kernel_cm.baddbmm_(extra_cm, P[:, :, K:].transpose(1, 2))
         return kernel
 
-    def compose(self, weight, D, weight_extra, groups) -> Tuple[torch.Tensor, torch.Tensor]:
+    def compose(self, weight, D, weight_extra, groups) -> Tuple[torch.Tensor, Any]:
         """W' for a forward pass: (kernel, token); hand the token to ``kernel_for_backward``."""
-        P = plus_identity(D)
-        kernel = self._compose_with(P, weight, weight_extra, groups)
-        if kernel is None:
-            kernel = compose_kernel(weight, D, weight_extra, groups)
-        return kernel, P
+        layout = self._layout(weight, groups)
+        if layout == 'channel_major':
+            P = plus_identity(D)
+            return self._compose_with(P, weight, weight_extra, groups), P
+        if layout == 'blocks':
+            factors = block_diagonal_factors(D, groups)
+            return compose_with_blocks(factors, weight, weight_extra, groups), factors
+        return compose_kernel(weight, D, weight_extra, groups), None
 
     def kernel_for_backward(self, token, weight, D, weight_extra, groups) -> torch.Tensor:
-        kernel = self._compose_with(token, weight, weight_extra, groups)
-        return compose_kernel(weight, D, weight_extra, groups) if kernel is None else kernel
+        layout = self._layout(weight, groups)
+        if layout == 'channel_major':
+            return self._compose_with(token, weight, weight_extra, groups)
+        if layout == 'blocks':
+            return compose_with_blocks(token, weight, weight_extra, groups)
+        return compose_kernel(weight, D, weight_extra, groups)
 
     def backward(self, grad_kernel, weight, D, weight_extra, groups, token, needs):
         """(dL/dweight, dL/dD, dL/dweight_extra) from dL/dW' (any memory format)."""
+        layout = self._layout(weight, groups)
+        if layout == 'blocks':
+            return blocks_backward(grad_kernel, weight, D, weight_extra, groups, token, needs)
+        if layout == 'general':
+            return compose_kernel_backward(grad_kernel, weight, D, weight_extra, groups, needs)
         O, Cg, kh, kw = weight.shape
         K = kh * kw
         grad_kernel = grad_kernel.contiguous()  # no copy unless it came channels_last
         G_cm = channel_major(grad_kernel.view(O, Cg, K), groups)  # (C, Og, K)
-        if G_cm is None:
-            return compose_kernel_backward(grad_kernel, weight, D, weight_extra, groups, needs)
         P = token
         grad_weight = grad_D = grad_extra = None
         if needs[1]:

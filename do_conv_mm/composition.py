@@ -74,13 +74,17 @@ _IDENTITY: Dict[tuple, torch.Tensor] = {}
 def plus_identity(D: torch.Tensor) -> torch.Tensor:
     """P = D + I as a new (C, K, S) tensor, I[m, m] = 1 for m < K: one broadcast add of a cached
     (K, S) identity (no autograd)."""
-    K, S = D.shape[1:]
-    key = (K, S, D.dtype, D.device)
+    return D + identity(*D.shape[1:], D.dtype, D.device)
+
+
+def identity(K: int, S: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (K, S) matrix I[m, m] = 1 for m < K, made once per shape, dtype and device."""
+    key = (K, S, dtype, device)
     eye = _IDENTITY.get(key)
     if eye is None:
         with torch.inference_mode(False):  # torch 2.1 has no bfloat16 eye on CPU: cast one
-            eye = _IDENTITY[key] = torch.eye(K, S, device=D.device).to(D.dtype)
-    return D + eye
+            eye = _IDENTITY[key] = torch.eye(K, S, device=device).to(dtype)
+    return eye
 
 
 def compose_kernel_backward(grad_kernel: torch.Tensor,

@@ -58,8 +58,8 @@ def randomise(layer: DOConv2d, seed: int = 0) -> DOConv2d:
 
 # (in, out, groups): plain, grouped, depthwise, depthwise with channel multiplier 2
 GROUPINGS = [(4, 6, 1), (4, 6, 2), (4, 4, 4), (4, 8, 4)]
-# The launch-light composer's layouts: channel-major (plain, depthwise) and the general formulas
-# (grouped).
+# The launch-light composer's layouts: channel-major (plain, depthwise), block-diagonal (grouped,
+# Cg <= MAX_CHANNELS_PER_GROUP) and the general formulas (grouped, Cg = 34 > 32).
 COMPOSER_GROUPINGS = GROUPINGS + [(68, 4, 2)]
 KERNELS = [(1, 1), (3, 3), (5, 5), (3, 5)]
 
@@ -899,6 +899,61 @@ def test_batched_composer_equals_formula(cin, cout, groups, d_extra):
     expected_grads = torch.autograd.grad(expected, params, grad_kernel)
     for g, e in zip([g for g in got if g is not None], expected_grads):
         torch.testing.assert_close(g, e, atol=1e-12, rtol=0)
+
+
+# ATen calls that launch no kernel: views, metadata and uninitialised allocations.
+NO_KERNEL_OPS = {'view', '_unsafe_view', 'transpose', 't', 'permute', 'alias', 'slice',
+                 'diagonal', 'unsqueeze', 'squeeze', 'expand', 'as_strided', 'detach', 'empty',
+                 'empty_like', 'empty_strided', 'select', 'lift_fresh'}
+CONV_OPS = {'convolution', 'convolution_backward', 'conv2d', '_convolution',
+            'mkldnn_convolution', 'thnn_conv2d'}
+# (in, out, groups) -> kernels beyond the conv: (forward, backward) at D_mul = kh·kw, and what
+# D_mul > kh·kw adds. Channel-major: P = D + I and one matmul; backward three matmuls.
+# Block-diagonal: zero fill, D + I into the diagonal blocks, one matmul; backward adds the copy of
+# dL/dD's diagonal blocks.
+KERNEL_BUDGET = {(4, 6, 1): ((2, 3), (1, 3)), (4, 8, 4): ((2, 3), (1, 3)),
+                 (4, 6, 2): ((3, 4), (2, 4))}
+
+
+class KernelLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the ATen calls that run a kernel (beyond the conv) under this mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split('.')[0]
+        if name not in NO_KERNEL_OPS and name not in CONV_OPS:
+            self.kernels.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('cin,cout,groups', list(KERNEL_BUDGET))
+@pytest.mark.parametrize('d_extra', [0, 3])
+def test_batched_composer_kernel_counts(monkeypatch, cin, cout, groups, d_extra):
+    """The launch-light path's kernel count per layer and training step (issue 10: forward at
+    most 2 beyond the conv, backward at most 3, one matmul more each for D_mul > kh·kw; grouped
+    convs with several channels per group a zero fill and a copy more), counted at ATen's
+    dispatcher on CPU tensors: the calls a GPU would launch."""
+    layer = randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=9 + d_extra))
+    monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
+    x = torch.randn(2, cin, 6, 6, requires_grad=True)
+    layer(x).sum().backward()  # caches the identity matrix
+    layer.zero_grad(set_to_none=True)  # no accumulation into .grad in the count
+    x.grad = None
+    with KernelLog() as forward:
+        y = layer(x)
+    grad_out = torch.ones_like(y)
+    with KernelLog() as backward:
+        y.backward(grad_out)
+    (fwd, bwd), (fwd_extra, bwd_extra) = KERNEL_BUDGET[(cin, cout, groups)]
+    if d_extra:
+        fwd, bwd = fwd + fwd_extra, bwd + bwd_extra
+    assert len(forward.kernels) <= fwd, forward.kernels
+    assert len(backward.kernels) <= bwd, backward.kernels
+    matmuls = [k for k in forward.kernels + backward.kernels if 'bmm' in k]
+    assert len(matmuls) == (4 if not d_extra else 8), matmuls
 
 
 @pytest.mark.parametrize('cin,cout,groups', COMPOSER_GROUPINGS)
