@@ -6,6 +6,8 @@
 - bench/train_overhead.py's GPU-check features on the CPU: the time guard (partial results
   rather than none) and the Faster R-CNN variant without RoI head.
 - bench/gpu_check.sh end to end in its CPU mode (tiny settings).
+- the CUDA training path (the launch-light composer) training the benchmark's models and a
+  ResNeXt on CPU tensors, in float64 and under bf16 autocast.
 The CUDA side of the shim is checked in tests/test_gpu.py (gpu-marked).
 """
 import importlib.util
@@ -199,6 +201,102 @@ def test_faster_rcnn_without_roi_head_builds_and_trains():
     finally:
         sys.path.remove(BENCH)
     assert set(losses) >= {'loss_rpn_cls', 'loss_rpn_bbox'} and torch.isfinite(losses['loss'])
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA training path at model scale, rehearsed on CPU tensors
+# ------------------------------------------------------------------------------------------------
+def _rehearsal_model(name):
+    """(model, loss(dtype)) at 64², D ~ N(0, 0.05²), BN on running statistics and dropout off:
+    random-init BN over a few pixels and random masks would amplify rounding chaotically.
+    'pspnet': the full segmentation loss; 'faster_rcnn': backbone + neck features (the RoI
+    head's proposal ranking swaps near-ties); 'resnext': mmdet's ResNeXt-50 32x4d, whose 3×3
+    convs are grouped with 4 to 32 channels per group (the block-diagonal composition)."""
+    import mm_models
+    if name == 'resnext':
+        from mmdet.models.backbones import ResNeXt
+        torch.manual_seed(0)
+        model = ResNeXt(depth=50, groups=32, base_width=4, conv_cfg=dict(type='DOConv'))
+        data = dict(inputs=torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    else:
+        model = mm_models.build_model(name, True, 'cpu', 0, 64)
+        data = model.data_preprocessor(mm_models.synthetic_batch(name, 2, 64), True)
+    mm_models.randomize_D(model, std=0.05)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout,
+                               torch.nn.Dropout2d)):
+            module.eval()
+
+    def loss(dtype):
+        inputs = data['inputs'].to(dtype)
+        if name == 'pspnet':
+            return model.parse_losses(model(inputs, data['data_samples'], mode='loss'))[0]
+        features = model(inputs) if name == 'resnext' else model.extract_feat(inputs)
+        return sum(f.float().square().mean() for f in features)
+    return model, loss
+
+
+def _training_gradients(model, loss, monkeypatch, composer, dtype=torch.float32, bf16=False):
+    """{name: gradient} of one loss with the layers' composer forced to ``composer`` ('cpu':
+    the blocked one, 'cuda': the launch-light one); counts its compose calls."""
+    from do_conv_mm import DOConv2d
+    from do_conv_mm.compose_batched import BATCHED_COMPOSER
+    from do_conv_mm.compose_blocked import BlockedComposer
+    calls = []
+    chosen = BATCHED_COMPOSER if composer == 'cuda' else BlockedComposer()
+    counting = type('Counting', (), {
+        'compose': lambda self, *a: calls.append(1) or chosen.compose(*a),
+        'kernel_for_backward': lambda self, *a: chosen.kernel_for_backward(*a),
+        'backward': lambda self, *a: chosen.backward(*a)})()
+    monkeypatch.setattr(DOConv2d, '_training_composer', lambda self: counting)
+    model.to(dtype).zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        value = loss(dtype)
+    value.float().backward()
+    monkeypatch.undo()
+    trained = [m for m in model.modules() if getattr(m, 'D', None) is not None
+               and m.D.grad is not None]
+    assert trained and len(calls) >= len(trained)  # each trained layer went through it
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.grad is not None}
+
+
+def _worst_relative_error(got: dict, expected: dict, suffix: str = '') -> float:
+    assert got.keys() == expected.keys()
+    return max(((got[k].double() - expected[k].double()).norm()
+                / expected[k].double().norm().clamp_min(1e-300)).item()
+               for k in expected if k.endswith(suffix))
+
+
+@pytest.mark.parametrize('name', ['pspnet', 'faster_rcnn', 'resnext'])
+def test_cuda_training_path_at_model_scale_on_cpu(monkeypatch, name):
+    """What the GPU check will run, without a GPU: the launch-light (CUDA) composer trains the
+    model-zoo models on CPU tensors. float64: every gradient equals the CPU composer's to 1e-9
+    (rounding only; fp32 differences would be amplified by the random-init model). bf16
+    autocast: the D gradients are as close to the float64 ones as the CPU composer's are
+    (within 1.5x + 1e-3; a wrong mapping is off by O(1)), and nothing is lost on the way."""
+    pytest.importorskip('mmdet')
+    if name == 'pspnet':
+        pytest.importorskip('mmseg')
+    from do_conv_mm.amp import keep_bf16_out_of_mmcv_ops
+    keep_bf16_out_of_mmcv_ops()
+    sys.path.insert(0, BENCH)
+    try:
+        model, loss = _rehearsal_model(name)
+        cuda64 = _training_gradients(model, loss, monkeypatch, 'cuda', torch.float64)
+        cpu64 = _training_gradients(model, loss, monkeypatch, 'cpu', torch.float64)
+        cuda16 = _training_gradients(model, loss, monkeypatch, 'cuda', bf16=True)
+        cpu16 = _training_gradients(model, loss, monkeypatch, 'cpu', bf16=True)
+    finally:
+        sys.path.remove(BENCH)
+    assert _worst_relative_error(cuda64, cpu64) < 1e-9
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in cuda16.values())
+    error_cuda = _worst_relative_error(cuda16, cpu64, '.D')
+    error_cpu = _worst_relative_error(cpu16, cpu64, '.D')
+    print(f'{name}: bf16 D-gradient error vs float64: cuda path {error_cuda:.3g}, '
+          f'cpu path {error_cpu:.3g}')
+    assert error_cuda <= 1.5 * error_cpu + 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
