@@ -10,10 +10,10 @@ block-diagonal right factor instead:
 
 with K = kh·kw, R = D_mul - K, and every other entry of B, E zero. ``weight.view(g, Og, Cg·K)``
 and W' in its (O, Cg, kh, kw) layout are plain views, so a forward is: one zero fill, one add
-writing D + I into B's diagonal blocks through a strided view (one copy more for E), and one
-batched matmul (one more for E). Backward recomposes W' (one matmul), dL/dweight = G·Bᵀ (one
-matmul), dL/dD = the diagonal blocks of weight_gᵀ·G (one matmul and one strided copy); E adds
-one matmul and one copy each.
+writing D + I into B's diagonal blocks through a strided view, and one batched matmul. Backward
+recomposes W' (one matmul), dL/dweight = G·Bᵀ (one matmul), dL/dD = the diagonal blocks of
+weight_gᵀ·G (one matmul and one strided copy). With E (D_mul > kh·kw), forward takes one copy
+and one matmul more, backward three matmuls and one copy more.
 
 The block products cost Cg times the FLOPs of the per-channel ones and B holds Cg times the
 values of D, so this is used for Cg <= ``MAX_CHANNELS_PER_GROUP`` only (ResNeXt's 3×3 convs,
