@@ -13,8 +13,15 @@ large variants left out), on the CPU:
 4. eval: the DO-Conv model against its fold (``fold_doconv``) on one input, full output first;
    where that differs, the DO-Conv model against itself (randomness in eval) and the features
    (``extract_feat``: backbone + neck), which top-k proposal / query selection cannot reorder;
-5. a failure is retried on the plain model: "fails without DO-Conv too" marks the sweep's
-   synthetic input or set-up, not DO-Conv.
+5. a failure (an exception, or a non-finite loss or gradient) is retried on the plain model
+   from the same random state: "fails without DO-Conv too" marks the sweep's synthetic input or
+   set-up, not DO-Conv.
+
+Each family starts from the same seeds, and uninitialised memory reads NaN (torch's
+``fill_uninitialized_memory``), so a row does not depend on the families before it or on what
+the heap held. DINO, DDQ, Deformable DETR and TridentNet, plain models too, then fail their
+random-init training step every time (non-finite matcher costs or loss); before, they passed
+or failed by run order.
 
     python bench/zoo_sweep.py --zoo mmseg          # ~3 min on 2 cores
     python bench/zoo_sweep.py --zoo mmpretrain     # ~5 min
@@ -58,7 +65,9 @@ MMDET_SKIP = {
 HEAVY_PREFIXES = ('htc', 'scnet', 'cascade')
 MMSEG_SKIP = {'_base_', 'dsdl', 'vpd', 'san', 'mae', 'beit', 'swin'}
 # Families whose fixed-size layers need a larger input than the zoo's default --size.
-SIZE_OVERRIDES = {('mmseg', 'mobilenet_v3'): 512, ('mmpretrain', 'swinv2'): 256}
+SIZE_OVERRIDES = {('mmseg', 'mobilenet_v3'): 512, ('mmpretrain', 'swinv2'): 256,
+                  ('mmdet', 'ssd'): 320, ('mmdet', 'pisa'): 320,  # SSD300's last 3×3 convs
+                  ('mmdet', 'ddod'): 320}
 # mmpretrain families not swept: multimodal models (need mmpretrain[multimodal]) and
 # self-supervised algorithms whose build downloads a target network's weights (EVA, MILAN).
 MMPRETRAIN_SKIP = {'blip', 'blip2', 'cn', 'flamingo', 'llava', 'minigpt', 'ofa', 'otter', 'eva',
@@ -119,8 +128,10 @@ def zoo_models(zoo: str, families: Optional[List[str]]) -> Dict[str, str]:
 
 def build(zoo: str, source: str) -> nn.Module:
     """The model of ``source`` without pretrained weights, SyncBN as BN (do_conv_mm's
-    ``deploy.build_model`` for mmdet / mmseg configs, ``get_model`` for mmpretrain names)."""
-    torch.manual_seed(0)
+    ``deploy.build_model`` for mmdet / mmseg configs, ``get_model`` for mmpretrain names).
+    Every random generator is seeded first, so a family's result does not depend on the
+    families swept before it."""
+    seed_everything(0)
     if zoo == 'mmpretrain':
         from mmpretrain import get_model
         return get_model(source, pretrained=False)
@@ -138,8 +149,21 @@ def build(zoo: str, source: str) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 # Synthetic batches and passes
 # ------------------------------------------------------------------------------------------------
-def batch(zoo: str, size: int, seed: int) -> dict:
-    """Two uint8 images with detection (boxes, labels, masks), segmentation or class labels."""
+def trains_with_masks(source: str) -> bool:
+    """Does the mmdet config's training pipeline load instance masks? (Where it does not, a
+    model may not take them: RTMDet's assigner reads masks when given, as tensors.)"""
+    from mmengine.config import Config
+    from do_conv_mm.config_check import walk_cfg
+    cfg = Config.fromfile(source)
+    loaders = [node for _, node in walk_cfg(cfg.get('train_dataloader', {}), 'train_dataloader')
+               if node.get('type') in ('LoadAnnotations', 'LoadPanopticAnnotations')]
+    return any(node.get('with_mask', node['type'] == 'LoadPanopticAnnotations')
+               for node in loaders)
+
+
+def batch(zoo: str, size: int, seed: int, with_masks: bool = True) -> dict:
+    """Two uint8 images with detection (boxes, labels, masks if ``with_masks``), segmentation
+    or class labels."""
     from mmengine.structures import InstanceData, PixelData
     g = torch.Generator().manual_seed(seed)
     inputs = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
@@ -160,8 +184,9 @@ def batch(zoo: str, size: int, seed: int) -> dict:
                 masks[k, y0:y1, x0:x1] = 1
             sample = DetDataSample(metainfo=dict(meta, img_id=i))
             sample.gt_instances = InstanceData(
-                bboxes=boxes, labels=torch.randint(0, 3, (4, ), generator=g),
-                masks=BitmapMasks(masks.numpy(), size, size))
+                bboxes=boxes, labels=torch.randint(0, 3, (4, ), generator=g))
+            if with_masks:
+                sample.gt_instances.masks = BitmapMasks(masks.numpy(), size, size)
             sample.ignored_instances = InstanceData(bboxes=torch.zeros(0, 4),
                                                     labels=torch.zeros(0, dtype=torch.long))
             sample.gt_sem_seg = PixelData(
@@ -226,18 +251,28 @@ def _features(model: nn.Module, images: torch.Tensor):
     return model.backbone(images)
 
 
-def train_pass(zoo: str, model: nn.Module, size: int) -> None:
+def train_pass(zoo: str, model: nn.Module, size: int, with_masks: bool = True) -> None:
     """One forward + backward: mmdet / mmseg through their losses; mmpretrain through the
     backbone (+ neck) features, which every classifier and self-supervised model has (their
-    losses need labels, views or masks that do not change what reaches D)."""
+    losses need labels, views or masks that do not change what reaches D). The message hub says
+    iteration 0 and epoch 0, as a Runner's would (YOLOX's batch resize and TOOD's head read
+    them). A non-finite loss or gradient raises FloatingPointError (a failed step)."""
+    from mmengine.logging import MessageHub
+    MessageHub.get_current_instance().update_info('iter', 0)
+    MessageHub.get_current_instance().update_info('epoch', 0)
     model.train()
-    data = model.data_preprocessor(batch(zoo, size, 0), True)
+    data = model.data_preprocessor(batch(zoo, size, 0, with_masks), True)
     if zoo == 'mmpretrain':
         loss = sum(t.float().square().mean() for t in _tensors(_features(
             model, _image_tensor(data))))
     else:
         loss, _ = model.parse_losses(model(**data, mode='loss'))
     loss.backward()
+    bad = [name for name, p in model.named_parameters()
+           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    if not bool(torch.isfinite(loss)) or bad:  # random-init instability, caught here
+        raise FloatingPointError(f'non-finite training loss ({float(loss):.3g}) or gradients '
+                                 f'({len(bad)} parameters, e.g. {bad[:1]})')
 
 
 def outputs(zoo: str, model: nn.Module, size: int, features: bool) -> List[torch.Tensor]:
@@ -288,7 +323,7 @@ def _first_line(error: BaseException) -> str:
 def sweep_one(zoo: str, source: str, size: int) -> dict:
     from do_conv_mm import DOConv2d, convert_to_doconv, fold_doconv
     from bench.mm_models import randomize_D
-    row = dict(doconv=0, no_grad=0, zero_w=0, rel=None, layer_rel=None, status='',
+    row = dict(doconv=0, no_grad=0, zero_w=0, no_grad_w=0, rel=None, layer_rel=None, status='',
                seconds=0.0)
     rng = None
     t0 = time.time()
@@ -304,12 +339,14 @@ def sweep_one(zoo: str, source: str, size: int) -> dict:
             return row
         randomize_D(model, std=0.05)
         stage = 'train'
-        rng = torch.get_rng_state()  # a retry without DO-Conv draws the same random numbers
-        train_pass(zoo, model, size)
+        rng = random_states()  # a retry without DO-Conv draws the same random numbers
+        train_pass(zoo, model, size, zoo != 'mmdet' or trains_with_masks(source))
         missing = [m for m in layers if m.D.requires_grad and
                    (m.D.grad is None or not bool(m.D.grad.abs().sum() > 0))]
         row['no_grad'] = len(missing)
         row['zero_w'] = sum(not bool(m.weight.abs().sum() > 0) for m in missing)
+        row['no_grad_w'] = sum(m.weight.grad is None or not bool(m.weight.grad.abs().sum() > 0)
+                               for m in missing)  # the layer's output never reached the loss
         stage = 'fold'
         model.eval()
         row['layer_rel'] = layer_fold_error(model, zoo, size)
@@ -351,14 +388,40 @@ def sweep_one(zoo: str, source: str, size: int) -> dict:
     return row
 
 
-def _retry_plain(zoo: str, source: str, size: int, rng: Optional[torch.Tensor]) -> str:
+def random_states() -> tuple:
+    """torch's, numpy's and Python's random states (mmdet's samplers draw from all three)."""
+    import random
+
+    import numpy as np
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def set_random_states(states: tuple) -> None:
+    import random
+
+    import numpy as np
+    torch.set_rng_state(states[0])
+    np.random.set_state(states[1])
+    random.setstate(states[2])
+
+
+def _retry_plain(zoo: str, source: str, size: int, rng: Optional[tuple]) -> str:
     """The same steps without DO-Conv, the training step from the same random state (random-
     init DETR matchers, for one, fail on some draws whatever the convs)."""
     try:
         model = prepare(build(zoo, source))
         if rng is not None:
-            torch.set_rng_state(rng)
-        train_pass(zoo, model, size)
+            set_random_states(rng)
+        train_pass(zoo, model, size, zoo != 'mmdet' or trains_with_masks(source))
         model.eval()
         outputs(zoo, model, size, features=False)
     except Exception:  # noqa: BLE001
@@ -384,6 +447,11 @@ def main(argv=None):
         raise SystemExit('zoo_sweep runs on the CPU (--device cpu).')
     import do_conv_mm  # noqa: F401  (registers DOConv)
     from mmengine.logging import MMLogger
+    # Uninitialised memory reads NaN (torch fills torch.empty & co. in deterministic mode): a
+    # model that reads it (DINO's random-init training does, upstream) then fails every time,
+    # with or without DO-Conv, instead of passing or failing by what the heap held before.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     MMLogger.get_current_instance().setLevel('ERROR')
     size = args.size or dict(mmdet=256, mmseg=128, mmpretrain=224)[args.zoo]
     models = zoo_models(args.zoo, args.families)
@@ -395,8 +463,10 @@ def main(argv=None):
         name = osp.basename(source)
         rel = '–' if row['rel'] is None else f'{row["rel"]:.1e}'
         layer_rel = '–' if row['layer_rel'] is None else f'{row["layer_rel"]:.1e}'
-        no_grad = str(row['no_grad']) + (f' ({row["zero_w"]} zero-init W)' if row['zero_w']
-                                        else '')
+        notes = [f'{row["zero_w"]} zero-init W'] if row['zero_w'] else []
+        if row['no_grad_w']:
+            notes.append(f'{row["no_grad_w"]} whose W got none either')
+        no_grad = str(row['no_grad']) + (f' ({"; ".join(notes)})' if notes else '')
         rows.append([family, f'`{name}`', row['doconv'], no_grad, layer_rel, rel,
                      row['status'], f'{row["seconds"]:.0f}'])
         counts[_kind(row['status'])] = counts.get(_kind(row['status']), 0) + 1
@@ -412,7 +482,9 @@ def main(argv=None):
         + f', CPU: {summary}.',
         'Columns: DO-Conv k×k layers after `convert_to_doconv(model)`; trainable D without a '
         'gradient after one training step (and how many of those sit on a zero-initialised W, '
-        f'where dL/dD = 0 until W moves); per layer, the largest relative difference between a '
+        'where dL/dD = 0 until W moves, or had no gradient for W either: a layer whose output '
+        'did not reach this batch\'s loss, such as a head level without positives); per '
+        'layer, the largest relative difference between a '
         f'DO-Conv layer\'s output and its fold\'s on the input it received (tolerance '
         f'{LAYER_RTOL:g}); for the model, the largest relative difference between the DO-Conv '
         f'model and its fold (whole eval output, or backbone + neck features where noted; '
