@@ -86,15 +86,20 @@ class BatchedComposer:
     def backward(self, grad_kernel, weight, D, weight_extra, groups, token, needs):
         """(dL/dweight, dL/dD, dL/dweight_extra) from dL/dW' (any memory format)."""
         layout = self._layout(weight, groups)
+        if layout == 'channel_major':
+            return self._channel_major_backward(grad_kernel, weight, D, weight_extra, groups,
+                                                token, needs)
         if layout == 'blocks':
             return blocks_backward(grad_kernel, weight, D, weight_extra, groups, token, needs)
-        if layout == 'general':
-            return compose_kernel_backward(grad_kernel, weight, D, weight_extra, groups, needs)
+        return compose_kernel_backward(grad_kernel, weight, D, weight_extra, groups, needs)
+
+    @staticmethod
+    def _channel_major_backward(grad_kernel, weight, D, weight_extra, groups, P, needs):
+        """The channel-major gradients: one matmul each, written through strided views."""
         O, Cg, kh, kw = weight.shape
         K = kh * kw
         grad_kernel = grad_kernel.contiguous()  # no copy unless it came channels_last
         G_cm = channel_major(grad_kernel.view(O, Cg, K), groups)  # (C, Og, K)
-        P = token
         grad_weight = grad_D = grad_extra = None
         if needs[1]:
             grad_D = torch.empty_like(D)
