@@ -34,11 +34,13 @@ import argparse
 import glob
 import os
 import os.path as osp
+import random
 import sys
 import time
 import traceback
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -131,7 +133,8 @@ def build(zoo: str, source: str) -> nn.Module:
     ``deploy.build_model`` for mmdet / mmseg configs, ``get_model`` for mmpretrain names).
     Every random generator is seeded first, so a family's result does not depend on the
     families swept before it."""
-    seed_everything(0)
+    from mmengine.runner.utils import set_random_seed
+    set_random_seed(0)
     if zoo == 'mmpretrain':
         from mmpretrain import get_model
         return get_model(source, pretrained=False)
@@ -258,8 +261,7 @@ def train_pass(zoo: str, model: nn.Module, size: int, with_masks: bool = True) -
     iteration 0 and epoch 0, as a Runner's would (YOLOX's batch resize and TOOD's head read
     them). A non-finite loss or gradient raises FloatingPointError (a failed step)."""
     from mmengine.logging import MessageHub
-    MessageHub.get_current_instance().update_info('iter', 0)
-    MessageHub.get_current_instance().update_info('epoch', 0)
+    MessageHub.get_current_instance().update_info_dict(dict(iter=0, epoch=0))
     model.train()
     data = model.data_preprocessor(batch(zoo, size, 0, with_masks), True)
     if zoo == 'mmpretrain':
@@ -325,7 +327,7 @@ def sweep_one(zoo: str, source: str, size: int) -> dict:
     from bench.mm_models import randomize_D
     row = dict(doconv=0, no_grad=0, zero_w=0, no_grad_w=0, rel=None, layer_rel=None, status='',
                seconds=0.0)
-    rng = None
+    rng, with_masks = None, True
     t0 = time.time()
     stage = 'build'
     try:
@@ -340,7 +342,8 @@ def sweep_one(zoo: str, source: str, size: int) -> dict:
         randomize_D(model, std=0.05)
         stage = 'train'
         rng = random_states()  # a retry without DO-Conv draws the same random numbers
-        train_pass(zoo, model, size, zoo != 'mmdet' or trains_with_masks(source))
+        with_masks = zoo != 'mmdet' or trains_with_masks(source)
+        train_pass(zoo, model, size, with_masks)
         missing = [m for m in layers if m.D.requires_grad and
                    (m.D.grad is None or not bool(m.D.grad.abs().sum() > 0))]
         row['no_grad'] = len(missing)
@@ -380,7 +383,7 @@ def sweep_one(zoo: str, source: str, size: int) -> dict:
     except Exception as error:  # noqa: BLE001  (one family's failure is a result, not a stop)
         row['status'] = f'failed at {stage}: {_first_line(error)}'
         if stage not in ('build', 'convert'):
-            row['status'] += _retry_plain(zoo, source, size, rng)
+            row['status'] += _retry_plain(zoo, source, size, rng, with_masks)
         elif os.environ.get('ZOO_SWEEP_TRACEBACK'):
             traceback.print_exc()
     finally:
@@ -390,38 +393,24 @@ def sweep_one(zoo: str, source: str, size: int) -> dict:
 
 def random_states() -> tuple:
     """torch's, numpy's and Python's random states (mmdet's samplers draw from all three)."""
-    import random
-
-    import numpy as np
     return torch.get_rng_state(), np.random.get_state(), random.getstate()
 
 
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def set_random_states(states: tuple) -> None:
-    import random
-
-    import numpy as np
     torch.set_rng_state(states[0])
     np.random.set_state(states[1])
     random.setstate(states[2])
 
 
-def _retry_plain(zoo: str, source: str, size: int, rng: Optional[tuple]) -> str:
+def _retry_plain(zoo: str, source: str, size: int, rng: Optional[tuple],
+                 with_masks: bool) -> str:
     """The same steps without DO-Conv, the training step from the same random state (random-
     init DETR matchers, for one, fail on some draws whatever the convs)."""
     try:
         model = prepare(build(zoo, source))
         if rng is not None:
             set_random_states(rng)
-        train_pass(zoo, model, size, zoo != 'mmdet' or trains_with_masks(source))
+        train_pass(zoo, model, size, with_masks)
         model.eval()
         outputs(zoo, model, size, features=False)
     except Exception:  # noqa: BLE001
