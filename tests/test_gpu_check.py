@@ -238,23 +238,21 @@ def _rehearsal_model(name):
 
 def _training_gradients(model, loss, monkeypatch, composer, dtype=torch.float32, bf16=False):
     """{name: gradient} of one loss with the layers' composer forced to ``composer`` ('cpu':
-    the blocked one, 'cuda': the launch-light one); counts its compose calls."""
+    the blocked one, 'cuda': the launch-light one), checking that every trained layer used it."""
     from do_conv_mm import DOConv2d
     from do_conv_mm.compose_batched import BATCHED_COMPOSER
     from do_conv_mm.compose_blocked import BlockedComposer
-    calls = []
     chosen = BATCHED_COMPOSER if composer == 'cuda' else BlockedComposer()
-    counting = type('Counting', (), {
-        'compose': lambda self, *a: calls.append(1) or chosen.compose(*a),
-        'kernel_for_backward': lambda self, *a: chosen.kernel_for_backward(*a),
-        'backward': lambda self, *a: chosen.backward(*a)})()
-    monkeypatch.setattr(DOConv2d, '_training_composer', lambda self: counting)
-    model.to(dtype).zero_grad(set_to_none=True)
-    torch.manual_seed(0)
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-        value = loss(dtype)
-    value.float().backward()
-    monkeypatch.undo()
+    calls = []
+    with monkeypatch.context() as patch:
+        compose = chosen.compose
+        patch.setattr(chosen, 'compose', lambda *a: calls.append(1) or compose(*a))
+        patch.setattr(DOConv2d, '_training_composer', lambda self: chosen)
+        model.to(dtype).zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            value = loss(dtype)
+        value.float().backward()
     trained = [m for m in model.modules() if getattr(m, 'D', None) is not None
                and m.D.grad is not None]
     assert trained and len(calls) >= len(trained)  # each trained layer went through it
