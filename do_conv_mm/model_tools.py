@@ -1,17 +1,22 @@
 """Make model tools that look layer types up *exactly* treat DOConv2d as the conv it is.
 
-Two tools keep a table keyed by ``type(module)``, so a subclass of nn.Conv2d is invisible to them;
-their tables are their only extension point, and this module adds DOConv2d to them (new keys
-only: nothing that stock code sees for stock types changes). Both steps are idempotent and skip
-quietly where the tool or its table is absent.
+These tools keep tables keyed by ``type(module)``, so a subclass of nn.Conv2d is invisible to
+them; their tables are their only extension point, and this module adds DOConv2d to them (new
+keys only: nothing that stock code sees for stock types changes). Every step is idempotent and
+skips quietly where the tool or its table is absent.
 
 * mmcv's FLOP counter (``mmcv.cnn.get_model_complexity_info``): DOConv2d counts as the conv it
   deploys to (its composition is training-time work that folds away).
 * torch's eager-mode fuser (``torch.ao.quantization.fuse_modules``): every fusion pattern that
   starts with nn.Conv2d also starts with DOConv2d; the DOConv2d is folded to its plain Conv2d
   first (quantised models are deployed models), then fused as torch fuses a Conv2d.
+* torch's eager-mode quantisation (``prepare`` / ``convert``, ``prepare_qat``, ``quantize``):
+  where those swap an nn.Conv2d for torch's quantised or QAT conv, they swap a DOConv2d for the
+  same module made from its fold. Post-training quantisation thus gives int8 convs of W', and
+  QAT trains W' itself (D is folded in; FX's ``prepare_qat_fx`` keeps D training instead).
 """
 import functools
+import inspect
 
 import torch.nn as nn
 
@@ -61,7 +66,43 @@ def _register_torch_fusers() -> None:
             table.setdefault((DOConv2d, ) + pattern[1:], _fold_first(fuser))
 
 
+def _fold_then(target: type) -> type:
+    """A swap target for torch's eager quantisation tables: ``from_float`` folds the DOConv2d
+    into its plain Conv2d, moves over the qconfig and the output observer that ``prepare``
+    attached, and hands that conv to ``target.from_float`` (torch's module for nn.Conv2d)."""
+    passes_fake_quant_flag = 'use_precomputed_fake_quant' in inspect.signature(
+        target.from_float).parameters
+
+    def from_float(cls, mod: DOConv2d, use_precomputed_fake_quant: bool = False) -> nn.Module:
+        conv = mod.to_conv2d()
+        conv.qconfig = mod.qconfig
+        if hasattr(mod, 'activation_post_process'):
+            conv.activation_post_process = mod.activation_post_process
+        if passes_fake_quant_flag:
+            return target.from_float(conv, use_precomputed_fake_quant=use_precomputed_fake_quant)
+        return target.from_float(conv)
+
+    return type(f'FoldedDOConv2dTo{target.__name__}', (), {
+        '__doc__': f'DOConv2d -> its fold -> {target.__module__}.{target.__name__}.',
+        'from_float': classmethod(from_float)})
+
+
+def _register_torch_eager_quantisation() -> None:
+    try:
+        from torch.ao.nn import qat, quantized
+        from torch.ao.quantization import quantization_mappings
+    except ImportError:
+        return
+    for table_name, target in (('DEFAULT_STATIC_QUANT_MODULE_MAPPINGS', quantized.Conv2d),
+                               ('DEFAULT_QAT_MODULE_MAPPINGS', qat.Conv2d)):
+        table = getattr(quantization_mappings, table_name, None)
+        if isinstance(table, dict) and DOConv2d not in table:
+            table[DOConv2d] = _fold_then(target)
+
+
 def register_model_tools() -> None:
-    """Add DOConv2d to mmcv's FLOP counter and torch's eager-mode fuser tables."""
+    """Add DOConv2d to mmcv's FLOP counter and torch's eager-mode fuser and quantisation
+    tables."""
     _register_mmcv_flops_counter()
     _register_torch_fusers()
+    _register_torch_eager_quantisation()

@@ -1119,6 +1119,82 @@ def test_fx_quantisation_aware_training_of_unfolded_model():
     assert (int8_out - float_out).abs().max() < 0.05 * float_out.abs().max()
 
 
+def eager_quantisable_model_and_input():
+    """QuantWrapper(conv-BN-ReLU-grouped conv-ReLU-depthwise conv) with random D and D_mul >
+    kh·kw on the grouped conv, and an input batch (4, 4, 16, 16)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DOConv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          DOConv2d(8, 8, 3, padding=1, groups=2, D_mul=12), nn.ReLU(),
+                          DOConv2d(8, 8, 3, padding=1, groups=8))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, DOConv2d):
+                m.D.normal_(std=0.1)
+    return torch.ao.quantization.QuantWrapper(model), torch.randn(4, 4, 16, 16)
+
+
+def test_eager_mode_post_training_quantisation_quantises_the_fold():
+    """prepare / convert (eager post-training int8) swap each DOConv2d for torch's quantised
+    conv of its fold: the int8 kernels are those made from the folded model, bit for bit. The
+    calibration runs differ by float32 rounding (W' composed in float32 vs folded in float64),
+    which moves the activation scales by ulps, so the outputs agree to 1e-6 relative, far below
+    one int8 step (~1e-2 relative). Without the table entries the DOConv2d stays a float conv
+    and the converted model fails on its quantised input."""
+    from torch.ao.quantization import convert, get_default_qconfig, prepare
+    from torch.ao.nn.quantized import Conv2d as QuantizedConv2d
+    model, x = eager_quantisable_model_and_input()
+    model.eval()
+    outputs = {}
+    for name, float_model in (('unfolded', model), ('folded', fold_doconv(model))):
+        float_model.qconfig = get_default_qconfig('x86')
+        prepared = prepare(float_model)
+        prepared(x)  # calibration
+        quantised = convert(prepared)
+        convs = [m for m in quantised.modules() if isinstance(m, (nn.Conv2d, QuantizedConv2d))]
+        assert [type(m) for m in convs] == [QuantizedConv2d] * 3
+        outputs[name] = quantised(x), [m.weight() for m in convs]
+    for got, expected in zip(outputs['unfolded'][1], outputs['folded'][1]):
+        assert torch.equal(got.int_repr(), expected.int_repr())
+        assert torch.equal(got.q_per_channel_scales(), expected.q_per_channel_scales())
+    scale = model(x).abs().max().item()
+    assert (outputs['unfolded'][0] - outputs['folded'][0]).abs().max() < 1e-6 * scale
+    assert (outputs['unfolded'][0] - model(x)).abs().max() < 0.05 * scale  # a few int8 steps
+
+
+@pytest.mark.parametrize('fuse_first', [False, True])
+def test_eager_mode_quantisation_aware_training_trains_the_fold(fuse_first):
+    """prepare_qat swaps each DOConv2d for torch's QAT conv made from its fold (W' trains
+    directly), also after fuse_modules_qat (conv-BN-ReLU), so QAT and the int8 model are those
+    of the folded model, bit for bit; the stock entries for nn.Conv2d are untouched."""
+    from torch.ao.nn import qat
+    from torch.ao.quantization import (convert, fuse_modules_qat, get_default_qat_module_mappings,
+                                       get_default_qat_qconfig, prepare_qat)
+    assert get_default_qat_module_mappings()[nn.Conv2d] is qat.Conv2d
+    model, x = eager_quantisable_model_and_input()
+    results = {}
+    for name, float_model in (('unfolded', model), ('folded', fold_doconv(model))):
+        float_model.train()
+        if fuse_first:
+            float_model = fuse_modules_qat(float_model, [['module.0', 'module.1', 'module.2']])
+        float_model.qconfig = get_default_qat_qconfig('x86')
+        prepared = prepare_qat(float_model)
+        assert len([m for m in prepared.modules() if hasattr(m, 'weight_fake_quant')]) == 3
+        assert not any(isinstance(m, DOConv2d) for m in prepared.modules())
+        optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05)
+        losses = []
+        for _ in range(3):
+            loss = prepared(x).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        quantised = convert(prepared.eval())
+        results[name] = losses, quantised(x)
+    assert results['unfolded'][0] == results['folded'][0]
+    assert results['unfolded'][0][-1] < results['unfolded'][0][0]
+    torch.testing.assert_close(results['unfolded'][1], results['folded'][1], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
 @pytest.mark.parametrize('d_extra', [0, 3])
 def test_training_function_with_batched_composer(monkeypatch, cin, cout, groups, d_extra):
