@@ -9,7 +9,16 @@ forward pass (batch of one image):
 
 "k×k" means kh·kw > 1; 1×1 convs are outside the share (a 1×1 DO-Conv is a plain conv). The cost
 of composing DO-Conv kernels is not counted (it does not depend on the input size).
+
+What trained D does (:func:`kernel_changes`, for a model holding checkpoint weights): per DO-Conv
+k×k layer, how far D moves the kernel the layer deploys from its plain kernel,
+
+    change = ‖W' − weight‖_F / ‖weight‖_F      (float64; 0 exactly when D = 0)
+
+and the RMS of D; a layer whose D is still exactly 0 computes the plain conv (never trained:
+frozen, or its D got no updates).
 """
+import statistics
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -17,10 +26,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from .composition import compose_kernel
 from .convert import _doconv_class_for, _is_conv_like, _why_not_convertible
 from .doconv import DOConv2d
 
-__all__ = ['ComponentCoverage', 'conv_flops_by_module', 'doconv_coverage']
+__all__ = ['ComponentCoverage', 'KernelChange', 'conv_flops_by_module', 'doconv_coverage',
+           'kernel_changes', 'summarise_kernel_changes']
 
 
 @dataclass
@@ -160,3 +171,59 @@ def doconv_coverage(model: nn.Module, flops: Dict[str, int]) -> Dict:
     not_run = [name for name, value in flops.items() if value == 0]
     return dict(components=components, total=total, plain_reasons=plain_reasons,
                 not_run=not_run)
+
+
+@dataclass
+class KernelChange:
+    """What D does to one DO-Conv k×k layer: ``change`` = ‖W' − weight‖_F / ‖weight‖_F (None
+    where weight is all zero), ``d_rms`` the RMS of D, ``trainable`` whether D trains."""
+    name: str
+    change: Optional[float]
+    d_rms: float
+    trainable: bool
+
+    @property
+    def untrained(self) -> bool:
+        """D exactly 0: the layer computes its plain conv."""
+        return self.d_rms == 0.0
+
+
+def kernel_changes(model: nn.Module) -> List[KernelChange]:
+    """:class:`KernelChange` of every DO-Conv k×k layer of ``model``, in module order (a layer
+    registered under several names once, under its first)."""
+    changes, seen = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, DOConv2d) or module.D is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        with torch.no_grad():
+            weight, D = module.weight.double(), module.D.double()
+            extra = None if module.weight_extra is None else module.weight_extra.double()
+            delta = torch.linalg.vector_norm(compose_kernel(weight, D, extra, module.groups)
+                                             - weight).item()
+            norm = torch.linalg.vector_norm(weight).item()
+            d_rms = torch.linalg.vector_norm(D).item() / D.numel() ** 0.5
+        changes.append(KernelChange(name, delta / norm if norm > 0 else None, d_rms,
+                                    module.D.requires_grad))
+    return changes
+
+
+def summarise_kernel_changes(changes: List[KernelChange]) -> Dict[str, Dict]:
+    """Per component and ``total``: layers, ``untrained`` (D = 0) and how many of those have a
+    trainable D, median and largest change and the layer with the largest one."""
+    groups: Dict[str, List[KernelChange]] = OrderedDict()
+    for change in changes:
+        groups.setdefault(_component(change.name), []).append(change)
+    groups['total'] = list(changes)
+    summary = OrderedDict()
+    for component, members in groups.items():
+        measured = [c for c in members if c.change is not None]
+        largest = max(measured, key=lambda c: c.change, default=None)
+        untrained = [c for c in members if c.untrained]
+        summary[component] = dict(
+            layers=len(members), untrained=len(untrained),
+            untrained_trainable=sum(c.trainable for c in untrained),
+            median_change=statistics.median(c.change for c in measured) if measured else None,
+            max_change=None if largest is None else largest.change,
+            max_change_layer=None if largest is None else largest.name)
+    return summary

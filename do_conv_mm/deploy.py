@@ -37,8 +37,8 @@ from .fold import _is_doconv_entry, fold_doconv
 from .version import __version__
 
 __all__ = ['FoldError', 'FoldVerificationError', 'FoldResult', 'fold_checkpoint',
-           'fold_checkpoints', 'fold_checkpoint_dict', 'build_model', 'make_deploy_config',
-           'OutputDiff', 'DEFAULT_ATOL', 'DEFAULT_RTOL']
+           'fold_checkpoints', 'fold_checkpoint_dict', 'checkpoint_weights', 'build_model',
+           'make_deploy_config', 'OutputDiff', 'DEFAULT_ATOL', 'DEFAULT_RTOL']
 
 PathLike = Union[str, os.PathLike]
 _EMA_KEY = 'ema_state_dict'
@@ -174,7 +174,8 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
     if not present:
         if isinstance(meta, dict) and meta.get('doconv_folded'):
             raise FoldError(f'{name} is already folded (its meta["doconv_folded"] is set by this '
-                            f'tool); use it as is with its deploy config: nothing to fold.')
+                            f'tool); use it as is with its deploy config: it has no D to fold or '
+                            f'analyse.')
         foreign = [k[:-len('.D')] for k in state_dict if _is_doconv_entry(state_dict, k)]
         if foreign:
             raise FoldError(
@@ -186,7 +187,7 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
                 f'config (its D would be ignored).')
         raise FoldError(f'{name} ({what}) holds no DO-Conv parameters (no ".D" for any of the '
                         f'{len(layers)} DOConv layers {config_name} builds): it is already '
-                        f'folded or a plain-conv checkpoint, so there is nothing to fold; use it '
+                        f'folded or a plain-conv checkpoint, with no D to fold or analyse; use it '
                         f'with the plain/deploy config directly.')
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -244,6 +245,35 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def checkpoint_weights(model: nn.Module,
+                       ckpt: Dict[str, Any],
+                       use_ema: bool = False,
+                       name: str = 'checkpoint',
+                       config_name: str = 'CONFIG') -> Dict[str, torch.Tensor]:
+    """The weights of a loaded checkpoint dict that ``model`` (a DO-Conv model built from its
+    config) strict-loads: its ``state_dict``, or its EMA weights with ``use_ema``, without a
+    DDP 'module.' prefix. FoldError where the config builds no DO-Conv layer, the weights asked
+    for are absent, or they are no DO-Conv checkpoint of exactly this model (a folded or plain
+    one, another model's)."""
+    layers = _doconv_layers(model)
+    if not layers:
+        raise FoldError(f'{config_name} builds no DO-Conv layer (no k×k conv with '
+                        f'conv_cfg=dict(type="DOConv") and no DOConvModel conversion), so there is '
+                        f'no D to fold or analyse; pass the DO-Conv training config of the '
+                        f'checkpoint.')
+    meta, state_dict, ema, _ = _split_checkpoint(ckpt, name)
+    if use_ema and ema is None:
+        raise FoldError(f'{name} has no "ema_state_dict" (it was not trained with EMAHook); drop '
+                        f'--use-ema to use its state_dict.')
+    if state_dict is None and not use_ema:
+        raise FoldError(f'{name} has only EMA weights ("ema_state_dict", no "state_dict"); pass '
+                        f'--use-ema to use them.')
+    weights = ema if use_ema else state_dict
+    _check_matches(model, layers, weights, meta, name, config_name,
+                   'ema_state_dict' if use_ema else 'state_dict')
+    return weights
+
+
 def fold_checkpoint_dict(model: nn.Module,
                          ckpt: Dict[str, Any],
                          deploy_cfg: Optional[Config] = None,
@@ -257,27 +287,15 @@ def fold_checkpoint_dict(model: nn.Module,
     weights, unfolded (the reference for verification).
     """
     layers = _doconv_layers(model)
-    if not layers:
-        raise FoldError(f'{config_name} builds no DO-Conv layer (no k×k conv with '
-                        f'conv_cfg=dict(type="DOConv") and no DOConvModel conversion), so there is '
-                        f'nothing to fold; pass the DO-Conv training config of the checkpoint.')
-    meta, state_dict, ema, steps = _split_checkpoint(ckpt, name)
-    if use_ema and ema is None:
-        raise FoldError(f'{name} has no "ema_state_dict" (it was not trained with EMAHook); drop '
-                        f'--use-ema to deploy its state_dict.')
-    if state_dict is None and not use_ema:
-        raise FoldError(f'{name} has only EMA weights ("ema_state_dict", no "state_dict"); pass '
-                        f'--use-ema to deploy them.')
+    deployed_weights = checkpoint_weights(model, ckpt, use_ema, name, config_name)
+    meta, _, ema, steps = _split_checkpoint(ckpt, name)
     deployed = 'ema_state_dict' if use_ema else 'state_dict'
     other = None if use_ema else ema
-    _check_matches(model, layers, ema if use_ema else state_dict, meta, name, config_name,
-                   deployed)
-    if other is not None:
-        _check_matches(model, layers, other, meta, name, config_name, 'ema_state_dict')
     folded_other = None
     if other is not None:
+        _check_matches(model, layers, other, meta, name, config_name, 'ema_state_dict')
         folded_other = _fold_weights(model, other)
-    folded_main = _fold_weights(model, ema if use_ema else state_dict)
+    folded_main = _fold_weights(model, deployed_weights)
 
     meta = _plain(dict(meta)) if isinstance(meta, dict) else {}
     train_cfg_text = meta.get('cfg')

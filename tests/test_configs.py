@@ -601,6 +601,79 @@ def test_analyze_tool_loss_mode_on_rtmdet_and_mask_rcnn(capsys, analyze_tool):
     assert not analyze_tool.loads_masks(rtmdet, None)
 
 
+def _kernel_change_by_formula(weight, D, extra, groups):
+    """‖W' − weight‖_F / ‖weight‖_F in float64, W' entry by entry from the paper's formula:
+    W'[o, i, m] = Σ_s (D + I)[c(o, i), m, s] · W[o, i, s], c(o, i) = (o // Og)·Cg + i."""
+    O, Cg, kh, kw = weight.shape
+    W = weight.double().reshape(O, Cg, -1)
+    if extra is not None:
+        W = torch.cat([W, extra.double()], dim=2)
+    P = D.double() + torch.eye(kh * kw, D.shape[2], dtype=torch.float64)
+    channel = (torch.arange(O)[:, None] // (O // groups)) * Cg + torch.arange(Cg)[None, :]
+    composed = torch.einsum('oims,ois->oim', P[channel], W).reshape(weight.shape)
+    return ((composed - weight.double()).norm() / weight.double().norm()).item()
+
+
+def test_analyze_tool_reports_what_trained_d_does(tmp_path, capsys, analyze_tool):
+    """--checkpoint: per layer, how far the trained D moves the kernel (against the formula in
+    float64, 1e-9 relative: both sides are float64 sums of the same products); layers whose D is
+    still 0 are counted and named, frozen ones apart from trainable ones; --use-ema reads the EMA
+    weights; a folded checkpoint is refused in one line."""
+    config = _config_path('toy/retinanet_r18-tiny-doconv_fpn_toy.py')
+    frozen_stem = ['--cfg-options', 'model.backbone.frozen_stages=0']  # conv1 (the stem) frozen
+    cfg = Config.fromfile(config)
+    cfg.model.backbone.frozen_stages = 0
+    model = analyze_tool.build_model(cfg)
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, DOConv2d) and m.D is not None}
+    stuck, frozen = 'neck.fpn_convs.1.conv', 'backbone.conv1'
+    assert not layers[frozen].D.requires_grad and layers[stuck].D.requires_grad
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if name not in (stuck, frozen):
+                layer.D.normal_(std=0.05 * (1 + len(name) % 3))
+    state_dict = model.state_dict()
+    ema = {f'module.{k}': 2 * v if k.endswith('.D') else v for k, v in state_dict.items()}
+    checkpoint = tmp_path / 'epoch_1.pth'
+    torch.save(dict(meta={}, state_dict=state_dict, ema_state_dict=dict(ema, steps=torch.tensor(
+        3))), checkpoint)
+    args = [config, '--shape', '64', '64', '--mode', 'tensor', '--checkpoint', str(checkpoint)]
+
+    for use_ema, scale in ((False, 1), (True, 2)):
+        capsys.readouterr()
+        analyze_tool.main(args + ['--json'] + ['--use-ema'] * use_ema + frozen_stem)
+        trained = json.loads(capsys.readouterr().out)['trained']
+        assert trained['weights'] == ('ema_state_dict' if use_ema else 'state_dict')
+        assert [layer['name'] for layer in trained['layers']] == list(layers)
+        for row in trained['layers']:
+            m = layers[row['name']]
+            expected = _kernel_change_by_formula(m.weight, scale * m.D, m.weight_extra, m.groups)
+            assert row['change'] == pytest.approx(expected, rel=1e-9, abs=0)
+            assert (row['d_rms'] == 0) == (row['name'] in (stuck, frozen))
+            assert row['trainable'] == (row['name'] != frozen)
+        total = trained['components']['total']
+        assert total['layers'] == len(layers) == 24
+        assert (total['untrained'], total['untrained_trainable']) == (2, 1)
+        changes = {row['name']: row['change'] for row in trained['layers']}
+        assert total['max_change_layer'] == max(changes, key=changes.get)
+        assert trained['components']['neck']['untrained'] == 1
+
+    analyze_tool.main(args + frozen_stem)
+    report = capsys.readouterr().out
+    assert re.search(rf'1 frozen DOConv layer\(s\) keep D = 0 .*\({frozen}\)', report)
+    assert re.search(rf'1 DOConv layer\(s\) with a trainable D still have D = 0\s+\({stuck}\)',
+                     report)
+
+    folded = tmp_path / 'folded.pth'
+    torch.save(dict(meta=dict(doconv_folded=True),
+                    state_dict=do_conv_mm.fold_doconv(model).state_dict()), folded)
+    with pytest.raises(SystemExit, match=r'^error: .*folded\.pth is already folded'):
+        analyze_tool.main([config, '--shape', '64', '64', '--checkpoint', str(folded)])
+    with pytest.raises(SystemExit, match='pass --checkpoint CKPT with it'):
+        analyze_tool.main([config, '--use-ema'])
+
+
 # ----------------------------------------------------------------------------------------------
 # Config mistakes: one line that names the module / the close match and the fix
 # ----------------------------------------------------------------------------------------------

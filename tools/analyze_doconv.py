@@ -3,7 +3,7 @@ DO-Conv and which stay plain, the share of k×k conv FLOPs that is DO-Conv, and 
 parameters.
 
     python tools/analyze_doconv.py CONFIG [--shape H W] [--mode loss|tensor] [--json]
-                                   [--cfg-options KEY=VALUE ...]
+                                   [--checkpoint CKPT [--use-ema]] [--cfg-options KEY=VALUE ...]
 
 The model is built on CPU with random weights (no checkpoint, no download); SyncBN becomes BN.
 FLOPs come from forward hooks on one dummy image of --shape (default: 800x1344 for detectors,
@@ -11,6 +11,12 @@ the config's crop_size for segmentors, the test pipeline's crop / resize size fo
 else 224x224). ``--mode loss`` (default) runs the training forward pass (RPN proposals and RoI
 sampling as in training, auxiliary heads included) on a synthetic annotation (boxes, a label map,
 or class label 0); ``--mode tensor`` runs the plain forward pass.
+
+With ``--checkpoint`` (a DO-Conv training checkpoint of CONFIG; ``--use-ema`` for its EMA
+weights) it also reports what the trained D does: per component, how far D moves each kernel
+from the plain one (‖W' − weight‖ / ‖weight‖), the largest changes, and the layers whose D is
+still exactly 0. The checkpoint is checked as the fold tool checks it (strict match, no folded
+or plain checkpoint).
 """
 import argparse
 import json
@@ -25,10 +31,13 @@ from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
-from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage  # noqa: E402
+from do_conv_mm.analysis import (conv_flops_by_module, doconv_coverage,  # noqa: E402
+                                 kernel_changes, summarise_kernel_changes)
+from do_conv_mm.checkpoint import key_listing, load_checkpoint_file  # noqa: E402
 from do_conv_mm.config_check import (DOConvNotApplicableError,  # noqa: E402
                                      check_base_conv_types, check_doconv_cfg,
                                      explain_build_error)
+from do_conv_mm.deploy import FoldError, checkpoint_weights  # noqa: E402
 from do_conv_mm.deploy_verify import model_task  # noqa: E402
 from do_conv_mm.runner_setup import load_config_file, merge_cfg_options  # noqa: E402
 
@@ -47,6 +56,11 @@ def parse_args(argv=None):
     parser.add_argument('--mode', choices=['loss', 'tensor'], default='loss',
                         help='forward pass to count FLOPs on (default: loss = training pass)')
     parser.add_argument('--json', action='store_true', help='print the result as JSON only')
+    parser.add_argument('--checkpoint', metavar='CKPT',
+                        help='a DO-Conv training checkpoint of CONFIG: also report what its '
+                             'trained D does to each kernel')
+    parser.add_argument('--use-ema', action='store_true',
+                        help='with --checkpoint: analyse its EMA weights (ema_state_dict)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of the config, xxx=yyy format')
     return parser.parse_args(argv)
@@ -183,10 +197,27 @@ def _cls_batch(model, h: int, w: int):
     return [DataSample(metainfo=dict(img_shape=shape, ori_shape=shape)).set_gt_label(0)]
 
 
-def analyze(cfg: Config, shape=None, mode: str = 'loss') -> Dict:
-    """Build the model of ``cfg``, run one dummy pass, return the coverage as plain data."""
+def load_trained_weights(model, checkpoint: str, use_ema: bool, config_name: str) -> str:
+    """Strict-load the checkpoint's weights (EMA ones with ``use_ema``) into ``model``; return
+    which ('state_dict' / 'ema_state_dict'). AnalyzeError for anything the fold tool refuses."""
+    try:
+        ckpt = load_checkpoint_file(checkpoint)
+        weights = checkpoint_weights(model, ckpt, use_ema, checkpoint, config_name)
+    except (ValueError, FoldError) as error:  # CheckpointError / FoldError: one line with the fix
+        raise AnalyzeError(str(error)) from None
+    model.load_state_dict(weights, strict=True)
+    return 'ema_state_dict' if use_ema else 'state_dict'
+
+
+def analyze(cfg: Config, shape=None, mode: str = 'loss', checkpoint: str = None,
+            use_ema: bool = False, config_name: str = 'CONFIG') -> Dict:
+    """Build the model of ``cfg``, run one dummy pass, return the coverage as plain data; with
+    ``checkpoint``, also what its trained D does (``result['trained']``)."""
     model = build_model(cfg)
     task = _task(model)
+    weights = None
+    if checkpoint is not None:  # before the pass: a wrong checkpoint fails fast
+        weights = load_trained_weights(model, checkpoint, use_ema, config_name)
     h, w = shape or default_shape(cfg, task)
     inputs = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     if task == 'det':
@@ -196,11 +227,19 @@ def analyze(cfg: Config, shape=None, mode: str = 'loss') -> Dict:
     flops = conv_flops_by_module(model, lambda: model(inputs, samples, mode=mode))
     coverage = doconv_coverage(model, flops)
     total = coverage['total']
-    return dict(
+    result = dict(
         model=type(model).__name__, task=task, shape=[h, w], mode=mode,
         components={k: v.to_dict() for k, v in coverage['components'].items()},
         total=dict(total.to_dict(), extra_params_ratio=total.extra_params / total.params),
         plain_reasons=coverage['plain_reasons'], not_run=coverage['not_run'])
+    if checkpoint is not None:
+        changes = kernel_changes(model)
+        result['trained'] = dict(
+            checkpoint=checkpoint, weights=weights,
+            components=summarise_kernel_changes(changes),
+            layers=[dict(name=c.name, change=c.change, d_rms=c.d_rms, trainable=c.trainable)
+                    for c in changes])
+    return result
 
 
 def _pct(x) -> str:
@@ -247,6 +286,45 @@ def print_report(result: Dict, config: str) -> None:
     if result['not_run']:
         console.print(f'Conv layers not called by the {result["mode"]} pass (0 FLOPs): '
                       f'{", ".join(result["not_run"])}', highlight=False)
+    if 'trained' in result:
+        print_trained_report(result['trained'], console)
+
+
+LARGEST_CHANGES_SHOWN = 5
+
+
+def print_trained_report(trained: Dict, console) -> None:
+    """The ``--checkpoint`` part: what the trained D does to the kernels."""
+    from rich.table import Table
+    table = Table(title=f'What the trained D does: {osp.basename(trained["checkpoint"])} '
+                  f'({trained["weights"]}); change = ‖W\' − weight‖ / ‖weight‖')
+    for column in ('component', 'DOConv k×k', 'D = 0', 'median change', 'largest change',
+                   'at layer'):
+        table.add_column(column, justify='left' if column in ('component', 'at layer')
+                         else 'right', no_wrap=True)
+    rows = list(trained['components'].items())
+    for name, row in rows:
+        table.add_row(name, str(row['layers']), str(row['untrained']),
+                      _pct(row['median_change']), _pct(row['max_change']),
+                      row['max_change_layer'] or '-', end_section=name == rows[-2][0])
+    console.print(table)
+    measured = sorted((layer for layer in trained['layers'] if layer['change'] is not None),
+                      key=lambda layer: -layer['change'])
+    console.print('Largest kernel changes: ' + ', '.join(
+        f'{layer["name"]} {_pct(layer["change"])}'
+        for layer in measured[:LARGEST_CHANGES_SHOWN]), highlight=False)
+    stuck = [layer['name'] for layer in trained['layers']
+             if layer['d_rms'] == 0 and layer['trainable']]
+    frozen = [layer['name'] for layer in trained['layers']
+              if layer['d_rms'] == 0 and not layer['trainable']]
+    if frozen:
+        console.print(f'{len(frozen)} frozen DOConv layer(s) keep D = 0 and deploy their plain '
+                      f'kernel ({key_listing(frozen)}).', highlight=False)
+    if stuck:
+        console.print(f'{len(stuck)} DOConv layer(s) with a trainable D still have D = 0 '
+                      f'({key_listing(stuck)}): they trained as plain convs. Check that the '
+                      f'optimizer updates D (paramwise_cfg lr_mult / custom_keys) and that the '
+                      f'layers run in the training pass.', highlight=False)
 
 
 def main(argv=None):
@@ -259,9 +337,13 @@ def main(argv=None):
     except AnalyzeError as error:
         sys.exit(f'error: {error}')
     earlier = merge_cfg_options(cfg, args.config, args.cfg_options)
+    if args.use_ema and not args.checkpoint:
+        sys.exit('error: --use-ema selects the EMA weights of --checkpoint; pass --checkpoint '
+                 'CKPT with it.')
     try:
         check_base_conv_types(cfg, earlier)
-        result = analyze(cfg, args.shape, args.mode)
+        result = analyze(cfg, args.shape, args.mode, args.checkpoint, args.use_ema,
+                         config_name=args.config)
     except (AnalyzeError, DOConvNotApplicableError) as error:
         sys.exit(f'error: {error}')
     result['config'] = args.config
