@@ -76,11 +76,12 @@ class _ComposedConv2d(torch.autograd.Function):
             grad_out, x, kernel, None if bias is None else list(bias.shape), stride, padding,
             dilation, False, [0, 0], groups,
             [ctx.needs_input_grad[0], any(needs_param), ctx.needs_input_grad[4]])
+        del kernel  # a recomposed W' is freed before the parameter gradients are allocated
         grad_weight = grad_D = grad_extra = None
         if any(needs_param):
+            grad_kernel = grad_kernel.to(weight.dtype)  # under autocast the low-precision one goes
             grad_weight, grad_D, grad_extra = ctx.composer.backward(
-                grad_kernel.to(weight.dtype), weight, D, weight_extra, groups, ctx.token,
-                needs_param)
+                grad_kernel, weight, D, weight_extra, groups, ctx.token, needs_param)
         if grad_bias is not None:
             grad_bias = grad_bias.to(weight.dtype)
         return grad_x, grad_weight, grad_D, grad_extra, grad_bias, None, None, None, None, None

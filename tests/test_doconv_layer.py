@@ -496,6 +496,35 @@ def test_training_path_saves_only_inputs_and_keeps_no_small_kernel():
     assert layer._blocked_composer.buffer is None
 
 
+@pytest.mark.parametrize('composer', ['blocked', 'batched'])
+def test_training_path_frees_the_recomposed_kernel_before_parameter_gradients(monkeypatch,
+                                                                             composer):
+    """Backward recomposes W', convolves backward with it, and lets it go before the composer
+    allocates dL/dweight and dL/dD: at most one kernel-sized temporary beside dL/dW' (the layer
+    with the largest kernel runs its backward first, while the activations are still held)."""
+    import weakref
+    layer = randomise(DOConv2d(8, 8, 3, padding=1))
+    chosen = BATCHED_COMPOSER if composer == 'batched' else layer._blocked_composer
+    monkeypatch.setattr(layer, '_training_composer', lambda: chosen)
+    recomposed, alive_at_gradients = [], []
+    compose_again, gradients = chosen.kernel_for_backward, chosen.backward
+
+    def recording_kernel_for_backward(*args):
+        kernel = compose_again(*args)
+        recomposed.append(weakref.ref(kernel))
+        return kernel
+
+    def checking_backward(*args):
+        alive_at_gradients.append(recomposed[-1]() is not None)
+        return gradients(*args)
+
+    monkeypatch.setattr(chosen, 'kernel_for_backward', recording_kernel_for_backward)
+    monkeypatch.setattr(chosen, 'backward', checking_backward)
+    layer(torch.randn(1, 8, 6, 6)).sum().backward()
+    assert alive_at_gradients == [False]
+    assert layer.D.grad is not None
+
+
 def test_training_path_keeps_one_large_kernel_per_layer(monkeypatch):
     """A kernel over the threshold (lowered here to 0 bytes) lives in one per-layer buffer, reused
     by every call and step, replaced on a dtype change and given back on a mode switch."""
