@@ -73,18 +73,21 @@ def _fold_then(target: type) -> type:
     passes_fake_quant_flag = 'use_precomputed_fake_quant' in inspect.signature(
         target.from_float).parameters
 
-    def from_float(cls, mod: DOConv2d, use_precomputed_fake_quant: bool = False) -> nn.Module:
-        conv = mod.to_conv2d()
-        conv.qconfig = mod.qconfig
-        if hasattr(mod, 'activation_post_process'):
-            conv.activation_post_process = mod.activation_post_process
-        if passes_fake_quant_flag:
-            return target.from_float(conv, use_precomputed_fake_quant=use_precomputed_fake_quant)
-        return target.from_float(conv)
+    class FoldedDOConv2d:
+        __doc__ = f'DOConv2d -> its fold -> {target.__module__}.{target.__name__}.'
 
-    return type(f'FoldedDOConv2dTo{target.__name__}', (), {
-        '__doc__': f'DOConv2d -> its fold -> {target.__module__}.{target.__name__}.',
-        'from_float': classmethod(from_float)})
+        @classmethod
+        def from_float(cls, mod: DOConv2d, use_precomputed_fake_quant: bool = False):
+            conv = mod.to_conv2d()
+            conv.qconfig = mod.qconfig
+            if hasattr(mod, 'activation_post_process'):
+                conv.activation_post_process = mod.activation_post_process
+            if passes_fake_quant_flag:
+                return target.from_float(
+                    conv, use_precomputed_fake_quant=use_precomputed_fake_quant)
+            return target.from_float(conv)
+
+    return FoldedDOConv2d
 
 
 def _register_torch_eager_quantisation() -> None:
