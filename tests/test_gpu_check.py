@@ -340,3 +340,55 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
     assert '### Peak memory\n\n| memory |' in details  # measured, not skipped
     log = (out / 'gpu_check.log').read_text()
     assert '== [setup] done' in log and '== gpu_check: exit 0' in log
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU peak memory, rehearsed on the CPU
+# ------------------------------------------------------------------------------------------------
+def _memory_rehearsal():
+    spec = importlib.util.spec_from_file_location('memory_rehearsal_test',
+                                                  osp.join(BENCH, 'memory_rehearsal.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_live_bytes_counts_new_storages_until_torch_frees_them():
+    """The rehearsal's counter: a new output storage counts until its last tensor goes (a view
+    keeps it); views, in-place and out= results allocate nothing. Exact byte counts."""
+    sys.path.insert(0, BENCH)
+    try:
+        live_bytes = _memory_rehearsal().LiveBytes
+    finally:
+        sys.path.remove(BENCH)
+    with live_bytes() as counter:
+        a = torch.zeros(1000)               # 4000 live
+        b = a + 1                           # 8000
+        view = a.view(10, 100)
+        del a                               # the view keeps a's storage: 8000
+        b.add_(1)                           # in place: 8000
+        torch.mul(b, 2, out=b)              # out=: 8000
+        del view                            # 4000
+        c = torch.zeros(2000)               # 12000 (the peak)
+        del b, c                            # 0
+    assert (counter.peak, counter.live) == (12000, 0)
+
+
+def test_memory_rehearsal_writes_both_precisions_per_model(tmp_path):
+    """bench/memory_rehearsal.py end to end at a toy size: one row per precision, the DO-Conv
+    twin holds more (D and its momentum) and the ratio is the peaks' quotient."""
+    pytest.importorskip('mmseg')
+    sys.path.insert(0, BENCH)
+    try:
+        rehearsal = _memory_rehearsal()
+        rehearsal.main(['--models', 'pspnet', '--size', '64', '--batch', '2',
+                        '--out-dir', str(tmp_path)])
+        result = rehearsal.run('pspnet', False, 2, 64)
+    finally:
+        sys.path.remove(BENCH)
+    table = (tmp_path / 'memory_rehearsal.md').read_text()
+    rows = [line for line in table.splitlines() if line.startswith('| PSPNet')]
+    assert [row.split(' | ')[1] for row in rows] == ['fp32', 'AMP (bf16)']
+    assert result['doconv']['held'] > result['plain']['held']
+    assert result['ratio'] == result['doconv']['peak'] / result['plain']['peak'] > 1
+    assert f'| {result["ratio"]:.3f} |' in rows[0]
