@@ -392,3 +392,25 @@ def test_memory_rehearsal_writes_both_precisions_per_model(tmp_path):
     assert result['doconv']['held'] > result['plain']['held']
     assert result['ratio'] == result['doconv']['peak'] / result['plain']['peak'] > 1
     assert f'| {result["ratio"]:.3f} |' in rows[0]
+
+
+def test_host_overhead_prototypes_are_exact_and_the_table_is_written(tmp_path):
+    """bench/host_overhead.py: every DO-Conv variant it times (the package's Function on both
+    composers and the two autograd prototypes) equals the formula in float64 to 1e-12, and a
+    tiny run writes one row per variant with dispatcher call counts."""
+    spec = importlib.util.spec_from_file_location('host_overhead_test',
+                                                  osp.join(BENCH, 'host_overhead.py'))
+    sys.path.insert(0, BENCH)
+    try:
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        assert bench.check_exact() < 1e-12
+        bench.main(['--reps', '2', '--inner', '5', '--out-dir', str(tmp_path)])
+    finally:
+        sys.path.remove(BENCH)
+    rows = [line for line in (tmp_path / 'host_overhead.md').read_text().splitlines()
+            if line.startswith('| plain') or line.startswith('| DOConv2d')
+            or line.startswith('| prototype')]
+    assert len(rows) == 5
+    plain_calls = rows[0].split(' | ')[-2:]
+    assert plain_calls == ['1', '5 |']  # conv forward; its backward, sum's, 3 accumulations
