@@ -57,7 +57,8 @@ class BatchedComposer:
         weight = weight.contiguous()  # no copy unless the model was made channels_last
         kernel = torch.empty_like(weight, memory_format=torch.contiguous_format)
         kernel_cm = channel_major(kernel.view(O, Cg, K), groups)  # (C, Og, K) view of W'
-        torch.bmm(channel_major(weight.view(O, Cg, K), groups), P[:, :, :K].transpose(1, 2),
+        P_taps = P if weight_extra is None else P[:, :, :K]  # (C, K, K)
+        torch.bmm(channel_major(weight.view(O, Cg, K), groups), P_taps.transpose(1, 2),
                   out=kernel_cm)
         if weight_extra is not None:
             extra_cm = channel_major(weight_extra.contiguous(), groups)
@@ -105,13 +106,14 @@ class BatchedComposer:
             grad_D = torch.empty_like(D)
             G_cm_t = G_cm.transpose(1, 2)  # (C, K, Og)
             torch.bmm(G_cm_t, channel_major(weight.contiguous().view(O, Cg, K), groups),
-                      out=grad_D[:, :, :K])
+                      out=grad_D if weight_extra is None else grad_D[:, :, :K])
             if weight_extra is not None:
                 torch.bmm(G_cm_t, channel_major(weight_extra.contiguous(), groups),
                           out=grad_D[:, :, K:])
         if needs[0]:
             grad_weight = torch.empty_like(grad_kernel)
-            torch.bmm(G_cm, P[:, :, :K], out=channel_major(grad_weight.view(O, Cg, K), groups))
+            torch.bmm(G_cm, P if weight_extra is None else P[:, :, :K],
+                      out=channel_major(grad_weight.view(O, Cg, K), groups))
         if needs[2] and weight_extra is not None:
             grad_extra = torch.empty_like(weight_extra, memory_format=torch.contiguous_format)
             torch.bmm(G_cm, P[:, :, K:], out=channel_major(grad_extra, groups))

@@ -23,17 +23,17 @@ from .composition import autocast_dtype, compose_kernel, no_autocast
 __all__ = ['composed_conv2d', 'autocast_input']
 
 
-def autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """``x`` cast to the autocast dtype of its device where autocast would cast a conv input
-    (autocast on, floating point, not float64); else ``x`` itself."""
-    dtype = autocast_dtype(x.device.type)
+def autocast_input(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x`` cast to ``dtype`` (default: the autocast dtype of its device) where autocast would
+    cast a conv input (autocast on, floating point, not float64); else ``x`` itself."""
+    dtype = dtype or autocast_dtype(x.device.type)
     if dtype is None or not x.is_floating_point() or x.dtype == torch.float64:
         return x
     return x.to(dtype)
 
 
-def _as(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return None if bias is None else bias.to(dtype)
+def _as(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _ComposedConv2d(torch.autograd.Function):
@@ -45,20 +45,28 @@ class _ComposedConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, D, weight_extra, bias, composer, stride, padding, dilation,
-                groups):
-        with no_autocast(weight.device.type):
-            kernel, token = composer.compose(weight, D, weight_extra, groups)
+                groups, autocast):
+        """``autocast``: the autocast dtype of x's device, None while autocast is off there
+        (then no autocast context is entered at all: the common, cheapest case)."""
         low_precision_kernel = None
-        # Only autocast convolves in another dtype than the parameters'. Any other mismatch
-        # (a float64 or fp16 input to a float32 layer) reaches conv2d, which rejects it as it
-        # does for nn.Conv2d.
-        if x.dtype != weight.dtype and x.dtype == autocast_dtype(x.device.type):
-            # The token stays: the composer's backward needs it (P = D + I on CUDA).
-            kernel = low_precision_kernel = kernel.to(x.dtype)
+        if autocast is None:
+            kernel, token = composer.compose(weight, D, weight_extra, groups)
+        else:
+            with torch.autocast(weight.device.type, enabled=False):
+                kernel, token = composer.compose(weight, D, weight_extra, groups)
+            # Only autocast convolves in another dtype than the parameters'. Any other mismatch
+            # (a float64 or fp16 input to a float32 layer) reaches conv2d, which rejects it as
+            # it does for nn.Conv2d.
+            if x.dtype != weight.dtype and x.dtype == autocast:
+                # The token stays: the composer's backward needs it (P = D + I on CUDA).
+                kernel = low_precision_kernel = kernel.to(x.dtype)
         ctx.save_for_backward(x, weight, D, weight_extra, bias, low_precision_kernel)
         ctx.composer, ctx.token = composer, token
         ctx.conv_args = (stride, padding, dilation, groups)
-        with no_autocast(x.device.type):  # dtypes are settled: the kernel's
+        if autocast is None:
+            return F.conv2d(x, kernel, _as(bias, kernel.dtype), stride, padding, dilation,
+                            groups)
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are settled: the kernel's
             return F.conv2d(x, kernel, _as(bias, kernel.dtype), stride, padding, dilation,
                             groups)
 
@@ -79,12 +87,11 @@ class _ComposedConv2d(torch.autograd.Function):
         del kernel  # a recomposed W' is freed before the parameter gradients are allocated
         grad_weight = grad_D = grad_extra = None
         if any(needs_param):
-            grad_kernel = grad_kernel.to(weight.dtype)  # under autocast the low-precision one goes
+            grad_kernel = _as(grad_kernel, weight.dtype)  # autocast: the low-precision one goes
             grad_weight, grad_D, grad_extra = ctx.composer.backward(
                 grad_kernel, weight, D, weight_extra, groups, ctx.token, needs_param)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(weight.dtype)
-        return grad_x, grad_weight, grad_D, grad_extra, grad_bias, None, None, None, None, None
+        return (grad_x, grad_weight, grad_D, grad_extra, _as(grad_bias, weight.dtype), None, None,
+                None, None, None, None)
 
 
 def _differentiable_backward(ctx, grad_out):
@@ -99,7 +106,7 @@ def _differentiable_backward(ctx, grad_out):
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True,
                                 allow_unused=True)
-    result = [None] * 10
+    result = [None] * 11
     for i, grad in zip(wanted, grads):
         result[i] = grad
     return tuple(result)
@@ -110,9 +117,11 @@ def composed_conv2d(x: torch.Tensor, weight: torch.Tensor, D: torch.Tensor,
                     stride, padding, dilation, groups: int) -> torch.Tensor:
     """The training conv of a DOConv2d: x (N, C, H, W) or (C, H, W), already padded for
     non-'zeros' padding modes; ``padding`` numeric; ``composer`` from the layer."""
-    x = autocast_input(x)
+    autocast = autocast_dtype(x.device.type)
+    if autocast is not None:
+        x = autocast_input(x, autocast)
     if x.dim() == 3:
         return _ComposedConv2d.apply(x.unsqueeze(0), weight, D, weight_extra, bias, composer,
-                                     stride, padding, dilation, groups).squeeze(0)
+                                     stride, padding, dilation, groups, autocast).squeeze(0)
     return _ComposedConv2d.apply(x, weight, D, weight_extra, bias, composer, stride, padding,
-                                 dilation, groups)
+                                 dilation, groups, autocast)

@@ -284,7 +284,9 @@ class DOConv2d(nn.Conv2d):
                 or isinstance(self.padding, str) or weight is not self.weight):
             return self._expression_conv_forward(input, weight, bias)
         if torch.is_grad_enabled():
-            if not any(p.requires_grad for p in self._doconv_parameters()):
+            D, extra = self.D, self.weight_extra  # weight is self.weight here
+            if not (weight.requires_grad or D.requires_grad
+                    or (extra is not None and extra.requires_grad)):
                 return self._expression_conv_forward(input, weight, bias)
             if self.padding_mode != 'zeros':
                 input = F.pad(input, self._reversed_padding_repeated_twice,
@@ -292,9 +294,8 @@ class DOConv2d(nn.Conv2d):
                 padding = (0, 0)
             else:
                 padding = self.padding
-            return composed_conv2d(input, self.weight, self.D, self.weight_extra, bias,
-                                   self._training_composer(), self.stride, padding,
-                                   self.dilation, self.groups)
+            return composed_conv2d(input, weight, D, extra, bias, self._training_composer(),
+                                   self.stride, padding, self.dilation, self.groups)
         with no_autocast(self.weight.device.type):  # no_grad / inference_mode
             kernel, _ = self._training_composer().compose(self.weight, self.D, self.weight_extra,
                                                           self.groups)
@@ -311,9 +312,6 @@ class DOConv2d(nn.Conv2d):
         with no_autocast(weight.device.type):
             kernel = compose_kernel(weight, self.D, extra, self.groups)
         return super()._conv_forward(input, kernel, bias)
-
-    def _doconv_parameters(self):
-        return [p for p in (self.weight, self.D, self.weight_extra) if p is not None]
 
     def _training_composer(self):
         """The layer's CPU composer (it keeps large kernels) or the launch-light one."""
