@@ -26,12 +26,18 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 BENCH = osp.join(REPO, 'bench')
 
 
-def load_shim():
-    spec = importlib.util.spec_from_file_location('mmcv_ext_shim_cpu_test',
-                                                  osp.join(BENCH, 'mmcv_ext_shim.py'))
+def load_bench_module(filename: str):
+    """bench/<filename> imported as a module of its own (a bench script that imports its
+    siblings needs bench/ on sys.path meanwhile)."""
+    spec = importlib.util.spec_from_file_location(f'{filename[:-3]}_under_test',
+                                                  osp.join(BENCH, filename))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_shim():
+    return load_bench_module('mmcv_ext_shim.py')
 
 
 def bench_env(**extra) -> dict:
@@ -345,20 +351,12 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # GPU peak memory, rehearsed on the CPU
 # ------------------------------------------------------------------------------------------------
-def _memory_rehearsal():
-    spec = importlib.util.spec_from_file_location('memory_rehearsal_test',
-                                                  osp.join(BENCH, 'memory_rehearsal.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_live_bytes_counts_new_storages_until_torch_frees_them():
     """The rehearsal's counter: a new output storage counts until its last tensor goes (a view
     keeps it); views, in-place and out= results allocate nothing. Exact byte counts."""
     sys.path.insert(0, BENCH)
     try:
-        live_bytes = _memory_rehearsal().LiveBytes
+        live_bytes = load_bench_module('memory_rehearsal.py').LiveBytes
     finally:
         sys.path.remove(BENCH)
     with live_bytes() as counter:
@@ -380,7 +378,7 @@ def test_memory_rehearsal_writes_both_precisions_per_model(tmp_path):
     pytest.importorskip('mmseg')
     sys.path.insert(0, BENCH)
     try:
-        rehearsal = _memory_rehearsal()
+        rehearsal = load_bench_module('memory_rehearsal.py')
         rehearsal.main(['--models', 'pspnet', '--size', '64', '--batch', '2',
                         '--out-dir', str(tmp_path)])
         result = rehearsal.run('pspnet', False, 2, 64)
@@ -398,12 +396,9 @@ def test_host_overhead_prototypes_are_exact_and_the_table_is_written(tmp_path):
     """bench/host_overhead.py: every DO-Conv variant it times (the package's Function on both
     composers and the two autograd prototypes) equals the formula in float64 to 1e-12, and a
     tiny run writes one row per variant with dispatcher call counts."""
-    spec = importlib.util.spec_from_file_location('host_overhead_test',
-                                                  osp.join(BENCH, 'host_overhead.py'))
     sys.path.insert(0, BENCH)
     try:
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
+        bench = load_bench_module('host_overhead.py')
         assert bench.check_exact() < 1e-12
         bench.main(['--reps', '2', '--inner', '5', '--out-dir', str(tmp_path)])
     finally:
