@@ -390,6 +390,21 @@ def test_memory_rehearsal_writes_both_precisions_per_model(tmp_path):
     assert result['doconv']['held'] > result['plain']['held']
     assert result['ratio'] == result['doconv']['peak'] / result['plain']['peak'] > 1
     assert f'| {result["ratio"]:.3f} |' in rows[0]
+    assert "One layer's backward" in table
+
+
+def test_one_layer_backward_holds_one_kernel_more_than_a_plain_conv():
+    """The rehearsal's one-layer reading: DO-Conv's backward (CUDA composer) allocates dL/dW'
+    and dL/dweight, one kernel-sized tensor more than a plain conv's dL/dweight; not also the
+    recomposed W' (which it held before it was freed early). Slack: the input gradient and D's."""
+    sys.path.insert(0, BENCH)
+    try:
+        reading = load_bench_module('memory_rehearsal.py').layer_backward_bytes(256, 128, 4)
+    finally:
+        sys.path.remove(BENCH)
+    kernel, slack = reading['kernel'], 256 * 4 * 4 * 4 + 256 * 9 * 9 * 4
+    assert reading['plain'] >= kernel
+    assert reading['doconv'] <= reading['plain'] + kernel + slack
 
 
 def test_host_overhead_prototypes_are_exact_and_the_table_is_written(tmp_path):
