@@ -190,12 +190,11 @@ class KernelChange:
 
 def kernel_changes(model: nn.Module) -> List[KernelChange]:
     """:class:`KernelChange` of every DO-Conv k×k layer of ``model``, in module order (a layer
-    registered under several names once, under its first)."""
-    changes, seen = [], set()
+    registered under several names once, under its first: ``named_modules`` yields it once)."""
+    changes = []
     for name, module in model.named_modules():
-        if not isinstance(module, DOConv2d) or module.D is None or id(module) in seen:
+        if not isinstance(module, DOConv2d) or module.D is None:
             continue
-        seen.add(id(module))
         with torch.no_grad():
             weight, D = module.weight.double(), module.D.double()
             extra = None if module.weight_extra is None else module.weight_extra.double()

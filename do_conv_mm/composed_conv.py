@@ -23,11 +23,10 @@ from .composition import autocast_dtype, compose_kernel, no_autocast
 __all__ = ['composed_conv2d', 'autocast_input']
 
 
-def autocast_input(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``x`` cast to ``dtype`` (default: the autocast dtype of its device) where autocast would
-    cast a conv input (autocast on, floating point, not float64); else ``x`` itself."""
-    dtype = dtype or autocast_dtype(x.device.type)
-    if dtype is None or not x.is_floating_point() or x.dtype == torch.float64:
+def autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` cast to ``dtype``, the autocast dtype of its device, where autocast would cast a
+    conv input (floating point, not float64); else ``x`` itself."""
+    if not x.is_floating_point() or x.dtype == torch.float64:
         return x
     return x.to(dtype)
 

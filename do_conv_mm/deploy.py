@@ -255,13 +255,19 @@ def checkpoint_weights(model: nn.Module,
     DDP 'module.' prefix. FoldError where the config builds no DO-Conv layer, the weights asked
     for are absent, or they are no DO-Conv checkpoint of exactly this model (a folded or plain
     one, another model's)."""
+    return _checked_checkpoint(model, ckpt, use_ema, name, config_name)[2]
+
+
+def _checked_checkpoint(model, ckpt, use_ema, name, config_name):
+    """(DO-Conv layer names, meta, the weights asked for, EMA weights or None, EMA steps or
+    None), after the checks :func:`checkpoint_weights` states."""
     layers = _doconv_layers(model)
     if not layers:
         raise FoldError(f'{config_name} builds no DO-Conv layer (no k×k conv with '
                         f'conv_cfg=dict(type="DOConv") and no DOConvModel conversion), so there is '
                         f'no D to fold or analyse; pass the DO-Conv training config of the '
                         f'checkpoint.')
-    meta, state_dict, ema, _ = _split_checkpoint(ckpt, name)
+    meta, state_dict, ema, steps = _split_checkpoint(ckpt, name)
     if use_ema and ema is None:
         raise FoldError(f'{name} has no "ema_state_dict" (it was not trained with EMAHook); drop '
                         f'--use-ema to use its state_dict.')
@@ -271,7 +277,7 @@ def checkpoint_weights(model: nn.Module,
     weights = ema if use_ema else state_dict
     _check_matches(model, layers, weights, meta, name, config_name,
                    'ema_state_dict' if use_ema else 'state_dict')
-    return weights
+    return layers, meta, weights, ema, steps
 
 
 def fold_checkpoint_dict(model: nn.Module,
@@ -286,9 +292,8 @@ def fold_checkpoint_dict(model: nn.Module,
     ``dict(num_folded, deployed_weights, kept_ema)``. ``model`` is left holding the deployed
     weights, unfolded (the reference for verification).
     """
-    layers = _doconv_layers(model)
-    deployed_weights = checkpoint_weights(model, ckpt, use_ema, name, config_name)
-    meta, _, ema, steps = _split_checkpoint(ckpt, name)
+    layers, meta, deployed_weights, ema, steps = _checked_checkpoint(model, ckpt, use_ema, name,
+                                                                     config_name)
     deployed = 'ema_state_dict' if use_ema else 'state_dict'
     other = None if use_ema else ema
     folded_other = None

@@ -27,12 +27,16 @@ BENCH = osp.join(REPO, 'bench')
 
 
 def load_bench_module(filename: str):
-    """bench/<filename> imported as a module of its own (a bench script that imports its
-    siblings needs bench/ on sys.path meanwhile)."""
+    """bench/<filename> imported as a module of its own, bench/ on sys.path while it imports
+    its siblings (bench_utils, mm_models)."""
     spec = importlib.util.spec_from_file_location(f'{filename[:-3]}_under_test',
                                                   osp.join(BENCH, filename))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, BENCH)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(BENCH)
     return module
 
 
@@ -354,11 +358,7 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
 def test_live_bytes_counts_new_storages_until_torch_frees_them():
     """The rehearsal's counter: a new output storage counts until its last tensor goes (a view
     keeps it); views, in-place and out= results allocate nothing. Exact byte counts."""
-    sys.path.insert(0, BENCH)
-    try:
-        live_bytes = load_bench_module('memory_rehearsal.py').LiveBytes
-    finally:
-        sys.path.remove(BENCH)
+    live_bytes = load_bench_module('memory_rehearsal.py').LiveBytes
     with live_bytes() as counter:
         a = torch.zeros(1000)               # 4000 live
         b = a + 1                           # 8000
@@ -376,14 +376,10 @@ def test_memory_rehearsal_writes_both_precisions_per_model(tmp_path):
     """bench/memory_rehearsal.py end to end at a toy size: one row per precision, the DO-Conv
     twin holds more (D and its momentum) and the ratio is the peaks' quotient."""
     pytest.importorskip('mmseg')
-    sys.path.insert(0, BENCH)
-    try:
-        rehearsal = load_bench_module('memory_rehearsal.py')
-        rehearsal.main(['--models', 'pspnet', '--size', '64', '--batch', '2',
-                        '--out-dir', str(tmp_path)])
-        result = rehearsal.run('pspnet', False, 2, 64)
-    finally:
-        sys.path.remove(BENCH)
+    rehearsal = load_bench_module('memory_rehearsal.py')
+    rehearsal.main(['--models', 'pspnet', '--size', '64', '--batch', '2',
+                    '--out-dir', str(tmp_path)])
+    result = rehearsal.run('pspnet', False, 2, 64)
     table = (tmp_path / 'memory_rehearsal.md').read_text()
     rows = [line for line in table.splitlines() if line.startswith('| PSPNet')]
     assert [row.split(' | ')[1] for row in rows] == ['fp32', 'AMP (bf16)']
@@ -397,11 +393,7 @@ def test_one_layer_backward_holds_one_kernel_more_than_a_plain_conv():
     """The rehearsal's one-layer reading: DO-Conv's backward (CUDA composer) allocates dL/dW'
     and dL/dweight, one kernel-sized tensor more than a plain conv's dL/dweight; not also the
     recomposed W' (which it held before it was freed early). Slack: the input gradient and D's."""
-    sys.path.insert(0, BENCH)
-    try:
-        reading = load_bench_module('memory_rehearsal.py').layer_backward_bytes(256, 128, 4)
-    finally:
-        sys.path.remove(BENCH)
+    reading = load_bench_module('memory_rehearsal.py').layer_backward_bytes(256, 128, 4)
     kernel, slack = reading['kernel'], 256 * 4 * 4 * 4 + 256 * 9 * 9 * 4
     assert reading['plain'] >= kernel
     assert reading['doconv'] <= reading['plain'] + kernel + slack
@@ -411,13 +403,9 @@ def test_host_overhead_prototypes_are_exact_and_the_table_is_written(tmp_path):
     """bench/host_overhead.py: every DO-Conv variant it times (the package's Function on both
     composers and the two autograd prototypes) equals the formula in float64 to 1e-12, and a
     tiny run writes one row per variant with dispatcher call counts."""
-    sys.path.insert(0, BENCH)
-    try:
-        bench = load_bench_module('host_overhead.py')
-        assert bench.check_exact() < 1e-12
-        bench.main(['--reps', '2', '--inner', '5', '--out-dir', str(tmp_path)])
-    finally:
-        sys.path.remove(BENCH)
+    bench = load_bench_module('host_overhead.py')
+    assert bench.check_exact() < 1e-12
+    bench.main(['--reps', '2', '--inner', '5', '--out-dir', str(tmp_path)])
     rows = [line for line in (tmp_path / 'host_overhead.md').read_text().splitlines()
             if line.startswith('| plain') or line.startswith('| DOConv2d')
             or line.startswith('| prototype')]

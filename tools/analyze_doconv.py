@@ -19,6 +19,7 @@ still exactly 0. The checkpoint is checked as the fold tool checks it (strict ma
 or plain checkpoint).
 """
 import argparse
+import dataclasses
 import json
 import os.path as osp
 import sys
@@ -37,7 +38,7 @@ from do_conv_mm.checkpoint import key_listing, load_checkpoint_file  # noqa: E40
 from do_conv_mm.config_check import (DOConvNotApplicableError,  # noqa: E402
                                      check_base_conv_types, check_doconv_cfg,
                                      explain_build_error)
-from do_conv_mm.deploy import FoldError, checkpoint_weights  # noqa: E402
+from do_conv_mm.deploy import checkpoint_weights  # noqa: E402
 from do_conv_mm.deploy_verify import model_task  # noqa: E402
 from do_conv_mm.runner_setup import load_config_file, merge_cfg_options  # noqa: E402
 
@@ -203,7 +204,7 @@ def load_trained_weights(model, checkpoint: str, use_ema: bool, config_name: str
     try:
         ckpt = load_checkpoint_file(checkpoint)
         weights = checkpoint_weights(model, ckpt, use_ema, checkpoint, config_name)
-    except (ValueError, FoldError) as error:  # CheckpointError / FoldError: one line with the fix
+    except ValueError as error:  # CheckpointError, FoldError: one line with the fix
         raise AnalyzeError(str(error)) from None
     model.load_state_dict(weights, strict=True)
     return 'ema_state_dict' if use_ema else 'state_dict'
@@ -237,8 +238,7 @@ def analyze(cfg: Config, shape=None, mode: str = 'loss', checkpoint: str = None,
         result['trained'] = dict(
             checkpoint=checkpoint, weights=weights,
             components=summarise_kernel_changes(changes),
-            layers=[dict(name=c.name, change=c.change, d_rms=c.d_rms, trainable=c.trainable)
-                    for c in changes])
+            layers=[dict(dataclasses.asdict(c), untrained=c.untrained) for c in changes])
     return result
 
 
@@ -314,9 +314,9 @@ def print_trained_report(trained: Dict, console) -> None:
         f'{layer["name"]} {_pct(layer["change"])}'
         for layer in measured[:LARGEST_CHANGES_SHOWN]), highlight=False)
     stuck = [layer['name'] for layer in trained['layers']
-             if layer['d_rms'] == 0 and layer['trainable']]
+             if layer['untrained'] and layer['trainable']]
     frozen = [layer['name'] for layer in trained['layers']
-              if layer['d_rms'] == 0 and not layer['trainable']]
+              if layer['untrained'] and not layer['trainable']]
     if frozen:
         console.print(f'{len(frozen)} frozen DOConv layer(s) keep D = 0 and deploy their plain '
                       f'kernel ({key_listing(frozen)}).', highlight=False)
