@@ -14,7 +14,9 @@ checkpoint) computes exactly ``conv2d(x, weight)``. 1×1 kernels carry no D: the
 
 How a forward pass computes W' (always from the current parameters; nothing is cached):
 
-* parameters need gradients, eager mode: the training Function of
+* parameters need gradients, eager mode: on a GPU, for groups == 1 or depthwise layers at
+  the default D_mul, autograd ops that recompose W' in backward (host-light,
+  :mod:`do_conv_mm.recomposed_conv`); otherwise the training Function of
   :mod:`do_conv_mm.composed_conv` (memory-light, per-device kernels, autocast inside);
 * no gradient mode (``no_grad``, ``inference_mode``): the same per-device kernels, no autograd;
 * everything else (frozen parameters with input gradients, ``torch.compile``, ``jit.trace``,
@@ -33,6 +35,7 @@ from torch.autograd import forward_ad
 from .compose_batched import BATCHED_COMPOSER
 from .compose_blocked import BlockedComposer
 from .composed_conv import composed_conv2d
+from .recomposed_conv import AUTOGRAD_PATH_ENABLED, recomposable, recomposed_conv2d
 from .composition import compose_kernel, fold_kernel, no_autocast
 
 __all__ = ['DOConv2d', 'compose_kernel', 'doconv_layer_type_for', 'doconv_twin_of', 'fold_kernel',
@@ -116,6 +119,9 @@ class DOConv2d(nn.Conv2d):
     ``to_conv2d()`` / :func:`do_conv_mm.fold_doconv` fold it into a plain Conv2d for deployment.
     """
     plain_class = nn.Conv2d  # what from_conv2d() takes and to_conv2d() returns (exact type)
+    # On a GPU, train groups == 1 / depthwise layers through autograd ops (recomposed_conv);
+    # False: through the Function, as other layouts (DO_CONV_MM_GPU_TRAINING=function).
+    _recompose_in_autograd = AUTOGRAD_PATH_ENABLED
     plain_layer_type = 'Conv2d'  # plain_class's name in mmcv's conv registry
 
     def __init__(self,
@@ -294,8 +300,13 @@ class DOConv2d(nn.Conv2d):
                 padding = (0, 0)
             else:
                 padding = self.padding
-            return composed_conv2d(input, weight, D, extra, bias, self._training_composer(),
-                                   self.stride, padding, self.dilation, self.groups)
+            composer = self._training_composer()
+            if (composer is BATCHED_COMPOSER and self._recompose_in_autograd
+                    and recomposable(weight, extra, self.groups)):
+                return recomposed_conv2d(input, weight, D, bias, self.stride, padding,
+                                         self.dilation, self.groups)
+            return composed_conv2d(input, weight, D, extra, bias, composer, self.stride, padding,
+                                   self.dilation, self.groups)
         with no_autocast(self.weight.device.type):  # no_grad / inference_mode
             kernel, _ = self._training_composer().compose(self.weight, self.D, self.weight_extra,
                                                           self.groups)

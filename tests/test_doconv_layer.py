@@ -56,6 +56,14 @@ def randomise(layer: DOConv2d, seed: int = 0) -> DOConv2d:
     return layer
 
 
+def use_batched_function(monkeypatch, layer: DOConv2d) -> None:
+    """Make ``layer`` train through the Function with the launch-light composer: what a GPU
+    runs for grouped convs, D_mul > kh·kw and under others' saved-tensor hooks (the layouts a
+    GPU runs as autograd ops are tested in test_recomposed_conv.py)."""
+    monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
+    monkeypatch.setattr(layer, '_recompose_in_autograd', False)
+
+
 # (in, out, groups): plain, grouped, depthwise, depthwise with channel multiplier 2
 GROUPINGS = [(4, 6, 1), (4, 6, 2), (4, 4, 4), (4, 8, 4)]
 # The launch-light composer's layouts: channel-major (plain, depthwise), block-diagonal (grouped,
@@ -505,6 +513,7 @@ def test_training_path_frees_the_recomposed_kernel_before_parameter_gradients(mo
     import weakref
     layer = randomise(DOConv2d(8, 8, 3, padding=1))
     chosen = BATCHED_COMPOSER if composer == 'batched' else layer._blocked_composer
+    use_batched_function(monkeypatch, layer)
     monkeypatch.setattr(layer, '_training_composer', lambda: chosen)
     recomposed, alive_at_gradients = [], []
     compose_again, gradients = chosen.kernel_for_backward, chosen.backward
@@ -967,7 +976,7 @@ def test_batched_composer_kernel_counts(monkeypatch, cin, cout, groups, d_extra)
     convs with several channels per group a zero fill and a copy more), counted at ATen's
     dispatcher on CPU tensors: the calls a GPU would launch."""
     layer = randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=9 + d_extra))
-    monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
+    use_batched_function(monkeypatch, layer)
     x = torch.randn(2, cin, 6, 6, requires_grad=True)
     layer(x).sum().backward()  # caches the identity matrix
     layer.zero_grad(set_to_none=True)  # no accumulation into .grad in the count
@@ -996,7 +1005,7 @@ def test_training_function_under_autocast(monkeypatch, composer, cin, cout, grou
     from do_conv_mm import composed_conv
     layer = randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=12))
     if composer == 'batched':
-        monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
+        use_batched_function(monkeypatch, layer)
     applied = []
     original = composed_conv._ComposedConv2d.apply
     monkeypatch.setattr(composed_conv._ComposedConv2d, 'apply',
@@ -1231,7 +1240,7 @@ def test_training_function_with_batched_composer(monkeypatch, cin, cout, groups,
     forward and all gradients against autograd of the formula, float64, also channels_last."""
     layer = randomise(DOConv2d(cin, cout, 3, 1, 1, groups=groups, dtype=torch.float64,
                                D_mul=9 + d_extra))
-    monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
+    use_batched_function(monkeypatch, layer)
     for x in (torch.randn(2, cin, 6, 7, dtype=torch.float64),
               torch.randn(2, cin, 6, 7, dtype=torch.float64).to(
                   memory_format=torch.channels_last)):
