@@ -7,7 +7,10 @@ Stages, each printed with its elapsed time, each followed by a rewrite of the su
 
 1. ``python -m pytest <test files holding gpu tests> -m gpu`` (CUDA tests; all skipped on a
    machine without CUDA).
-2. ``bench/train_overhead.py`` once per precision (fp32, then AMP), both models, both twins in one
+2. ``bench/host_overhead.py`` on the device (``LAYER_RUNS``): one layer's training step through
+   every path, side by side (``host_overhead_cuda*.md``).
+3. ``bench/train_overhead.py`` once per precision (fp32, then AMP), both models, the plain and
+   DO-Conv twins and a DO-Conv twin training all layers through the Function, in one
    process, interleaved ABBA, CUDA-event and wall times, peak memory in fresh processes, one
    profiled step per twin. Each run gets an equal share of the budget left as its deadline, so a
    slow stage shortens the timing (results marked partial) rather than losing everything.
@@ -38,6 +41,17 @@ SUMMARY_TAG = 'TRAIN_OVERHEAD_SUMMARY '  # = bench/train_overhead.py's (no torch
 DEFAULTS = {
     'cuda': dict(budget=450.0, test_budget=150.0, size=512, batch=2, reps=60, warmup=10),
     'cpu': dict(budget=900.0, test_budget=240.0, size=64, batch=2, reps=2, warmup=1),
+}
+# bench/host_overhead.py runs per device: (label, arguments). On the GPU a layer whose arithmetic
+# is negligible (host cost) and one of ResNet's 512-channel 3×3 convs at 64×64, batch 2.
+LAYER_RUNS = {
+    'cuda': [('4-channel layer, 2×2 input', ['--reps', '10', '--inner', '100']),
+             ('512-channel layer, 2×512×64×64 input',
+              ['--channels', '512', '--size', '64', '--batch', '2', '--reps', '10',
+               '--inner', '10'])],
+    'cpu': [('4-channel layer, 2×2 input', ['--reps', '2', '--inner', '5']),
+            ('16-channel layer, 2×16×8×8 input',
+             ['--channels', '16', '--size', '8', '--batch', '2', '--reps', '2', '--inner', '3'])],
 }
 
 
@@ -258,6 +272,7 @@ class Check:
                '--device', a.device, '--models', *a.models, '--batch', str(a.batch),
                '--size', str(a.size), '--reps', str(a.reps), '--warmup', str(a.warmup),
                '--mem-reps', str(a.mem_reps), '--mem-parallel', '--no-profile', '--op-profile',
+               '--function-twin',
                '--deadline', f'{deadline:.0f}', '--out-dir', a.out_dir]
         if precision == 'amp':
             cmd.append('--amp')
@@ -280,6 +295,25 @@ class Check:
             status = f'FAILED (exit {code}{", errors: " + ", ".join(errors) if errors else ""})' \
                      f': {status}'
         self.stage(name, status, time.time() - start)
+
+    def run_layer_costs(self) -> None:
+        """bench/host_overhead.py on the device: one layer's training step through every path
+        (plain, autograd ops, Function, CPU composer), side by side."""
+        budget = min(90.0, self.left() - 240)
+        if budget < 20:
+            self.stage('layer costs', 'skipped (time guard)', 0)
+            return
+        start, problems = time.time(), []
+        for label, extra in LAYER_RUNS[self.args.device]:
+            cmd = [sys.executable, os.path.join(REPO, 'bench', 'host_overhead.py'),
+                   '--device', self.args.device, '--out-dir', self.args.out_dir] + extra
+            code, _ = run_logged(cmd, budget - (time.time() - start))
+            if code != 0:
+                problems.append(f'{label}: exit {code}')
+        if problems:
+            self.failed = True
+        self.stage('layer costs', 'FAILED: ' + '; '.join(problems) if problems else
+                   f'ok ({len(LAYER_RUNS[self.args.device])} layers)', time.time() - start)
 
     # -------------------------------------------------------------------------------- report
     def write(self) -> None:
@@ -332,7 +366,7 @@ class Check:
                 for m in run['models']:
                     if m.get('error'):
                         rows.append([m.get('title', m['model']), run['precision'], 'failed', '', '',
-                                     '', '', '', '', m['error'][:150]])
+                                     '', '', '', '', '', m['error'][:150]])
                         continue
 
                     def f(key, fmt='{:.3f}'):
@@ -344,6 +378,7 @@ class Check:
                         f('wall-clock delta ms', '{:+.1f}'),
                         f'{f("wall-clock")} ({f("wall-clock iqr")})',
                         f('CUDA events') if 'CUDA events' in m else f('process CPU'),
+                        f'{f("wall-clock function")} ({f("function ms", "{:.1f}")} ms)',
                         f('mem peak'), m.get('note', '').replace('|', '/')[:300]])
             files = ', '.join(sorted({os.path.basename(r['file']) for r in self.bench}))
             parts.append(
@@ -351,7 +386,8 @@ class Check:
                     ['model', 'precision', 'rounds', 'plain ms/step', 'DO-Conv ms/step',
                      'Δ ms/step', 'wall ratio (IQR)',
                      'CUDA-event ratio' if a.device == 'cuda' else 'CPU-time ratio',
-                     'peak memory ratio', 'note'], rows)
+                     'wall ratio, all layers through the Function', 'peak memory ratio',
+                     'note'], rows)
                 + f'\n\nDetails (per-round statistics, operator profiles, memory): {files}.')
         os.makedirs(a.out_dir, exist_ok=True)
         text = f'# {title}\n\n' + '\n\n'.join(parts) + '\n'
@@ -376,6 +412,7 @@ def main(argv=None) -> int:
         return 1
     check.stage('environment', 'ok', time.time() - start)
     check.run_tests()
+    check.run_layer_costs()
     for i, precision in enumerate(args.precisions):
         check.run_bench(precision, len(args.precisions) - i)
     check.stage('all', 'FAILED' if check.failed else 'ok', check.elapsed())

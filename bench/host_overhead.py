@@ -5,22 +5,26 @@ Python and dispatcher time (~µs) before the device sees it. That cost does not 
 tensors' sizes, so it is measured here on the CPU with tensors so small (a 4 → 4 channel 3×3
 layer on a 2×2 input) that the arithmetic is negligible: per layer and training step (forward,
 ``.sum().backward()``), median of interleaved rounds, and the extra over a plain nn.Conv2d.
+``--device cuda`` times the same on a GPU (wall time, synchronised per timed call), where
+``--channels`` / ``--size`` also give a layer whose arithmetic counts.
 
-Variants:
+Variants, one set of weights:
 
 * ``plain``: nn.Conv2d.
-* ``Function, CUDA composer``: DOConv2d's training Function with the launch-light composer
-  (what runs on a GPU; forced here), and ``Function, CPU composer`` (what runs on the CPU).
-* Prototypes (not in the package), exact against the formula (checked in float64 here):
-  ``autograd, W' saved``: the channel-major composition as autograd ops (one ``bmm``, one
-  ``add``) and conv2d, whose backward runs in C++; the conv saves W' for backward (one kernel-
-  sized tensor per layer until its backward, in fp32). ``autograd, W' recomposed``: the same,
-  but saved-tensor hooks keep only a marker for W' and recompose it in backward (no extra
-  memory), as the Function does.
+* ``GPU path, autograd ops``: what a GPU runs for groups == 1 and depthwise layers at the
+  default D_mul (:mod:`do_conv_mm.recomposed_conv`: W' composed by autograd ops whose backward
+  runs in C++, recomposed in backward through saved-tensor hooks).
+* ``GPU path, Function``: the training Function with the launch-light composer, what a GPU
+  runs for grouped layers, D_mul > kh·kw and under others' saved-tensor hooks.
+* ``CPU path, Function``: the Function with the CPU composer (forced onto the device).
+* ``autograd ops, W' saved`` (bound, not in the package): the same ops without the hooks, so
+  the conv keeps W' (a kernel-sized tensor per layer until its backward).
 
-Also counts the ATen calls (dispatcher level, views excluded) per layer in forward and backward.
+Every variant is checked exact against the formula in float64. Also counts the ATen calls
+(dispatcher level, views excluded) per layer in forward and backward.
 
-Writes bench/results/host_overhead.md.
+Writes bench/results/host_overhead.md (``host_overhead_cuda.md`` with ``--device cuda``; other
+layer sizes add ``_<channels>ch_<size>px``).
 """
 from bench_utils import command_line, environment_lines, md_table, median_iqr, paired_ratios, \
     write_markdown, interleaved_times, RESULTS_DIR  # first: sets OMP_WAIT_POLICY
@@ -36,40 +40,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from do_conv_mm import DOConv2d, compose_kernel  # noqa: E402
 from do_conv_mm.compose_batched import BATCHED_COMPOSER  # noqa: E402
+from do_conv_mm.recomposed_conv import compose_channel_major  # noqa: E402
 
 VIEW_OPS = {'view', '_unsafe_view', 'transpose', 't', 'permute', 'alias', 'slice', 'select',
             'expand', 'unsqueeze', 'squeeze', 'as_strided', 'detach', 'is_same_size'}
-
-
-def channel_major_expression(weight, D):
-    """W' = weight + Σ_s D[c, m, s]·weight[o, c, s] (groups 1, D_mul = kh·kw) as autograd ops:
-    ``bmm(D, W_cmᵀ)`` (C, K, O) and one add reading it through a permuted view."""
-    O, C, kh, kw = weight.shape
-    flat = weight.view(O, C, kh * kw)
-    delta = torch.bmm(D, flat.permute(1, 2, 0))  # (C, K, O)
-    return (flat + delta.permute(2, 0, 1)).view(O, C, kh, kw)
-
-
-class RecomposedKernel:
-    """Marker a saved-tensor hook keeps instead of W'."""
-
-
-def conv_recomposing_in_backward(x, weight, D, bias, padding):
-    """conv2d(x, W') whose saved W' is replaced by a marker and recomposed in backward
-    (differentiably while backward builds a graph, e.g. ``create_graph=True``)."""
-    kernel = channel_major_expression(weight, D)
-    marker = RecomposedKernel()
-
-    def pack(tensor):
-        return marker if tensor is kernel else tensor
-
-    def unpack(packed):
-        if packed is marker:
-            return channel_major_expression(weight, D)
-        return packed
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return F.conv2d(x, kernel, bias, 1, padding)
 
 
 class AtenCalls(TorchDispatchMode):
@@ -83,33 +57,38 @@ class AtenCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def variants(channels: int, dtype=torch.float32):
-    """{name: step(x)} sharing one set of weights; each step runs forward and backward."""
+def variants(channels: int, device: torch.device, dtype=torch.float32):
+    """({name: step(x)}, layer): one set of weights for all; each step runs the layer forward."""
     torch.manual_seed(0)
-    plain = nn.Conv2d(channels, channels, 3, padding=1, dtype=dtype)
-    cuda_path = DOConv2d(channels, channels, 3, padding=1, dtype=dtype)
-    cuda_path.load_state_dict(plain.state_dict())
+    plain = nn.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
+    layer = DOConv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
+    layer.load_state_dict(plain.state_dict())
     with torch.no_grad():
-        cuda_path.D.normal_(std=0.1)
-    cuda_path._training_composer = lambda: BATCHED_COMPOSER
-    cpu_path = DOConv2d(channels, channels, 3, padding=1, dtype=dtype)
-    for name in ('weight', 'D', 'bias'):  # the same Parameters: one set of weights for all
-        setattr(cpu_path, name, getattr(cuda_path, name))
-    w, D, b = cuda_path.weight, cuda_path.D, cuda_path.bias
+        layer.D.normal_(std=0.1)
+    layer._training_composer = lambda: BATCHED_COMPOSER  # the GPU's choice on any device
+    w, D, b = layer.weight, layer.D, layer.bias
+    function_layer = DOConv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
+    cpu_layer = DOConv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
+    for other in (function_layer, cpu_layer):
+        for name in ('weight', 'D', 'bias'):  # the same Parameters
+            setattr(other, name, getattr(layer, name))
+    function_layer._training_composer = lambda: BATCHED_COMPOSER
+    function_layer._recompose_in_autograd = False
+    cpu_layer._training_composer = lambda: cpu_layer._blocked_composer
+
     return {
-        'plain nn.Conv2d': lambda x: plain(x),
-        'DOConv2d: Function, CUDA composer': lambda x: cuda_path(x),
-        'DOConv2d: Function, CPU composer': lambda x: cpu_path(x),
-        "prototype: autograd, W' saved": lambda x: F.conv2d(
-            x, channel_major_expression(w, D), b, 1, 1),
-        "prototype: autograd, W' recomposed": lambda x: conv_recomposing_in_backward(
-            x, w, D, b, 1),
-    }, cuda_path
+        'plain nn.Conv2d': plain,
+        'DOConv2d, GPU path: autograd ops, W\' recomposed': layer,
+        'DOConv2d, GPU path: Function (grouped, D_mul > kh·kw)': function_layer,
+        'DOConv2d, CPU path: Function, CPU composer': cpu_layer,
+        "bound: autograd ops, W' saved": lambda x: F.conv2d(x, compose_channel_major(w, D, 1), b,
+                                                            1, 1),
+    }, layer
 
 
 def check_exact() -> float:
     """Largest difference of every variant's output and gradients from the formula (float64)."""
-    steps, layer = variants(6, torch.float64)
+    steps, layer = variants(6, torch.device('cpu'), torch.float64)
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64, requires_grad=True)
     params = [x, layer.weight, layer.D, layer.bias]
     reference = F.conv2d(x, compose_kernel(layer.weight, layer.D), layer.bias, 1, 1)
@@ -137,6 +116,11 @@ def count_calls(step, x):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cpu', help='cpu (default) or cuda')
+    parser.add_argument('--channels', type=int, default=4,
+                        help='input = output channels of the layer (default 4)')
+    parser.add_argument('--size', type=int, default=2, help='input height = width (default 2)')
+    parser.add_argument('--batch', type=int, default=1, help='input batch (default 1)')
     parser.add_argument('--reps', type=int, default=30, help='timed rounds (default 30)')
     parser.add_argument('--inner', type=int, default=300,
                         help='layer steps per timed call (default 300)')
@@ -147,13 +131,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out_dir, exist_ok=True)
     worst = check_exact()
     if worst > 1e-12:
         raise SystemExit(f'a variant is not exact: {worst:.3g} from the formula in float64')
-    steps, _ = variants(4)
-    x = torch.randn(1, 4, 2, 2, requires_grad=True)
+    steps, _ = variants(args.channels, device)
+    x = torch.randn(args.batch, args.channels, args.size, args.size, device=device,
+                    requires_grad=True)
     calls = {name: count_calls(step, x) for name, step in steps.items()}
 
     def repeated(step):
@@ -163,33 +149,38 @@ def main(argv=None):
         return run
 
     wall, cpu = interleaved_times({n: repeated(s) for n, s in steps.items()}, args.reps, 3,
-                                  torch.device('cpu'))
+                                  device)
+    times, clock = (cpu, 'process CPU time') if device.type == 'cpu' else (
+        wall, 'wall time, device synchronised before and after each timed call')
     reference = 'plain nn.Conv2d'
-    ratios = paired_ratios(cpu, reference)
-    plain_us = median_iqr(cpu[reference])[0] / args.inner * 1e6
+    ratios = paired_ratios(times, reference)
+    plain_us = median_iqr(times[reference])[0] / args.inner * 1e6
     rows = []
     for name in steps:
-        us, iqr = (v / args.inner * 1e6 for v in median_iqr(cpu[name]))
+        us, iqr = (v / args.inner * 1e6 for v in median_iqr(times[name]))
         forward, backward = calls[name]
         rows.append([name, f'{us:.0f} (IQR {iqr:.0f})', f'{us - plain_us:+.0f}',
                      f'{median_iqr(ratios[name])[0]:.2f}', forward, backward])
-    header = ['variant', 'µs per layer step (CPU time)', 'extra over plain, µs', 'ratio',
+    header = ['variant', f'µs per layer step ({device.type})', 'extra over plain, µs', 'ratio',
               'ATen calls forward', 'ATen calls backward']
-    about = (f'One layer (4 → 4 channels, 3×3, input 1×4×2×2: negligible arithmetic), forward + '
+    shape = f'{args.batch}×{args.channels}×{args.size}×{args.size}'
+    negligible = (args.channels, args.size) == (4, 2)
+    about = (f'One layer ({args.channels} → {args.channels} channels, 3×3, input {shape}'
+             f'{": negligible arithmetic" if negligible else ""}) on {device.type}, forward + '
              f'`.sum().backward()`, {args.inner} steps per timed call, {args.reps} interleaved '
-             f'rounds (ABBA) after 3 warm-up rounds; process CPU time, median (IQR). ATen calls: '
+             f'rounds (ABBA) after 3 warm-up rounds; {clock}, median (IQR). ATen calls: '
              f'counted at the dispatcher (views excluded; `sum` and its backward and the 3 or 4 '
              f'gradient accumulations included, alike for all; allocations such as `empty_like` '
              f'count: they cost host time but launch no GPU kernel). Every DO-Conv variant '
-             f'equals the formula in float64 (worst difference '
+             f'equals the formula in float64 on the CPU (worst difference '
              f'{worst:.1e} over outputs and gradients of input, weight, D and bias).')
     sections = [about, md_table(header, rows),
                 '\n'.join([f'- Command: {command_line(sys.argv)}']
-                          + environment_lines(argparse.Namespace(amp=False),
-                                              torch.device('cpu')))]
-    write_markdown(os.path.join(args.out_dir, 'host_overhead.md'),
-                   "Host-side cost of a DO-Conv layer's training step (CPU, negligible compute)",
-                   sections)
+                          + environment_lines(argparse.Namespace(amp=False), device))]
+    name = 'host_overhead' + ('' if device.type == 'cpu' else f'_{device.type}') + (
+        '' if negligible and args.batch == 1 else f'_{args.channels}ch_{args.size}px') + '.md'
+    write_markdown(os.path.join(args.out_dir, name),
+                   f"Host-side cost of a DO-Conv layer's training step ({device.type})", sections)
     for row in rows:
         print(' | '.join(map(str, row)))
 

@@ -1,8 +1,10 @@
 """GPU peak-memory ratio, rehearsed on the CPU: live tensor bytes over one training step.
 
 Issue 10's memory target is ``torch.cuda.max_memory_allocated`` over a training step, DO-Conv /
-plain <= 1.05. This counts the same quantity on CPU tensors, for the path a GPU takes: the
-DO-Conv twin's layers use the launch-light CUDA composer (``compose_batched``), forced here.
+plain <= 1.05. This counts the same quantity on CPU tensors, for the path a GPU takes, forced
+here: the DO-Conv twin's groups == 1 and depthwise layers train through autograd ops that
+recompose W' in backward (``recomposed_conv``), the others through the training Function with
+the launch-light composer (``compose_batched``).
 Models: PSPNet R50-D8 and Faster R-CNN R50-FPN twins from the model-zoo configs (mm_models.py),
 synthetic batch, mmengine ``train_step`` with SGD (momentum), fp32 and AMP (bf16 autocast here,
 as BF16AmpOptimWrapper runs it on the CPU; fp16 on a GPU keeps the same tensors).
@@ -105,7 +107,8 @@ def measure(model, step, optimizer, repeats: int = 2) -> Dict[str, float]:
 
 
 def force_cuda_composer(model: torch.nn.Module) -> int:
-    """Make every DO-Conv layer train through the launch-light CUDA composer; returns how many."""
+    """Make every DO-Conv layer train as on a GPU (the launch-light composer's device: autograd
+    ops where they apply, else the Function with that composer); returns how many."""
     layers = mm_models.doconv_layers(model)
     for layer in layers:
         layer._training_composer = lambda: BATCHED_COMPOSER
@@ -128,15 +131,18 @@ def run(name: str, amp: bool, batch: int, size: int) -> Dict:
 
 
 def layer_backward_bytes(cin: int = 4096, cout: int = 512, size: int = 8) -> Dict[str, int]:
-    """Bytes allocated during one layer's backward (peak live mark), plain conv vs DO-Conv on
-    the CUDA composer; default shape: PSPNet's 512×4096×3×3 head conv, a 1×4096×8×8 input."""
+    """Bytes allocated during one layer's backward (peak live mark): plain conv, DO-Conv on the
+    GPU path ('doconv': autograd ops for this groups == 1 layer) and through the Function with
+    the launch-light composer ('function'); default shape: PSPNet's 512×4096×3×3 head conv, a
+    1×4096×8×8 input."""
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(cin, cout, 3, padding=1)
     doconv = DOConv2d(cin, cout, 3, padding=1)
     force_cuda_composer(doconv)
     x = torch.randn(1, cin, size, size, requires_grad=True)
     peaks = {}
-    for name, layer in (('plain', plain), ('doconv', doconv)):
+    for name, layer in (('plain', plain), ('doconv', doconv), ('function', doconv)):
+        doconv._recompose_in_autograd = name != 'function'
         y = layer(x)
         grad = torch.ones_like(y)
         with LiveBytes() as live:
@@ -183,7 +189,7 @@ def main(argv=None):
               'step peak: DO-Conv - plain (MiB)']
     about = (
         f'Batch {args.batch}, {args.size}×{args.size}, one steady-state `train_step` (SGD with '
-        'momentum) per twin, the DO-Conv twin on the CUDA composer (forced on CPU tensors). '
+        'momentum) per twin, the DO-Conv twin on the GPU path (forced on CPU tensors). '
         'Peak = what the step starts from (parameters, buffers, optimizer state) + the highest '
         'mark of live bytes the step allocates, counted at the dispatcher. An estimate of '
         '`torch.cuda.max_memory_allocated`, the GPU check\'s measure; in-op temporaries '
@@ -197,15 +203,18 @@ def main(argv=None):
     layer_line = (
         "One layer's backward (PSPNet's 512×4096×3×3 head conv, kernel "
         f"{layer['kernel'] / MB:.1f} MiB, input 1×4096×8×8): peak live bytes it allocates, "
-        f"plain {layer['plain'] / MB:.1f} MiB, DO-Conv {layer['doconv'] / MB:.1f} MiB (dL/dW' "
-        "and dL/dweight; the recomposed W' is freed before dL/dweight is allocated).")
+        f"plain {layer['plain'] / MB:.1f} MiB; DO-Conv on the GPU path (autograd ops) "
+        f"{layer['doconv'] / MB:.1f} MiB (dL/dW', the bmm's share of dL/dweight and their sum); "
+        f"through the Function {layer['function'] / MB:.1f} MiB (dL/dW' and dL/dweight: the "
+        "recomposed W' is freed before dL/dweight is allocated). The model-level peak above "
+        "comes before the head's backward, so neither shows there.")
     agreement = ('The two readings of every variant agreed to the byte.' if not spreads else
                  'The two readings agreed to the byte except (spread of the peaks): '
                  + '; '.join(spreads) + '.')
     sections = [about, md_table(header, rows), agreement, layer_line,
                 '\n'.join([f'- Command: {command_line(sys.argv)}'] + environment)]
     write_markdown(os.path.join(args.out_dir, 'memory_rehearsal.md'),
-                   'GPU peak memory, rehearsed on the CPU (CUDA composer forced)', sections)
+                   'GPU peak memory, rehearsed on the CPU (GPU path forced)', sections)
 
 
 if __name__ == '__main__':

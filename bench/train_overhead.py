@@ -18,6 +18,11 @@ present); it also reports the peak above the resident size before the first step
 working set: activations, gradients, optimizer state). On CUDA it reads
 ``torch.cuda.max_memory_allocated`` after resetting it the same way.
 
+``--function-twin`` adds a third twin, the DO-Conv model with every layer training through the
+Function (``DO_CONV_MM_GPU_TRAINING=function``), timed in the same rounds: on a GPU it compares
+the default path (autograd ops for groups == 1 / depthwise layers) with the Function at model
+scale in one run (memory is probed for the default path only).
+
 Also profiles where the overhead goes: composition forward/backward per layer (composition.py;
 ``--no-profile`` skips it) and, with ``--op-profile`` (default on CUDA), one torch.profiler step
 per twin (operators by self CPU time, call counts, device time).
@@ -36,6 +41,7 @@ from bench_utils import add_common_args, command_line, environment_lines, fmt_me
     interleaved_times  # first: sets OMP_WAIT_POLICY before torch loads OpenMP
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -79,6 +85,9 @@ def parse_args(argv=None):
                         help='time.time() by which the run should be done: each model gets an '
                              'equal share of what is left; timing stops early (results marked '
                              'partial) rather than overrun')
+    parser.add_argument('--function-twin', action='store_true',
+                        help='also time a DO-Conv twin whose layers all train through the '
+                             'Function (the GPU path\'s alternative), in the same rounds')
     parser.add_argument('--memory-probe', choices=['plain', 'doconv'],
                         help=argparse.SUPPRESS)  # internal: run in a fresh subprocess
     add_common_args(parser)
@@ -273,24 +282,41 @@ def time_verdict(ratios, target: float) -> str:
     return verdict(med, target)
 
 
+FUNCTION_TWIN = 'doconv_function'  # --function-twin's variant name
+
+
+def function_twin(doconv_model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the DO-Conv twin (same weights) whose layers all train through the Function."""
+    twin = copy.deepcopy(doconv_model)
+    for layer in mm_models.doconv_layers(twin):
+        layer._recompose_in_autograd = False
+    return twin
+
+
 def time_section(name, wall, cpu, device, events=None) -> (str, dict):
+    """Table rows per clock and DO-Conv twin; summary keys '<clock>' etc. for the default twin,
+    '<clock> function' etc. for the Function twin where it ran."""
     rows, summary = [], {}
     kinds = [('wall-clock', wall)]
     if device.type == 'cuda' and events:
         kinds.append(('CUDA events', events))
     if device.type == 'cpu':
         kinds.append(('process CPU', cpu))
+    twins = [('doconv', '', 'DO-Conv')] + (
+        [(FUNCTION_TWIN, ' function', 'DO-Conv, all layers through the Function')]
+        if FUNCTION_TWIN in wall else [])
     for kind, times in kinds:
         ratios = paired_ratios(times, 'plain')
-        med, iqr = median_iqr(ratios['doconv'])
-        delta_ms = (median_iqr(times['doconv'])[0] - median_iqr(times['plain'])[0]) * 1e3
-        summary[kind] = med
-        summary[kind + ' iqr'] = iqr
-        summary[kind + ' delta ms'] = delta_ms
-        rows.append([kind, fmt_med(times['plain']), fmt_med(times['doconv']),
-                     f'{med:.4f} (IQR {iqr:.4f})', f'{delta_ms:+.1f}',
-                     time_verdict(ratios['doconv'], TARGET_TIME)])
-    table = md_table(['time', 'plain s/step', 'DO-Conv s/step', 'ratio DO-Conv / plain',
+        for variant, suffix, label in twins:
+            med, iqr = median_iqr(ratios[variant])
+            delta_ms = (median_iqr(times[variant])[0] - median_iqr(times['plain'])[0]) * 1e3
+            summary[kind + suffix] = med
+            summary[kind + suffix + ' iqr'] = iqr
+            summary[kind + suffix + ' delta ms'] = delta_ms
+            rows.append([kind, label, fmt_med(times['plain']), fmt_med(times[variant]),
+                         f'{med:.4f} (IQR {iqr:.4f})', f'{delta_ms:+.1f}',
+                         time_verdict(ratios[variant], TARGET_TIME)])
+    table = md_table(['time', 'twin', 'plain s/step', 'DO-Conv s/step', 'ratio DO-Conv / plain',
                       'Δ ms/step (medians)', 'target'], rows)
     return table, summary
 
@@ -359,6 +385,8 @@ def run_model(args, name: str, device, deadline: Optional[float]) -> (List[str],
         mem = {'plain': [], 'doconv': [], 'error': None}
     print(f'== {title}: timing', flush=True)
     twins = mm_models.build_twins(ran, device, size=args.size)
+    if args.function_twin:
+        twins[FUNCTION_TWIN] = function_twin(twins['doconv'])
     data = mm_models.synthetic_batch(ran, args.batch, args.size)
     steps = {v: mm_models.train_step_fn(m, data, mm_models.optim_wrapper(m, args.amp))
              for v, m in twins.items()}
@@ -372,6 +400,8 @@ def run_model(args, name: str, device, deadline: Optional[float]) -> (List[str],
     summary.update(t_sum)
     summary['plain ms'] = median_iqr(wall['plain'])[0] * 1e3
     summary['doconv ms'] = median_iqr(wall['doconv'])[0] * 1e3
+    if FUNCTION_TWIN in wall:
+        summary['function ms'] = median_iqr(wall[FUNCTION_TWIN])[0] * 1e3
     layers = mm_models.doconv_layers(twins['doconv'])
     partial = '' if rounds >= args.reps else (
         f'\n\n**Partial**: {rounds} of {args.reps} timed rounds (the time guard stopped it).')
@@ -419,12 +449,12 @@ def summary_row(s: dict) -> list:
         return 'n/a' if value is None or value != value else f'{value:.4f}'
     title = s.get('title', s['model'])
     if s.get('error'):
-        return [title, 'failed', 'failed', 'n/a', 'n/a', 'n/a', 'n/a']
+        return [title, 'failed', 'failed', 'n/a', 'n/a', 'n/a', 'n/a', 'n/a']
     if s.get('rounds', s['reps_requested']) < s['reps_requested']:
         title += f' (partial: {s["rounds"]}/{s["reps_requested"]} rounds)'
     return [title, f('wall-clock'), f('CUDA events') if 'CUDA events' in s else f('process CPU'),
             f'{s.get("wall-clock delta ms", float("nan")):+.1f}', f('implied'), f('mem peak'),
-            f('mem peak above start')]
+            f('mem peak above start'), f('wall-clock function')]
 
 
 def main(argv=None):
@@ -464,7 +494,8 @@ def main(argv=None):
         second = 'step time (CUDA events)' if device.type == 'cuda' else 'step time (CPU)'
         table = md_table(['model', 'step time (wall)', second, 'Δ wall ms/step',
                           'step time implied by the composition alone', 'peak memory',
-                          'peak memory above start'], rows)
+                          'peak memory above start',
+                          'step time (wall), all layers through the Function'], rows)
         done = len(summaries) == len(args.models)
         head = '' if done else (f'**Incomplete run**: {len(summaries)} of {len(args.models)} '
                                 f'models done when this file was written.\n\n')
