@@ -700,22 +700,31 @@ def test_unbatched_input_trains():
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
 
 
+def penalty_gradients(forward, x: torch.Tensor, params) -> tuple:
+    """Gradients w.r.t. ``params`` of the gradient penalty ||d sum(forward(x)²) / dx||²
+    (create_graph=True): second-order terms of forward."""
+    gx, = torch.autograd.grad(forward(x).square().sum(), x, create_graph=True)
+    return torch.autograd.grad(gx.square().sum(), params)
+
+
+def assert_penalty_gradients_match_expression(layer: DOConv2d, x: torch.Tensor):
+    """The layer's second-order gradients equal the plain expression's (float64; second-order
+    terms reach ~1e6 here: compared relatively)."""
+    params = list(layer.parameters())
+    got = penalty_gradients(layer, x, params)
+    expected = penalty_gradients(
+        lambda t: F.conv2d(t, layer.composed_weight(), layer.bias, 1, 1), x, params)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=1e-12)
+
+
 def test_double_backward_gradient_penalty():
     """create_graph=True (gradient penalties, Hessian-vector products): second-order gradients
     of the training path equal those of the plain expression; gradgradcheck passes."""
     torch.manual_seed(0)
     layer = randomise(DOConv2d(3, 4, 3, padding=1, groups=1, dtype=torch.float64, D_mul=11))
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    params = list(layer.parameters())
-
-    def penalty(forward):
-        gx, = torch.autograd.grad(forward(x).square().sum(), x, create_graph=True)
-        return torch.autograd.grad(gx.square().sum(), params)
-
-    got = penalty(layer)
-    expected = penalty(lambda t: F.conv2d(t, layer.composed_weight(), layer.bias, 1, 1))
-    for g, e in zip(got, expected):  # second-order terms reach ~1e6 here: compare relatively
-        torch.testing.assert_close(g, e, atol=ATOL64, rtol=1e-12)
+    assert_penalty_gradients_match_expression(layer, x)
     names = ['weight', 'D', 'weight_extra', 'bias']
 
     def forward(x, *tensors):
@@ -968,6 +977,21 @@ class KernelLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def kernels_of_a_training_step(layer: DOConv2d, cin: int):
+    """(forward, backward) KernelLogs of one warm training step of ``layer`` on a 2×cin×6×6
+    input that needs a gradient; gradients start as None, so nothing accumulates."""
+    x = torch.randn(2, cin, 6, 6, requires_grad=True)
+    layer(x).sum().backward()  # caches (the identity matrix)
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    with KernelLog() as forward:
+        y = layer(x)
+    grad_out = torch.ones_like(y)
+    with KernelLog() as backward:
+        y.backward(grad_out)
+    return forward, backward
+
+
 @pytest.mark.parametrize('cin,cout,groups', list(KERNEL_BUDGET))
 @pytest.mark.parametrize('d_extra', [0, 3])
 def test_batched_composer_kernel_counts(monkeypatch, cin, cout, groups, d_extra):
@@ -977,15 +1001,7 @@ def test_batched_composer_kernel_counts(monkeypatch, cin, cout, groups, d_extra)
     dispatcher on CPU tensors: the calls a GPU would launch."""
     layer = randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=9 + d_extra))
     use_batched_function(monkeypatch, layer)
-    x = torch.randn(2, cin, 6, 6, requires_grad=True)
-    layer(x).sum().backward()  # caches the identity matrix
-    layer.zero_grad(set_to_none=True)  # no accumulation into .grad in the count
-    x.grad = None
-    with KernelLog() as forward:
-        y = layer(x)
-    grad_out = torch.ones_like(y)
-    with KernelLog() as backward:
-        y.backward(grad_out)
+    forward, backward = kernels_of_a_training_step(layer, cin)
     (fwd, bwd), (fwd_extra, bwd_extra) = KERNEL_BUDGET[(cin, cout, groups)]
     if d_extra:
         fwd, bwd = fwd + fwd_extra, bwd + bwd_extra

@@ -13,7 +13,8 @@ from torch.utils.checkpoint import checkpoint
 
 from do_conv_mm import DOConv2d, compose_kernel, composed_conv, recomposed_conv
 from do_conv_mm.compose_batched import BATCHED_COMPOSER
-from test_doconv_layer import ATOL64, KernelLog, formula_gradients, randomise
+from test_doconv_layer import (ATOL64, assert_penalty_gradients_match_expression,
+                               formula_gradients, kernels_of_a_training_step, randomise)
 
 # Older torch (2.1) cannot say whether saved-tensor hooks are active: the Function runs there.
 needs_query = pytest.mark.skipif(
@@ -141,15 +142,7 @@ def test_kernel_counts(monkeypatch, cin, cout, groups):
     tensors (the calls a GPU launches): forward a bmm and an add; backward the same two to
     recompose W', the bmm's two gradient matmuls and one add of dL/dweight's two shares."""
     layer = on_gpu_path(monkeypatch, randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups)))
-    x = torch.randn(2, cin, 6, 6, requires_grad=True)
-    layer(x).sum().backward()
-    layer.zero_grad(set_to_none=True)  # no accumulation into .grad in the count
-    x.grad = None
-    with KernelLog() as forward:
-        y = layer(x)
-    grad_out = torch.ones_like(y)
-    with KernelLog() as backward:
-        y.backward(grad_out)
+    forward, backward = kernels_of_a_training_step(layer, cin)
     assert sorted(forward.kernels) == ['add', 'bmm']
     assert sorted(backward.kernels) == ['add', 'add', 'bmm', 'bmm', 'bmm']
 
@@ -202,23 +195,13 @@ def test_backward_inside_autocast(monkeypatch):
 @needs_query
 def test_double_backward(monkeypatch):
     """create_graph=True: the recomposed W' is differentiable, so second-order gradients
-    (gradient penalties) equal those of the plain expression (float64; second-order terms
-    reach ~1e6 here: compared relatively)."""
+    (gradient penalties) equal those of the plain expression."""
     layer = on_gpu_path(monkeypatch, randomise(DOConv2d(3, 4, 3, padding=1,
                                                         dtype=torch.float64)))
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    params = list(layer.parameters())
-
-    def penalty(forward):
-        gx, = torch.autograd.grad(forward(x).square().sum(), x, create_graph=True)
-        return torch.autograd.grad(gx.square().sum(), params)
-
     taken = record_paths(monkeypatch)
-    got = penalty(layer)
+    assert_penalty_gradients_match_expression(layer, x)
     assert taken == ['recomposed']
-    expected = penalty(lambda t: F.conv2d(t, layer.composed_weight(), layer.bias, 1, 1))
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, atol=ATOL64, rtol=1e-12)
 
 
 @needs_query
