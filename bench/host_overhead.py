@@ -11,14 +11,14 @@ layer on a 2×2 input) that the arithmetic is negligible: per layer and training
 Variants, one set of weights:
 
 * ``plain``: nn.Conv2d.
-* ``GPU path, autograd ops``: what a GPU runs for groups == 1 and depthwise layers at the
-  default D_mul (:mod:`do_conv_mm.recomposed_conv`: W' composed by autograd ops whose backward
-  runs in C++, recomposed in backward through saved-tensor hooks).
+* ``GPU path, autograd ops, W' kept``: what a GPU runs for groups == 1 and depthwise layers at
+  the default D_mul whose kernel is at most ``recomposed_conv.KEEP_MAX_BYTES`` (1 MiB): W'
+  composed by autograd ops whose backward runs in C++, saved by the conv for backward.
+* ``GPU path, autograd ops, W' recomposed``: the same for larger kernels (forced here): the conv
+  keeps a marker, a saved-tensor hook recomposes W' in backward (no kernel-sized memory kept).
 * ``GPU path, Function``: the training Function with the launch-light composer, what a GPU
   runs for grouped layers, D_mul > kh·kw and under others' saved-tensor hooks.
 * ``CPU path, Function``: the Function with the CPU composer (forced onto the device).
-* ``autograd ops, W' saved`` (bound, not in the package): the same ops without the hooks, so
-  the conv keeps W' (a kernel-sized tensor per layer until its backward).
 
 Every variant is checked exact against the formula in float64. Also counts the ATen calls
 (dispatcher level, views excluded) per layer in forward and backward.
@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from do_conv_mm import DOConv2d, compose_kernel  # noqa: E402
 from do_conv_mm.compose_batched import BATCHED_COMPOSER  # noqa: E402
-from do_conv_mm.recomposed_conv import compose_channel_major  # noqa: E402
+from do_conv_mm import recomposed_conv  # noqa: E402
 
 VIEW_OPS = {'view', '_unsafe_view', 'transpose', 't', 'permute', 'alias', 'slice', 'select',
             'expand', 'unsqueeze', 'squeeze', 'as_strided', 'detach', 'is_same_size'}
@@ -66,7 +66,6 @@ def variants(channels: int, device: torch.device, dtype=torch.float32):
     with torch.no_grad():
         layer.D.normal_(std=0.1)
     layer._training_composer = lambda: BATCHED_COMPOSER  # the GPU's choice on any device
-    w, D, b = layer.weight, layer.D, layer.bias
     function_layer = DOConv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
     cpu_layer = DOConv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
     for other in (function_layer, cpu_layer):
@@ -76,13 +75,23 @@ def variants(channels: int, device: torch.device, dtype=torch.float32):
     function_layer._recompose_in_autograd = False
     cpu_layer._training_composer = lambda: cpu_layer._blocked_composer
 
+    def recomposing(x):
+        """The layer as it trains with a kernel over KEEP_MAX_BYTES (decided in forward)."""
+        keep = recomposed_conv.KEEP_MAX_BYTES
+        recomposed_conv.KEEP_MAX_BYTES = -1
+        try:
+            return layer(x)
+        finally:
+            recomposed_conv.KEEP_MAX_BYTES = keep
+
+    kept = layer.weight.numel() * layer.weight.element_size() <= recomposed_conv.KEEP_MAX_BYTES
     return {
         'plain nn.Conv2d': plain,
-        'DOConv2d, GPU path: autograd ops, W\' recomposed': layer,
+        "DOConv2d, GPU path: autograd ops, W' kept (kernels <= 1 MiB)"
+        if kept else "DOConv2d, GPU path: autograd ops (kernel > 1 MiB: recomposed)": layer,
+        "DOConv2d, GPU path: autograd ops, W' recomposed (kernels > 1 MiB)": recomposing,
         'DOConv2d, GPU path: Function (grouped, D_mul > kh·kw)': function_layer,
         'DOConv2d, CPU path: Function, CPU composer': cpu_layer,
-        "bound: autograd ops, W' saved": lambda x: F.conv2d(x, compose_channel_major(w, D, 1), b,
-                                                            1, 1),
     }, layer
 
 

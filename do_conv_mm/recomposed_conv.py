@@ -16,7 +16,10 @@ autograd ops:
 Forward issues 2 kernels beyond the conv; backward: W' recomposed (2), dL/dD (1 bmm), the bmm's
 share of dL/dweight (1) and its sum with the direct share (1). W' is not kept: a saved-tensor
 hook hands the conv a marker instead and recomposes W' from the (saved-anyway) parameters when
-the conv's backward asks for it, so memory is that of a plain conv. Under autocast W' is composed
+the conv's backward asks for it, so memory is that of a plain conv. The hooks and the
+recomposition cost host time (~half of this path's, ``bench/host_overhead.py``), so a kernel of
+at most ``KEEP_MAX_BYTES`` (ResNet's stem and first two stages: ~3 MiB in all for PSPNet) is
+simply saved by the conv, as autograd would. Under autocast W' is composed
 in the parameters' dtype and cast once; the conv keeps the cast kernel, as autocast does for a
 plain conv's weight, and the parameter gradients come back in the parameters' dtype.
 
@@ -50,6 +53,7 @@ def _autograd_path_chosen(variable: str = 'DO_CONV_MM_GPU_TRAINING') -> bool:
 
 
 AUTOGRAD_PATH_ENABLED = _autograd_path_chosen()
+KEEP_MAX_BYTES = 1 << 20  # W' up to this size is saved for backward rather than recomposed
 
 _top_saved_tensors_hooks = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
 
@@ -96,8 +100,12 @@ def recomposed_conv2d(x: torch.Tensor, weight: torch.Tensor, D: torch.Tensor,
                 bias = None if bias is None else bias.to(x.dtype)
             return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
 
+    kernel = compose_channel_major(weight, D, groups)
+    if kernel.numel() * kernel.element_size() <= KEEP_MAX_BYTES:
+        return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
     # Autograd keeps the pack hook as long as the conv's saved tensors: it must not hold W'.
-    composed = [compose_channel_major(weight, D, groups)]
+    composed = [kernel]
+    del kernel
     marker = _RecomposedKernel()
 
     def pack(tensor):

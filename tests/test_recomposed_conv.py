@@ -28,9 +28,13 @@ CHANNEL_MAJOR = [(4, 6, 1), (4, 4, 4), (4, 8, 4)]
 GROUPED = [(4, 6, 2), (68, 4, 2)]
 
 
-def on_gpu_path(monkeypatch, layer: DOConv2d) -> DOConv2d:
-    """``layer`` training as it would on a GPU (the launch-light composer's device)."""
+def on_gpu_path(monkeypatch, layer: DOConv2d, keep_small: bool = False) -> DOConv2d:
+    """``layer`` training as it would on a GPU (the launch-light composer's device); unless
+    ``keep_small``, its W' is recomposed in backward however small (the tests' kernels are
+    tiny: kept by default)."""
     monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
+    if not keep_small:
+        monkeypatch.setattr(recomposed_conv, 'KEEP_MAX_BYTES', -1)
     return layer
 
 
@@ -84,13 +88,15 @@ def _under(context, layer, x):
 @pytest.mark.parametrize('cin,cout,groups', CHANNEL_MAJOR)
 @pytest.mark.parametrize('case', ['contiguous', 'channels_last input', 'channels_last model',
                                   'unbatched', 'strided, dilated, reflect-padded'])
-def test_matches_formula(monkeypatch, cin, cout, groups, case):
+@pytest.mark.parametrize('keep', [False, True], ids=['recomposed', 'kept'])
+def test_matches_formula(monkeypatch, cin, cout, groups, case, keep):
     """Output and the gradients of input, weight, D and bias equal autograd of the formula
-    (float64; see ATOL64), for the memory layouts and conv arguments a model may bring."""
+    (float64; see ATOL64), for the memory layouts and conv arguments a model may bring, W'
+    recomposed in backward or (small kernels) kept."""
     kwargs = dict(stride=2, dilation=2, padding=2, padding_mode='reflect') \
         if case.startswith('strided') else dict(padding=1)
     layer = on_gpu_path(monkeypatch, randomise(DOConv2d(cin, cout, 3, groups=groups,
-                                                        dtype=torch.float64, **kwargs)))
+                                                        dtype=torch.float64, **kwargs)), keep)
     x = torch.randn(2, cin, 7, 6, dtype=torch.float64)
     if case == 'channels_last input':
         x = x.to(memory_format=torch.channels_last)
@@ -133,6 +139,35 @@ def test_keeps_no_kernel_between_forward_and_backward(monkeypatch):
     y.sum().backward()
     assert len(kernels) == 2 and kernels[1]() is None
     assert layer.D.grad is not None and layer.weight.grad is not None
+
+
+@needs_query
+def test_small_kernels_are_kept_instead(monkeypatch):
+    """W' of at most KEEP_MAX_BYTES is saved by the conv (no hooks, nothing recomposed:
+    backward is the bmm's two gradients and the sum of dL/dweight's shares) and freed by its
+    backward; one byte more and it is recomposed."""
+    layer = on_gpu_path(monkeypatch, randomise(DOConv2d(8, 8, 3, padding=1)), keep_small=True)
+    kernel_bytes = 8 * 8 * 9 * 4
+    kernels = []
+    compose = recomposed_conv.compose_channel_major
+
+    def recording(*args):
+        kernel = compose(*args)
+        kernels.append(weakref.ref(kernel))
+        return kernel
+
+    monkeypatch.setattr(recomposed_conv, 'compose_channel_major', recording)
+    for limit, recomposed in ((kernel_bytes, False), (kernel_bytes - 1, True)):
+        monkeypatch.setattr(recomposed_conv, 'KEEP_MAX_BYTES', limit)
+        kernels.clear()
+        y = layer(torch.randn(2, 8, 6, 6))
+        assert (kernels[0]() is None) == recomposed
+        y.sum().backward()
+        assert len(kernels) == (2 if recomposed else 1) and kernels[-1]() is None
+    monkeypatch.setattr(recomposed_conv, 'KEEP_MAX_BYTES', kernel_bytes)
+    forward, backward = kernels_of_a_training_step(layer, 8)
+    assert sorted(forward.kernels) == ['add', 'bmm']
+    assert sorted(backward.kernels) == ['add', 'bmm', 'bmm']
 
 
 @needs_query
@@ -193,11 +228,12 @@ def test_backward_inside_autocast(monkeypatch):
 
 
 @needs_query
-def test_double_backward(monkeypatch):
+@pytest.mark.parametrize('keep', [False, True], ids=['recomposed', 'kept'])
+def test_double_backward(monkeypatch, keep):
     """create_graph=True: the recomposed W' is differentiable, so second-order gradients
-    (gradient penalties) equal those of the plain expression."""
+    (gradient penalties) equal those of the plain expression; so does a kept one."""
     layer = on_gpu_path(monkeypatch, randomise(DOConv2d(3, 4, 3, padding=1,
-                                                        dtype=torch.float64)))
+                                                        dtype=torch.float64)), keep)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     taken = record_paths(monkeypatch)
     assert_penalty_gradients_match_expression(layer, x)
