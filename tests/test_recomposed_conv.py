@@ -120,11 +120,8 @@ def test_matches_formula(monkeypatch, cin, cout, groups, case, keep):
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
 
 
-@needs_query
-def test_keeps_no_kernel_between_forward_and_backward(monkeypatch):
-    """The conv keeps a marker, not W': the forward's W' is freed when forward returns, the
-    backward's when the conv's backward is done; memory is that of a plain conv."""
-    layer = on_gpu_path(monkeypatch, randomise(DOConv2d(8, 8, 3, padding=1)))
+def record_composed_kernels(monkeypatch) -> list:
+    """A list that gets a weakref to every W' the autograd path composes (forward, backward)."""
     kernels = []
     compose = recomposed_conv.compose_channel_major
 
@@ -134,6 +131,15 @@ def test_keeps_no_kernel_between_forward_and_backward(monkeypatch):
         return kernel
 
     monkeypatch.setattr(recomposed_conv, 'compose_channel_major', recording)
+    return kernels
+
+
+@needs_query
+def test_keeps_no_kernel_between_forward_and_backward(monkeypatch):
+    """The conv keeps a marker, not W': the forward's W' is freed when forward returns, the
+    backward's when the conv's backward is done; memory is that of a plain conv."""
+    layer = on_gpu_path(monkeypatch, randomise(DOConv2d(8, 8, 3, padding=1)))
+    kernels = record_composed_kernels(monkeypatch)
     y = layer(torch.randn(2, 8, 6, 6))
     assert len(kernels) == 1 and kernels[0]() is None
     y.sum().backward()
@@ -148,15 +154,7 @@ def test_small_kernels_are_kept_instead(monkeypatch):
     backward; one byte more and it is recomposed."""
     layer = on_gpu_path(monkeypatch, randomise(DOConv2d(8, 8, 3, padding=1)), keep_small=True)
     kernel_bytes = 8 * 8 * 9 * 4
-    kernels = []
-    compose = recomposed_conv.compose_channel_major
-
-    def recording(*args):
-        kernel = compose(*args)
-        kernels.append(weakref.ref(kernel))
-        return kernel
-
-    monkeypatch.setattr(recomposed_conv, 'compose_channel_major', recording)
+    kernels = record_composed_kernels(monkeypatch)
     for limit, recomposed in ((kernel_bytes, False), (kernel_bytes - 1, True)):
         monkeypatch.setattr(recomposed_conv, 'KEEP_MAX_BYTES', limit)
         kernels.clear()
