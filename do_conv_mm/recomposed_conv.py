@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .compose_batched import channel_major
 from .composed_conv import autocast_input
-from .composition import autocast_dtype
+from .composition import autocast_dtype, no_autocast
 
 __all__ = ['AUTOGRAD_PATH_ENABLED', 'recomposable', 'recomposed_conv2d']
 
@@ -114,9 +114,7 @@ def recomposed_conv2d(x: torch.Tensor, weight: torch.Tensor, D: torch.Tensor,
     def unpack(packed):
         if packed is not marker:
             return packed
-        if autocast_dtype(weight.device.type) is None:
-            return compose_channel_major(weight, D, groups)
-        with torch.autocast(weight.device.type, enabled=False):  # backward inside autocast
+        with no_autocast(weight.device.type):  # a backward called inside autocast: still fp32
             return compose_channel_major(weight, D, groups)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

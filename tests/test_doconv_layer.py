@@ -554,12 +554,14 @@ def test_training_path_keeps_one_large_kernel_per_layer(monkeypatch):
     assert layer._blocked_composer.buffer is None
 
 
-def formula_gradients(layer: DOConv2d, inputs, loss_fn):
-    """Autograd through the plain composition expression: the reference for the Function."""
+def formula_gradients(layer: DOConv2d, inputs, loss_fn, params=None):
+    """Autograd through the plain composition expression, w.r.t. ``params`` (default: all the
+    layer's parameters): the reference for the training paths."""
     kernel = compose_kernel(layer.weight, layer.D, layer.weight_extra, layer.groups)
     outputs = [F.conv2d(x, kernel, layer.bias, layer.stride, layer.padding, layer.dilation,
                         layer.groups) for x in inputs]
-    return torch.autograd.grad(loss_fn(outputs), list(layer.parameters()))
+    return torch.autograd.grad(loss_fn(outputs),
+                               list(layer.parameters()) if params is None else params)
 
 
 @pytest.mark.parametrize('d_mul', [9, 12])

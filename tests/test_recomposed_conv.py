@@ -262,20 +262,14 @@ def test_partly_frozen_layer(monkeypatch, frozen):
     getattr(layer, frozen).requires_grad_(False)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     trained = [p for p in layer.parameters() if p.requires_grad]
-    expected = dict(zip(map(id, trained), formula_gradients_of(layer, x, trained)))
+    expected = dict(zip(map(id, trained), formula_gradients(
+        layer, [x], lambda ys: ys[0].square().sum(), trained)))
     loss = layer(x).square().sum()
     loss.backward(retain_graph=True)
     loss.backward()
     assert getattr(layer, frozen).grad is None
     for p in trained:
         torch.testing.assert_close(p.grad, 2 * expected[id(p)], atol=2 * ATOL64, rtol=0)
-
-
-def formula_gradients_of(layer, x, params):
-    """Autograd of the formula's loss with respect to ``params`` only."""
-    kernel = compose_kernel(layer.weight, layer.D, None, layer.groups)
-    out = F.conv2d(x, kernel, layer.bias, layer.stride, layer.padding, 1, layer.groups)
-    return torch.autograd.grad(out.square().sum(), params)
 
 
 def test_environment_chooses_the_function_and_rejects_unknown_values():
