@@ -20,8 +20,8 @@ How a forward pass computes W' (always from the current parameters; nothing is c
   :mod:`do_conv_mm.composed_conv` (memory-light, per-device kernels, autocast inside);
 * no gradient mode (``no_grad``, ``inference_mode``): the same per-device kernels, no autograd;
 * everything else (frozen parameters with input gradients, ``torch.compile``, ``jit.trace``,
-  ``jit.script``, ``torch.fx``, ``torch.func`` transforms, forward-mode AD, string padding, a
-  substitute weight): the plain differentiable expression ``compose_kernel`` + ``conv2d``.
+  ``jit.script``, ``torch.fx``, ``torch.func`` transforms, forward-mode AD, a substitute
+  weight): the plain differentiable expression ``compose_kernel`` + ``conv2d``.
 """
 import math
 from typing import Optional
@@ -287,19 +287,14 @@ class DOConv2d(nn.Conv2d):
         # Transforms first: torch 2.0-2.2's dynamo breaks the graph at a tensor `is not`, and
         # the checks after a break run eagerly, where they cannot see the compiler.
         if (_transforms_active() or isinstance(input, torch.fx.Proxy)
-                or isinstance(self.padding, str) or weight is not self.weight):
+                or weight is not self.weight):
             return self._expression_conv_forward(input, weight, bias)
         if torch.is_grad_enabled():
             D, extra = self.D, self.weight_extra  # weight is self.weight here
             if not (weight.requires_grad or D.requires_grad
                     or (extra is not None and extra.requires_grad)):
                 return self._expression_conv_forward(input, weight, bias)
-            if self.padding_mode != 'zeros':
-                input = F.pad(input, self._reversed_padding_repeated_twice,
-                              mode=self.padding_mode)
-                padding = (0, 0)
-            else:
-                padding = self.padding
+            input, padding = self._numeric_padding(input)
             composer = self._training_composer()
             if (composer is BATCHED_COMPOSER and self._recompose_in_autograd
                     and recomposable(weight, extra, self.groups)):
@@ -311,6 +306,25 @@ class DOConv2d(nn.Conv2d):
             kernel, _ = self._training_composer().compose(self.weight, self.D, self.weight_extra,
                                                           self.groups)
         return super()._conv_forward(input, kernel, bias)
+
+    def _numeric_padding(self, input: torch.Tensor):
+        """(input, numeric padding) for the training paths: non-'zeros' padding modes pad the
+        input here, as nn.Conv2d does; 'valid' is 0; 'same' is symmetric padding where the
+        total dilation·(k - 1) is even and otherwise pads the input, one more at the bottom /
+        right, as conv2d's 'same' does."""
+        if self.padding_mode != 'zeros':
+            return F.pad(input, self._reversed_padding_repeated_twice,
+                         mode=self.padding_mode), (0, 0)
+        if self.padding == 'valid':
+            return input, (0, 0)
+        if self.padding == 'same':
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]  # (h, w)
+            if all(total % 2 == 0 for total in totals):
+                return input, tuple(total // 2 for total in totals)
+            (total_h, total_w) = totals
+            return F.pad(input, (total_w // 2, total_w - total_w // 2,
+                                 total_h // 2, total_h - total_h // 2)), (0, 0)
+        return input, self.padding
 
     def _expression_conv_forward(self, input, weight, bias) -> torch.Tensor:
         """conv2d(input, compose_kernel(weight, D, weight_extra)) as differentiable ops; a

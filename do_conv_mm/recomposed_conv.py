@@ -73,7 +73,7 @@ def compose_channel_major(weight: torch.Tensor, D: torch.Tensor, groups: int) ->
     """W' (O, Cg, kh, kw), contiguous, as differentiable ops; groups == 1 or Cg == 1, D (C, K, K)
     with K = kh·kw."""
     O, Cg, kh, kw = weight.shape
-    flat = weight.reshape(O, Cg, kh * kw)  # a view unless the model was made channels_last
+    flat = weight.reshape(O, Cg, kh * kw)  # a view, channels_last weights included
     W_cm = channel_major(flat, groups)  # (C, Og, K)
     delta_t = torch.bmm(D, W_cm.transpose(1, 2))  # (C, K, Og)
     if groups == 1:  # the add reads Δ through a permuted view and writes W' contiguous

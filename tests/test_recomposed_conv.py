@@ -14,7 +14,8 @@ from torch.utils.checkpoint import checkpoint
 from do_conv_mm import DOConv2d, compose_kernel, composed_conv, recomposed_conv
 from do_conv_mm.compose_batched import BATCHED_COMPOSER
 from test_doconv_layer import (ATOL64, assert_penalty_gradients_match_expression,
-                               formula_gradients, kernels_of_a_training_step, randomise)
+                               formula_gradients, kernels_of_a_training_step, randomise,
+                               use_batched_function)
 
 # Older torch (2.1) cannot say whether saved-tensor hooks are active: the Function runs there.
 needs_query = pytest.mark.skipif(
@@ -115,6 +116,43 @@ def test_matches_formula(monkeypatch, cin, cout, groups, case, keep):
     ref = F.conv2d(padded, kernel, layer.bias, layer.stride,
                    0 if 'reflect' in case else layer.padding, layer.dilation, groups)
     expected = torch.autograd.grad(ref.square().sum(), [x] + list(layer.parameters()))
+    torch.testing.assert_close(y, ref, atol=ATOL64, rtol=0)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+# kernel, dilation, padding, padding_mode: 'same' with an even total padding dilation·(k - 1)
+# (symmetric), odd in both or one dimension (one more at the bottom / right), 'valid', and
+# 'same' under a non-'zeros' padding mode.
+STRING_PADDINGS = [((3, 3), 1, 'same', 'zeros'), ((2, 4), 1, 'same', 'zeros'),
+                   ((4, 3), (1, 2), 'same', 'zeros'), ((3, 2), 2, 'same', 'zeros'),
+                   ((3, 3), 1, 'valid', 'zeros'), ((3, 4), 1, 'same', 'reflect')]
+
+
+@pytest.mark.parametrize('path', ['cpu', 'function',
+                                  pytest.param('recomposed', marks=needs_query)])
+@pytest.mark.parametrize('kernel,dilation,padding,padding_mode', STRING_PADDINGS)
+def test_string_padding_trains_on_the_training_paths(monkeypatch, path, kernel, dilation,
+                                                     padding, padding_mode):
+    """padding='same' / 'valid' layers train through the training paths (not the expression),
+    padded exactly as nn.Conv2d pads them: output and every gradient equal nn.Conv2d's own
+    forward on the composed kernel (float64)."""
+    layer = randomise(DOConv2d(4, 6, kernel, padding=padding, dilation=dilation,
+                               padding_mode=padding_mode, dtype=torch.float64))
+    if path == 'function':
+        use_batched_function(monkeypatch, layer)
+    elif path == 'recomposed':
+        on_gpu_path(monkeypatch, layer)
+    taken = record_paths(monkeypatch)
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert taken == ['recomposed' if path == 'recomposed' else 'function']
+    got = torch.autograd.grad(y.square().sum(), [x] + list(layer.parameters()))
+
+    composed = compose_kernel(layer.weight, layer.D, None, 1)
+    ref = torch.nn.Conv2d._conv_forward(layer, x, composed, layer.bias)  # torch pads
+    expected = torch.autograd.grad(ref.square().sum(), [x] + list(layer.parameters()))
+    assert y.shape == ref.shape == (2, 6) + ((7, 8) if padding == 'same' else (5, 6))
     torch.testing.assert_close(y, ref, atol=ATOL64, rtol=0)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
