@@ -31,6 +31,15 @@ def autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def _no_batched_query(tensor: torch.Tensor) -> bool:
+    return False
+
+
+# True for a grad_out of ``torch.autograd.grad(..., is_grads_batched=True)`` (legacy vmap);
+# torch 2.1 cannot tell.
+_is_batched = getattr(torch._C._functorch, 'is_legacy_batchedtensor', _no_batched_query)
+
+
 def _as(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
@@ -59,9 +68,12 @@ class _ComposedConv2d(torch.autograd.Function):
             if x.dtype != weight.dtype and x.dtype == autocast:
                 # The token stays: the composer's backward needs it (P = D + I on CUDA).
                 kernel = low_precision_kernel = kernel.to(x.dtype)
-        ctx.save_for_backward(x, weight, D, weight_extra, bias, low_precision_kernel)
+        # The bias is not saved (its gradient needs only its shape): an in-place bias update
+        # before backward is no error, as for nn.Conv2d.
+        ctx.save_for_backward(x, weight, D, weight_extra, low_precision_kernel)
         ctx.composer, ctx.token = composer, token
         ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
         if autocast is None:
             return F.conv2d(x, kernel, _as(bias, kernel.dtype), stride, padding, dilation,
                             groups)
@@ -71,43 +83,50 @@ class _ComposedConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or _is_batched(grad_out):
             return _differentiable_backward(ctx, grad_out)
-        x, weight, D, weight_extra, bias, low_precision_kernel = ctx.saved_tensors
+        x, weight, D, weight_extra, low_precision_kernel = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         needs_param = tuple(ctx.needs_input_grad[1:4])
         kernel = low_precision_kernel
-        if kernel is None:
-            kernel = ctx.composer.kernel_for_backward(ctx.token, weight, D, weight_extra, groups)
-        grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out, x, kernel, None if bias is None else list(bias.shape), stride, padding,
-            dilation, False, [0, 0], groups,
-            [ctx.needs_input_grad[0], any(needs_param), ctx.needs_input_grad[4]])
-        del kernel  # a recomposed W' is freed before the parameter gradients are allocated
-        grad_weight = grad_D = grad_extra = None
-        if any(needs_param):
-            grad_kernel = _as(grad_kernel, weight.dtype)  # autocast: the low-precision one goes
-            grad_weight, grad_D, grad_extra = ctx.composer.backward(
-                grad_kernel, weight, D, weight_extra, groups, ctx.token, needs_param)
+        # A backward called inside autocast composes in the parameters' precision all the same.
+        with no_autocast(weight.device.type):
+            if kernel is None:
+                kernel = ctx.composer.kernel_for_backward(ctx.token, weight, D, weight_extra,
+                                                          groups)
+            grad_x, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
+                grad_out, x, kernel, ctx.bias_shape, stride, padding, dilation, False, [0, 0],
+                groups, [ctx.needs_input_grad[0], any(needs_param), ctx.needs_input_grad[4]])
+            del kernel  # a recomposed W' is freed before the parameter gradients are allocated
+            grad_weight = grad_D = grad_extra = None
+            if any(needs_param):
+                grad_kernel = _as(grad_kernel, weight.dtype)  # autocast: the low-precision one
+                grad_weight, grad_D, grad_extra = ctx.composer.backward(
+                    grad_kernel, weight, D, weight_extra, groups, ctx.token, needs_param)
         return (grad_x, grad_weight, grad_D, grad_extra, _as(grad_bias, weight.dtype), None, None,
                 None, None, None, None)
 
 
 def _differentiable_backward(ctx, grad_out):
     """Backward with ``create_graph=True``: the gradients of the plain expression, themselves
-    differentiable (gradient penalties, Hessian-vector products)."""
-    x, weight, D, weight_extra, bias, _ = ctx.saved_tensors
+    differentiable (gradient penalties, Hessian-vector products); also the backward of
+    ``is_grads_batched=True`` (vectorised jacobians), whose vmap the composers' ``out=`` writes
+    do not pass."""
+    x, weight, D, weight_extra, _ = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
-    with no_autocast(weight.device.type):
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad(), no_autocast(weight.device.type):
         kernel = compose_kernel(weight, D, weight_extra, groups).to(x.dtype)
-        out = F.conv2d(x, kernel, _as(bias, x.dtype), stride, padding, dilation, groups)
-    inputs = (x, weight, D, weight_extra, bias)
+        out = F.conv2d(x, kernel, None, stride, padding, dilation, groups)
+    inputs = (x, weight, D, weight_extra)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True,
-                                allow_unused=True)
+    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out,
+                                create_graph=create_graph, allow_unused=True)
     result = [None] * 11
     for i, grad in zip(wanted, grads):
         result[i] = grad
+    if ctx.bias_shape is not None and ctx.needs_input_grad[4]:  # dL/dbias: grad_out summed
+        result[4] = _as(grad_out.sum((0, 2, 3)), weight.dtype)
     return tuple(result)
 
 

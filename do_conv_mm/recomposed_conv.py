@@ -16,7 +16,9 @@ autograd ops:
 Forward issues 2 kernels beyond the conv; backward: W' recomposed (2), dL/dD (1 bmm), the bmm's
 share of dL/dweight (1) and its sum with the direct share (1). W' is not kept: a saved-tensor
 hook hands the conv a marker instead and recomposes W' from the (saved-anyway) parameters when
-the conv's backward asks for it, so memory is that of a plain conv. The hooks and the
+the conv's backward asks for it, so memory is that of a plain conv; as autograd checks no
+tensor saved under hooks for in-place edits, the hooks check the conv's input and the
+parameters W' is recomposed from. The hooks and the
 recomposition cost host time (~half of this path's, ``bench/host_overhead.py``), so a kernel of
 at most ``KEEP_MAX_BYTES`` (ResNet's stem and first two stages: ~3 MiB in all for PSPNet) is
 simply saved by the conv, as autograd would. Under autocast W' is composed
@@ -85,6 +87,16 @@ class _RecomposedKernel:
     """What the conv keeps in place of W' (fp32 path)."""
 
 
+def _check_version(tensor: torch.Tensor, saved_version: int, what: str) -> None:
+    """Autograd's check on a saved tensor, which it skips for tensors saved under hooks."""
+    if tensor._version != saved_version:
+        raise RuntimeError(
+            f'one of the variables needed for gradient computation has been modified by an '
+            f'inplace operation: {what}, {tuple(tensor.shape)}, is at version '
+            f'{tensor._version}; expected version {saved_version} instead. Change it out of '
+            f'place, or after the backward pass.')
+
+
 def recomposed_conv2d(x: torch.Tensor, weight: torch.Tensor, D: torch.Tensor,
                       bias: Optional[torch.Tensor], stride, padding, dilation,
                       groups: int) -> torch.Tensor:
@@ -107,13 +119,22 @@ def recomposed_conv2d(x: torch.Tensor, weight: torch.Tensor, D: torch.Tensor,
     composed = [kernel]
     del kernel
     marker = _RecomposedKernel()
+    # Autograd checks no saved tensor's version under hooks: these do (the conv's input, and
+    # the parameters W' is recomposed from, which a partly frozen layer's autograd saves not).
+    parameter_versions = [(weight, weight._version), (D, D._version)]
 
     def pack(tensor):
-        return marker if composed and tensor is composed[0] else tensor
+        if composed and tensor is composed[0]:
+            return marker
+        return tensor, tensor._version
 
     def unpack(packed):
         if packed is not marker:
-            return packed
+            tensor, version = packed
+            _check_version(tensor, version, 'the input of a DO-Conv layer')
+            return tensor
+        for parameter, version in parameter_versions:
+            _check_version(parameter, version, "a DO-Conv parameter W' is recomposed from")
         with no_autocast(weight.device.type):  # a backward called inside autocast: still fp32
             return compose_channel_major(weight, D, groups)
 

@@ -497,7 +497,7 @@ def test_training_path_saves_only_inputs_and_keeps_no_small_kernel():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
-    assert len(saved) == 4  # x, weight, D, bias (no weight_extra, no composed kernel)
+    assert len(saved) == 3  # x, weight, D (no bias, no weight_extra, no composed kernel)
     assert any(t is layer.weight for t in saved) and any(t is layer.D for t in saved)
     assert layer._blocked_composer.buffer is None
     y.sum().backward()
@@ -1043,6 +1043,20 @@ def test_training_function_under_autocast(monkeypatch, composer, cin, cout, grou
     torch.testing.assert_close(y.float(), ref.float(), atol=0, rtol=0)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, atol=2e-2 * e.abs().max().item(), rtol=2e-2)
+
+
+def test_structured_pruning_with_extra_columns_needs_their_mask_too():
+    """With D_mul > kh·kw, output channels pruned in ``weight`` stay alive through weight_extra
+    until it is pruned with the same mask (the README's recipe); then they are exactly 0."""
+    import torch.nn.utils.prune as prune
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, bias=False, D_mul=12))
+    prune.ln_structured(layer, 'weight', amount=0.5, n=2, dim=0)
+    pruned = layer.weight_mask.flatten(1).sum(1) == 0
+    x = torch.randn(2, 4, 6, 6)
+    assert int(pruned.sum()) == 3 and layer(x)[:, pruned].abs().max() > 0
+    prune.custom_from_mask(layer, 'weight_extra',
+                           layer.weight_mask.flatten(2)[..., :1].expand_as(layer.weight_extra))
+    assert layer(x)[:, pruned].abs().max() == 0 and layer(x)[:, ~pruned].abs().amax() > 0
 
 
 @pytest.mark.parametrize('d_mul', [None, 12])

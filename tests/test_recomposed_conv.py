@@ -23,6 +23,17 @@ needs_query = pytest.mark.skipif(
     reason='this torch has no query for active saved-tensor hooks, so layers train through '
            'the Function (test_doconv_layer.py); test_torch_without_the_query covers it')
 
+def _cpu_half_matmul() -> bool:
+    try:
+        torch.ones(1, 1, 1, dtype=torch.float16).bmm(torch.ones(1, 1, 1, dtype=torch.float16))
+    except RuntimeError:  # torch 2.1
+        return False
+    return True
+
+
+needs_half = pytest.mark.skipif(not _cpu_half_matmul(),
+                                reason='this torch has no float16 matmul on the CPU')
+
 # (in, out, groups): plain and depthwise (with multiplier 2) take this path; grouped convs with
 # several channels per group do not.
 CHANNEL_MAJOR = [(4, 6, 1), (4, 4, 4), (4, 8, 4)]
@@ -36,6 +47,20 @@ def on_gpu_path(monkeypatch, layer: DOConv2d, keep_small: bool = False) -> DOCon
     monkeypatch.setattr(layer, '_training_composer', lambda: BATCHED_COMPOSER)
     if not keep_small:
         monkeypatch.setattr(recomposed_conv, 'KEEP_MAX_BYTES', -1)
+    return layer
+
+
+# Every training path: the CPU's (the Function, blocked composer) and a GPU's (the Function with
+# the launch-light composer; the autograd ops, W' recomposed in backward).
+EVERY_PATH = ['cpu', 'function', pytest.param('recomposed', marks=needs_query)]
+
+
+def on_path(monkeypatch, layer: DOConv2d, path: str) -> DOConv2d:
+    """``layer`` training through ``path`` (one of EVERY_PATH)."""
+    if path == 'function':
+        use_batched_function(monkeypatch, layer)
+    elif path == 'recomposed':
+        on_gpu_path(monkeypatch, layer)
     return layer
 
 
@@ -129,8 +154,7 @@ STRING_PADDINGS = [((3, 3), 1, 'same', 'zeros'), ((2, 4), 1, 'same', 'zeros'),
                    ((3, 3), 1, 'valid', 'zeros'), ((3, 4), 1, 'same', 'reflect')]
 
 
-@pytest.mark.parametrize('path', ['cpu', 'function',
-                                  pytest.param('recomposed', marks=needs_query)])
+@pytest.mark.parametrize('path', EVERY_PATH)
 @pytest.mark.parametrize('kernel,dilation,padding,padding_mode', STRING_PADDINGS)
 def test_string_padding_trains_on_the_training_paths(monkeypatch, path, kernel, dilation,
                                                      padding, padding_mode):
@@ -139,10 +163,7 @@ def test_string_padding_trains_on_the_training_paths(monkeypatch, path, kernel, 
     forward on the composed kernel (float64)."""
     layer = randomise(DOConv2d(4, 6, kernel, padding=padding, dilation=dilation,
                                padding_mode=padding_mode, dtype=torch.float64))
-    if path == 'function':
-        use_batched_function(monkeypatch, layer)
-    elif path == 'recomposed':
-        on_gpu_path(monkeypatch, layer)
+    on_path(monkeypatch, layer, path)
     taken = record_paths(monkeypatch)
     x = torch.randn(2, 4, 7, 8, dtype=torch.float64, requires_grad=True)
     y = layer(x)
@@ -156,6 +177,76 @@ def test_string_padding_trains_on_the_training_paths(monkeypatch, path, kernel, 
     torch.testing.assert_close(y, ref, atol=ATOL64, rtol=0)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+# Older torch (2.1) cannot tell the Function's backward that its gradients are batched.
+needs_batched_query = pytest.mark.skipif(
+    composed_conv._is_batched is composed_conv._no_batched_query,
+    reason='this torch cannot tell a batched gradient (is_grads_batched) in a backward')
+
+
+@pytest.mark.parametrize('path', [pytest.param('cpu', marks=needs_batched_query),
+                                  pytest.param('function', marks=needs_batched_query),
+                                  pytest.param('recomposed', marks=needs_query)])
+@pytest.mark.parametrize('cin,cout,groups,d_mul', [(4, 6, 1, 9), (4, 8, 4, 9), (4, 6, 2, 9),
+                                                   (4, 6, 1, 12)])
+def test_batched_gradients(monkeypatch, path, cin, cout, groups, d_mul):
+    """``autograd.grad(..., is_grads_batched=True)`` (what vectorised jacobians and hessians
+    run) equals one backward per vector (float64). The Function's backward took vmap into its
+    composers' ``out=`` writes and failed; nn.Conv2d passes."""
+    layer = on_path(monkeypatch, randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups,
+                                                    dtype=torch.float64, D_mul=d_mul)), path)
+    x = torch.randn(2, cin, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    vectors = torch.randn((3,) + y.shape, dtype=torch.float64)
+    wrt = [x] + list(layer.parameters())
+    batched = torch.autograd.grad(y, wrt, vectors, retain_graph=True, is_grads_batched=True)
+    for i, vector in enumerate(vectors):
+        one = torch.autograd.grad(y, wrt, vector, retain_graph=True)
+        for b, o in zip(batched, one):
+            torch.testing.assert_close(b[i], o, atol=ATOL64, rtol=0)
+
+
+@pytest.mark.parametrize('path', EVERY_PATH)
+@pytest.mark.parametrize('cin,cout,groups,d_mul', [(4, 6, 1, 9), (4, 6, 2, 12)])
+def test_bias_edited_before_backward(monkeypatch, path, cin, cout, groups, d_mul):
+    """No gradient depends on the bias value, and nn.Conv2d lets it change in place between
+    forward and backward (an optimizer step between two backwards): so does every path, with
+    the gradients of the forward that ran (the Function saved the bias and refused)."""
+    layer = on_path(monkeypatch, randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups,
+                                                    dtype=torch.float64, D_mul=d_mul)), path)
+    x = torch.randn(2, cin, 5, 5, dtype=torch.float64, requires_grad=True)
+    wrt = [x] + list(layer.parameters())
+    loss = layer(x).square().sum()
+    expected = torch.autograd.grad(loss, wrt, retain_graph=True)
+    with torch.no_grad():
+        layer.bias.add_(1)
+    for g, e in zip(torch.autograd.grad(loss, wrt), expected):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('path', ['cpu', 'function'])
+@pytest.mark.parametrize('cin,cout,groups', [(4, 6, 1), (4, 6, 2), (68, 4, 2)])
+@pytest.mark.parametrize('dtype', [torch.float32, pytest.param(torch.float16, marks=needs_half)],
+                         ids=['fp32', 'fp16'])
+def test_function_backward_inside_autocast(monkeypatch, path, cin, cout, groups, dtype):
+    """The Function's backward called inside an autocast region composes in the parameters'
+    precision all the same: gradients bit-identical to a backward outside it (the conv's
+    backward is no autocast op). Before, the composition's matmuls ran in bf16 there, and an
+    fp16 layer with D_mul > kh·kw failed on its dtypes."""
+    layer = on_path(monkeypatch, randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups,
+                                                    D_mul=12)).to(dtype), path)
+    x = torch.randn(2, cin, 6, 6, dtype=dtype)
+    params = list(layer.parameters())
+    taken = record_paths(monkeypatch)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = layer(x).float().square().sum()
+        inside = torch.autograd.grad(loss, params, retain_graph=True)
+    outside = torch.autograd.grad(loss, params)
+    assert taken == ['function']
+    for i, o in zip(inside, outside):
+        assert i.dtype == dtype
+        torch.testing.assert_close(i, o, atol=0, rtol=0)
 
 
 def record_composed_kernels(monkeypatch) -> list:
@@ -277,17 +368,28 @@ def test_double_backward(monkeypatch, keep):
 
 
 @needs_query
-def test_in_place_parameter_edit_before_backward_is_refused(monkeypatch):
-    """Editing weight or D in place between forward and backward would make the recomposed W'
-    differ from the forward's: autograd's version check refuses it, as for a plain conv."""
+@pytest.mark.parametrize('edited', ['weight', 'D', 'input', 'D, weight frozen',
+                                    'weight, D frozen'])
+def test_in_place_edit_before_backward_is_refused(monkeypatch, edited):
+    """Editing the conv's input, weight or D in place between forward and backward would make
+    backward use other values than the forward's. Autograd checks no tensor saved under hooks,
+    so the path checks them itself: refused as for a plain conv, before any gradient is
+    accumulated. A partly frozen layer's autograd saves the trainable parameter nowhere: the
+    path still refuses (the first version recomposed W' from the edited D, no error)."""
     layer = on_gpu_path(monkeypatch, randomise(DOConv2d(4, 6, 3, padding=1)))
-    x = torch.randn(2, 4, 5, 5)
-    for name in ('weight', 'D'):
-        loss = layer(x).sum()
-        with torch.no_grad():
-            getattr(layer, name).mul_(2)
-        with pytest.raises(RuntimeError, match='modified by an inplace operation'):
-            loss.backward()
+    name, _, frozen = edited.partition(', ')
+    if frozen:
+        getattr(layer, frozen.split()[0]).requires_grad_(False)
+    leaf = torch.randn(2, 4, 5, 5, requires_grad=True)
+    x = leaf * 1  # the conv saves this one
+    taken = record_paths(monkeypatch)
+    loss = layer(x).sum()
+    assert taken == ['recomposed']
+    with torch.no_grad():
+        (x if name == 'input' else getattr(layer, name)).mul_(2)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        loss.backward()
+    assert leaf.grad is None and all(p.grad is None for p in layer.parameters())
 
 
 @needs_query
