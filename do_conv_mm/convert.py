@@ -305,7 +305,13 @@ def DOConvModel(model_type: Union[str, type], doconv: Optional[Dict] = None, **k
             raise
         raise DOConvNotApplicableError(message) from exc
     if doconv_cfg is not None:
-        convert_to_doconv(model, **doconv_cfg)
+        try:
+            convert_to_doconv(model, **doconv_cfg)
+        except DOConvNotApplicableError:
+            raise
+        except (TypeError, ValueError) as exc:  # a pattern that matches nothing, a bad D_mul
+            raise DOConvNotApplicableError(f'DOConvModel(model_type={model_type!r}): '
+                                           f'{exc}') from exc
     return model
 
 

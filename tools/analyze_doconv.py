@@ -185,7 +185,9 @@ def _seg_batch(model, h: int, w: int):
     shape = (h, w)
     sample = SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape))
     generator = torch.Generator().manual_seed(0)
-    num_classes = model.decode_head.num_classes
+    heads = model.decode_head  # a ModuleList of heads in cascade segmentors (OCRNet, PointRend)
+    heads = list(heads) if isinstance(heads, torch.nn.ModuleList) else [heads]
+    num_classes = min(head.num_classes for head in heads)  # valid for every head
     sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, h, w),
                                                      generator=generator))
     return [sample]
