@@ -4,7 +4,8 @@
 line naming the config path and the fix, what would otherwise fail deep inside mmcv / mmdet or,
 worse, build a model that silently computes something else. :func:`explain_build_error` turns a
 known DO-Conv build failure into such a line. The tools (train / test / fold / analyse) call
-both; :class:`~do_conv_mm.convert.DOConvModel` does too.
+both; :class:`~do_conv_mm.convert.DOConvModel` does too. After a build,
+:func:`components_ignoring_conv_cfg` names the components whose DO-Conv conv_cfg built nothing.
 """
 import difflib
 import inspect
@@ -21,7 +22,7 @@ from mmengine.registry import MODELS
 from .doconv import DOConv2d, doconv_layer_type_for, is_doconv_layer_type, plain_layer_type
 
 __all__ = ['DOConvNotApplicableError', 'check_base_conv_types', 'check_doconv_cfg',
-           'explain_build_error', 'walk_cfg']
+           'components_ignoring_conv_cfg', 'explain_build_error', 'walk_cfg']
 
 
 class DOConvNotApplicableError(ValueError):
@@ -49,6 +50,32 @@ def walk_cfg(node: Any, path: str):
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
             yield from walk_cfg(value, f'{path}[{i}]')
+
+
+def components_ignoring_conv_cfg(model_cfg: Dict, model: nn.Module) -> List[str]:
+    """One line for each component whose config sets a DO-Conv ``conv_cfg`` but whose built
+    module holds plain k×k convs and no DO-Conv layer: it does not hand conv_cfg to its convs
+    (mmseg 1.2.2's BiSeNetV2 takes it and drops it), so the setting changed nothing. (A
+    component without k×k convs, such as Shared2FCBBoxHead, is no concern.)"""
+    lines = []
+    for path, component in walk_cfg(model_cfg, 'model'):
+        if not _is_doconv_cfg(component.get('conv_cfg')):
+            continue
+        name = _module_prefix(path)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # a config dict that is no module (e.g. a train_cfg entry)
+            continue
+        plain = [m for m in module.modules() if isinstance(m, nn.Conv2d)
+                 and not isinstance(m, DOConv2d) and m.weight[0, 0].numel() > 1]
+        if plain and not any(isinstance(m, DOConv2d) for m in module.modules()):
+            lines.append(
+                f'{path} ({type(module).__name__}) sets conv_cfg='
+                f'{component["conv_cfg"].get("type")!r} but built no DO-Conv layer ({len(plain)} '
+                f'plain k×k convs): it does not pass conv_cfg on to its convs. Convert them by '
+                f"name instead: model = dict(type='DOConvModel', model_type=..., "
+                f"doconv=dict(include=['{name or '*'}'])).")
+    return lines
 
 
 def _dcn_stages(component: Dict) -> List[int]:

@@ -216,13 +216,14 @@ def build_runner(cfg: Config):
         setup_cache_size_limit_of_dynamo()  # as mmdet's own tools do
     try:
         if 'runner_type' not in cfg:
-            return Runner.from_cfg(cfg)
-        scope = cfg.get('default_scope')
-        registry = importlib.import_module(f'{scope}.registry') if scope else None
-        runners = getattr(registry, 'RUNNERS', None)
-        if runners is None:
-            from mmengine.registry import RUNNERS as runners
-        return runners.build(cfg)
+            runner = Runner.from_cfg(cfg)
+        else:
+            scope = cfg.get('default_scope')
+            registry = importlib.import_module(f'{scope}.registry') if scope else None
+            runners = getattr(registry, 'RUNNERS', None)
+            if runners is None:
+                from mmengine.registry import RUNNERS as runners
+            runner = runners.build(cfg)
     except Exception as error:
         # A known DO-Conv build failure (e.g. D_mul below a 7x7 stem's kh*kw): one line that
         # names the module and the fix instead of mmengine's nested build traceback.
@@ -231,3 +232,16 @@ def build_runner(cfg: Config):
         if message is None:
             raise
         raise ToolError(message) from None
+    _warn_conv_cfg_ignored(cfg, runner.model)
+    return runner
+
+
+def _warn_conv_cfg_ignored(cfg: Config, model) -> None:
+    """Warn where a component's DO-Conv conv_cfg built no DO-Conv layer."""
+    from mmengine.model import is_model_wrapper
+    from .config_check import components_ignoring_conv_cfg
+    if 'model' not in cfg:
+        return
+    model = model.module if is_model_wrapper(model) else model
+    for line in components_ignoring_conv_cfg(cfg.model, model):
+        print_log(f'DO-Conv: {line}', logger='current', level=logging.WARNING)

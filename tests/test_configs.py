@@ -20,6 +20,7 @@ from mmengine.registry import MODELS, init_default_scope
 import do_conv_mm
 from do_conv_mm import DOConv2d, check_doconv_cfg, convert_to_doconv, count_doconv
 from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage
+from do_conv_mm.config_check import components_ignoring_conv_cfg
 from do_conv_mm.convert import DOConvNotApplicableError
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -393,6 +394,7 @@ def test_shipped_config_builds_in_its_scope_with_stated_doconv(name, n_doconv, n
     doconv, plain = _kxk_convs(model)
     assert len(doconv) == n_doconv, doconv
     assert len(plain) == n_plain, plain
+    assert components_ignoring_conv_cfg(cfg.model, model) == []
     # Every backbone k×k conv is DO-Conv, and DOConvModel returned the bare model.
     assert doconv and not [n for n in plain if n.startswith('backbone.')]
     if type(model.backbone).__name__.startswith('ResNet'):
@@ -963,3 +965,28 @@ def test_analyze_tool_loss_pass_on_a_cascade_segmentor(tmp_path, capsys, analyze
     doconv_kxk = sum(isinstance(m, DOConv2d) and m.D is not None for m in model.modules())
     assert result['mode'] == 'loss' and result['not_run'] == []
     assert result['total']['doconv_kxk'] == doconv_kxk > 100
+
+
+def test_a_component_that_drops_conv_cfg_is_named(tmp_path):
+    """mmseg 1.2.2's BiSeNetV2 takes conv_cfg and never passes it on: the DO-Conv setting builds
+    nothing there. The check names that component (and not the heads, which built DO-Conv), and
+    the tools say it as a warning (they said nothing)."""
+    c = "dict(type='DOConv')"
+    config = tmp_path / 'bisenetv2-doconv.py'
+    config.write_text(
+        "_base_ = 'mmseg::bisenetv2/bisenetv2_fcn_4xb4-160k_cityscapes-1024x1024.py'\n"
+        "custom_imports = dict(imports=['do_conv_mm'], allow_failed_imports=False)\n"
+        f"model = dict(backbone=dict(conv_cfg={c}), decode_head=dict(conv_cfg={c}))\n")
+    cfg = Config.fromfile(str(config))
+    model = _build(cfg)
+    [line] = components_ignoring_conv_cfg(cfg.model, model)
+    assert line.startswith("model.backbone (BiSeNetV2) sets conv_cfg='DOConv' but built no "
+                           "DO-Conv layer") and "doconv=dict(include=['backbone'])" in line
+    assert any(isinstance(m, DOConv2d) for m in model.decode_head.modules())
+    from do_conv_mm.runner_setup import _warn_conv_cfg_ignored
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_instance('test_conv_cfg_ignored', log_file=str(tmp_path / 'log.txt'))
+    _warn_conv_cfg_ignored(cfg, model)  # logs to the current (latest) MMLogger
+    for handler in logger.handlers:
+        handler.flush()
+    assert 'DO-Conv: model.backbone (BiSeNetV2) sets conv_cfg' in (tmp_path / 'log.txt').read_text()

@@ -328,11 +328,17 @@ def test_guard_refuses_unfolded_checkpoint_with_deploy_config(det_deploy, traine
         [line] = error_lines(proc_out)
         assert 'unfolded DO-Conv training checkpoint' in line and 'fold_doconv.py' in line
 
-    # tools/test.py and tools/train.py (load_from)
-    for tool, args in (('test.py', (deploy_cfg, unfolded)),
-                       ('train.py', (deploy_cfg, '--cfg-options', f'load_from={unfolded}'))):
-        proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', tool), *args,
-                               '--work-dir', str(tmp_path / tool)], cwd=REPO, env=tool_env(),
+    # tools/test.py and tools/train.py (load_from; a bare --resume from a work dir whose last
+    # checkpoint is the unfolded one, which mmengine finds through its last_checkpoint file)
+    resume_dir = tmp_path / 'resume'
+    resume_dir.mkdir()
+    (resume_dir / 'last_checkpoint').write_text(unfolded)
+    for tool, args in (('test.py', (deploy_cfg, unfolded, '--work-dir', tmp_path / 'test')),
+                       ('train.py', (deploy_cfg, '--cfg-options', f'load_from={unfolded}',
+                                     '--work-dir', tmp_path / 'train')),
+                       ('train.py', (deploy_cfg, '--resume', '--work-dir', resume_dir))):
+        proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', tool),
+                               *map(str, args)], cwd=REPO, env=tool_env(),
                               capture_output=True, text=True, timeout=300)
         refused(proc.stderr, proc.returncode)
     # the export tool: refused before anything is written

@@ -100,6 +100,16 @@ def check_pretrained(runner) -> None:
         print_log(f'pretrained: {line}', logger='current')
 
 
+def latest_checkpoint(work_dir: str):
+    """The checkpoint mmengine's Runner resumes from without ``load_from``: the one that
+    ``<work_dir>/last_checkpoint`` names, or None."""
+    marker = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(marker):
+        return None
+    with open(marker) as f:
+        return f.read().strip() or None
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -119,6 +129,8 @@ def main(argv=None):
             cfg.load_from = args.resume
         if cfg.get('load_from'):
             check_checkpoint(cfg.load_from, cfg)
+        elif cfg.get('resume') and latest_checkpoint(cfg.work_dir):
+            check_checkpoint(latest_checkpoint(cfg.work_dir), cfg)  # what mmengine resumes
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
         check_pretrained(runner)
