@@ -389,9 +389,15 @@ class StagedFiles:
             os.fsync(f.fileno())
         return tmp
 
-    def config(self, cfg: Config, target: str) -> str:
+    def config(self, cfg: Config, target: str, header: str = '') -> str:
+        """``cfg.dump`` staged for ``target``, ``header`` (comment lines) first."""
         tmp = self._temp(target, os.path.splitext(target)[1] or '.py')
         cfg.dump(tmp)
+        if header:
+            with open(tmp, encoding='utf-8') as f:
+                text = f.read()
+            with open(tmp, 'w', encoding='utf-8') as f:
+                f.write(header + text)
         return tmp
 
     def commit(self) -> None:
@@ -544,8 +550,45 @@ def _default_out_config(config, out_dir: str) -> str:
     return os.path.join(out_dir, stem + '.py')
 
 
-def _preflight(config, checkpoints: List[str], outs: List[str], out_config: str) -> None:
-    """Path checks that need no loading: every problem is found before anything is written."""
+# First line of the deploy configs the fold writes (.py / .yaml: a comment; JSON has none).
+DEPLOY_CONFIG_MARK = '# do_conv_mm deploy config'
+
+
+def _deploy_config_header(out_config: str) -> str:
+    if not out_config.endswith(('.py', '.yaml', '.yml')):
+        return ''
+    return (f'{DEPLOY_CONFIG_MARK}: the training config with DO-Conv folded away, written by '
+            f'tools/fold_doconv.py (do_conv_mm {__version__}); use it with the folded '
+            f'checkpoint.\n')
+
+
+def _is_folded_checkpoint(path: str) -> bool:
+    try:
+        meta = load_checkpoint_file(path).get('meta')
+    except Exception:  # not a checkpoint at all: foreign
+        return False
+    return isinstance(meta, dict) and bool(meta.get('doconv_folded'))
+
+
+def _is_written_deploy_config(path: str) -> bool:
+    try:
+        with open(path, encoding='utf-8') as f:
+            return f.readline().startswith(DEPLOY_CONFIG_MARK)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _check_replaceable(path: str, what: str, ours: Callable[[str], bool], kind: str) -> None:
+    """An existing file at an output path is replaced only if this tool wrote it (a rerun)."""
+    if os.path.isfile(path) and not ours(path):
+        raise FoldError(f'{what} {path!r} exists and is not {kind} this tool wrote; nothing was '
+                        f'written. Pass another path, or --force (overwrite=True) to replace '
+                        f'it.')
+
+
+def _preflight(config, checkpoints: List[str], outs: List[str], out_config: str,
+               overwrite: bool = False) -> None:
+    """Path checks that need no model: every problem is found before anything is written."""
     for checkpoint in checkpoints:
         if not os.path.isfile(checkpoint):
             try:
@@ -565,6 +608,8 @@ def _preflight(config, checkpoints: List[str], outs: List[str], out_config: str)
                             f'written to {out!r}; fold them into different OUT directories.')
         seen[os.path.realpath(out)] = checkpoint
         check_writable_dir(out, 'OUT')
+        if not overwrite:
+            _check_replaceable(out, 'OUT', _is_folded_checkpoint, 'a folded checkpoint')
     if not out_config.endswith(('.py', '.json', '.yaml', '.yml')):
         raise FoldError(f'--out-config {out_config!r} must end with .py (or .json/.yaml); '
                         f'pass e.g. {os.path.splitext(out_config)[0]}.py.')
@@ -573,6 +618,9 @@ def _preflight(config, checkpoints: List[str], outs: List[str], out_config: str)
             raise FoldError(f'--out-config {out_config!r} is the same file as {source!r}; pass '
                             f'another path for the deploy config.')
     check_writable_dir(out_config, '--out-config')
+    if not overwrite:
+        _check_replaceable(out_config, '--out-config', _is_written_deploy_config,
+                           'a deploy config')
 
 
 def fold_checkpoints(config: Union[Config, PathLike],
@@ -589,6 +637,7 @@ def fold_checkpoints(config: Union[Config, PathLike],
                      rtol: float = DEFAULT_RTOL,
                      cfg_options: Optional[dict] = None,
                      progress: bool = False,
+                     overwrite: bool = False,
                      log: Callable[[str], None] = print) -> List[FoldResult]:
     """Fold several checkpoints of one config; each goes to ``out_dir/<its file name>``.
 
@@ -597,7 +646,9 @@ def fold_checkpoints(config: Union[Config, PathLike],
     checkpoints. Each checkpoint is written atomically; with ``verify`` a checkpoint whose outputs
     differ beyond ``atol + rtol * max|ref|`` is not written. A failing checkpoint does not stop
     the others; the call then raises :class:`FoldError` listing the failures (with the deploy
-    config written if any checkpoint succeeded). ``progress`` shows a rich progress bar.
+    config written if any checkpoint succeeded). ``progress`` shows a rich progress bar. An
+    existing file at an output path is replaced only if the fold wrote it (a folded checkpoint,
+    a deploy config with its first-line mark: a rerun), or with ``overwrite``.
     """
     checkpoints = [os.fspath(c) for c in checkpoints]
     if not checkpoints:
@@ -606,7 +657,7 @@ def fold_checkpoints(config: Union[Config, PathLike],
     outs = ([os.fspath(o) for o in outs] if outs is not None else
             [os.path.join(out_dir, os.path.basename(c)) for c in checkpoints])
     out_config = os.fspath(out_config) if out_config else _default_out_config(config, out_dir)
-    _preflight(config, checkpoints, outs, out_config)
+    _preflight(config, checkpoints, outs, out_config, overwrite)
     verify_kwargs = dict(image=None if image is None else os.fspath(image), size=verify_size,
                          atol=atol, rtol=rtol)
     if image is not None and not os.path.isfile(os.fspath(image)):
@@ -618,7 +669,8 @@ def fold_checkpoints(config: Union[Config, PathLike],
     results: List[FoldResult] = []
     failures: List[str] = []
     try:
-        deploy_cfg_file = config_stage.config(run.deploy_cfg, out_config)
+        deploy_cfg_file = config_stage.config(run.deploy_cfg, out_config,
+                                              _deploy_config_header(out_config))
         _reload_config(deploy_cfg_file)
         with _progress(progress, len(checkpoints)) as advance:
             for checkpoint, out in zip(checkpoints, outs):

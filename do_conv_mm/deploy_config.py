@@ -9,6 +9,10 @@ into the training config with every DO-Conv opt-in undone:
 * any other ``*_cfg=dict(type='DOConv', ...)`` (e.g. a predictor)  ->  ``dict(type='Conv2d', ...)``
   (``'Conv2dAdaptivePadding'`` for ``'DOConvAdaptivePadding'``)
 * ``'do_conv_mm'`` leaves ``custom_imports`` (dropped when nothing else is imported).
+* the training run's own state, which a work dir's config dump carries, is reset:
+  ``resume=False`` and ``load_from=None`` (the deploy config loads the folded checkpoint it is
+  given), and ``work_dir`` goes (the tools then default to ``./work_dirs/<deploy config
+  name>``, not the training run's directory).
 
 The whole config is walked (nested dicts, lists and tuples), so top-level variables such as
 ``conv_cfg = dict(type='DOConv')`` are cleaned too.
@@ -27,6 +31,7 @@ __all__ = ['make_deploy_config', 'doconv_references']
 _MODEL_TYPE = 'DOConvModel'
 _PACKAGE = 'do_conv_mm'
 _LAYER_ONLY_KEYS = ('D_mul', )  # DOConv2d-only constructor arguments
+_RUN_STATE = dict(resume=False, load_from=None)  # as mmengine's defaults; work_dir goes
 
 
 def _short_type(value: Any) -> Any:
@@ -103,6 +108,10 @@ def make_deploy_config(cfg: Union[Config, str, os.PathLike]) -> Config:
     if not isinstance(cfg, Config):
         cfg = Config.fromfile(os.fspath(cfg))
     plain = _undo(cfg.to_dict())
+    for key, value in _RUN_STATE.items():
+        if key in plain:
+            plain[key] = value
+    plain.pop('work_dir', None)
     if 'custom_imports' in plain:
         custom_imports = _without_package(plain['custom_imports'])
         if custom_imports is None:

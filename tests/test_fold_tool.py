@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -187,6 +188,18 @@ def test_make_deploy_config_removes_every_doconv_opt_in():
     only_ours = make_deploy_config(Config(dict(custom_imports=dict(imports=['do_conv_mm']),
                                                model=dict(type='X')))).to_dict()
     assert 'custom_imports' not in only_ours
+
+
+def test_deploy_config_drops_the_training_runs_state():
+    """A work dir's config dump of a resumed run has resume=True, its load_from and work_dir:
+    fine-tuning or testing from the deploy config would resume (mmengine then wants a
+    message_hub the folded checkpoint lacks) or write into the training run's directory."""
+    dump = Config(dict(model=dict(type='X', conv_cfg=dict(type='DOConv')), resume=True,
+                       load_from='work_dirs/run/epoch_3.pth', work_dir='work_dirs/run'))
+    out = make_deploy_config(dump).to_dict()
+    assert out == dict(model=dict(type='X', conv_cfg=None), resume=False, load_from=None)
+    assert make_deploy_config(Config(dict(model=dict(type='X')))).to_dict() == dict(
+        model=dict(type='X'))  # keys the config does not set stay unset
 
 
 @pytest.mark.parametrize('config', sorted((REPO / 'configs').glob('*/*doconv*.py')),
@@ -594,6 +607,10 @@ def _bad_cases(tmp: Path):
                                  'holds no DO-Conv parameters')
     cases['config without DO-Conv'] = (TOY_DET_PLAIN, good, tmp / 'o.pth',
                                        'builds no DO-Conv layer')
+    shutil.copy(good, tmp / 'epoch_12.pth')
+    cases['OUT is an existing training checkpoint'] = (
+        TOY_DET, good, tmp / 'epoch_12.pth', 'exists and is not a folded checkpoint this tool '
+        'wrote; nothing was written. Pass another path, or --force')
     return cases
 
 
@@ -613,6 +630,29 @@ def test_every_bad_input_is_refused_cleanly(tmp_path, capsys):
         assert all(sha(p) == h for p, h in inputs.items()), name
         assert not Path('/sys/fold_doconv_test.pth').exists()
     assert not (tmp_path / 'PWNED').exists()
+
+
+def test_outputs_replace_only_what_the_fold_wrote(tmp_path, capsys):
+    """A rerun replaces the fold's own outputs (folded checkpoint, marked deploy config); an
+    existing file it did not write, here a base config named as --out-config (overwriting it
+    broke the training config), is refused with nothing written, and --force replaces it."""
+    good = new_checkpoint(TOY_DET, tmp_path / 'good.pth', seed=7)
+    out, deploy = tmp_path / 'out' / 'folded.pth', tmp_path / 'out' / 'deploy.py'
+    args = [str(TOY_DET), str(good), str(out), '--out-config', str(deploy)]
+    assert fold_cli.main(args) == 0 and fold_cli.main(args) == 0  # a rerun
+    assert deploy.read_text().startswith('# do_conv_mm deploy config: ')
+    assert Config.fromfile(str(deploy)).model.type == 'RetinaNet'
+
+    base = tmp_path / 'base.py'
+    base.write_text("model = dict(type='RetinaNet')\n")
+    before = {p: sha(p) for p in tmp_path.rglob('*') if p.is_file()}
+    capsys.readouterr()
+    assert fold_cli.main(args[:3] + ['--out-config', str(base)]) == 1
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+    assert f"--out-config {str(base)!r} exists and is not a deploy config this tool wrote" in error
+    assert {p: sha(p) for p in tmp_path.rglob('*') if p.is_file()} == before
+    assert fold_cli.main(args[:3] + ['--out-config', str(base), '--force']) == 0
+    assert base.read_text().startswith('# do_conv_mm deploy config: ')
 
 
 def test_bad_input_from_the_command_line_exits_non_zero_in_one_line(tmp_path):

@@ -9,7 +9,8 @@ loads with ``torch.load(weights_only=True)``. The deploy config (the training co
 removed) goes next to OUT as ``<CONFIG stem>_deploy.py`` unless --out-config is given; the pair
 works with mmdet's ``init_detector`` / mmseg's ``init_model`` / mmpretrain's ``init_model`` and
 ``ImageClassificationInferencer``, and tools/test.py. Writes are atomic: on any error nothing is
-written and the inputs are untouched.
+written and the inputs are untouched. An existing file at OUT or the deploy config's path is
+replaced only if this tool wrote it (a rerun), or with --force.
 """
 import argparse
 import os
@@ -43,6 +44,9 @@ def parse_args(argv=None):
                         'existing directory or ends with "/"')
     parser.add_argument('--out-config', help='where to write the deploy config (default: '
                         '<CONFIG stem>_deploy.py next to OUT)')
+    parser.add_argument('--force', action='store_true', help='replace existing files at OUT / '
+                        '--out-config even if this tool did not write them (by default only a '
+                        'folded checkpoint or deploy config of an earlier fold is replaced)')
     parser.add_argument('--use-ema', action='store_true', help='deploy the EMA weights '
                         '(ema_state_dict) as state_dict; without it EMA weights are folded and '
                         'kept as ema_state_dict')
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     kwargs = dict(out_config=args.out_config, use_ema=args.use_ema, verify=args.verify,
                   image=args.image, verify_size=tuple(args.shape), atol=args.atol,
-                  rtol=args.rtol, cfg_options=args.cfg_options)
+                  rtol=args.rtol, cfg_options=args.cfg_options, overwrite=args.force)
     to_dir = (len(args.checkpoint) > 1 or os.path.isdir(args.out)
               or args.out.endswith(('/', os.sep)))
     try:
