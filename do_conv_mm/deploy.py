@@ -266,7 +266,8 @@ def _checked_checkpoint(model, ckpt, use_ema, name, config_name):
         raise FoldError(f'{config_name} builds no DO-Conv layer (no k×k conv with '
                         f'conv_cfg=dict(type="DOConv") and no DOConvModel conversion), so there is '
                         f'no D to fold or analyse; pass the DO-Conv training config of the '
-                        f'checkpoint.')
+                        f'checkpoint{_trained_with(ckpt.get("meta"))} (mmengine keeps a copy in '
+                        f'the training run\'s work dir, next to its checkpoints).')
     meta, state_dict, ema, steps = _split_checkpoint(ckpt, name)
     if use_ema and ema is None:
         raise FoldError(f'{name} has no "ema_state_dict" (it was not trained with EMAHook); drop '
@@ -479,7 +480,8 @@ class _Run:
             raise FoldError(f'{self.config_name} builds no DO-Conv layer (no k×k conv with '
                             f'conv_cfg=dict(type="DOConv") and no DOConvModel conversion), so '
                             f'there is nothing to fold; pass the DO-Conv training config of the '
-                            f'checkpoint.')
+                            f'checkpoint (mmengine keeps a copy in the training run\'s work dir, '
+                            f'next to its checkpoints).')
 
     def fold_one(self, checkpoint: str, out: str, staged: StagedFiles, deploy_cfg_file: str,
                  use_ema: bool, verify: bool, verify_kwargs: dict) -> FoldResult:
