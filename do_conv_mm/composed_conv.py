@@ -121,7 +121,7 @@ def _differentiable_backward(ctx, grad_out):
     inputs = (x, weight, D, weight_extra)
     wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out,
-                                create_graph=create_graph, allow_unused=True)
+                                create_graph=create_graph, allow_unused=True) if wanted else ()
     result = [None] * 11
     for i, grad in zip(wanted, grads):
         result[i] = grad
