@@ -4,7 +4,8 @@ For one model per family (mmdet / mmseg: the shortest config name in each model-
 mmpretrain: the shortest model name per family in ``mmpretrain.list_models()``, giant / huge /
 large variants left out), on the CPU:
 
-1. build it without pretrained weights (``init_cfg=Pretrained`` dropped, SyncBN -> BN);
+1. build it without pretrained weights (``init_cfg=Pretrained`` dropped, SyncBN -> BN) and
+   initialise it as a Runner does (``init_weights``);
 2. ``convert_to_doconv(model)``: every plain k×k conv becomes DO-Conv (1×1 convs are plain
    either way), D ~ N(0, 0.05²);
 3. one training forward + backward on a synthetic batch; count the *trainable* D that got no
@@ -144,9 +145,15 @@ def build(zoo: str, source: str) -> nn.Module:
     cfg = Config.fromfile(source)
     for _, node in walk_cfg(cfg.model, 'model'):
         node.pop('pretrained', None)
-        if isinstance(node.get('init_cfg'), dict) and node['init_cfg'].get('type') == 'Pretrained':
+        init_cfg = node.get('init_cfg')
+        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
             node['init_cfg'] = None
-    return build_model(cfg)
+        elif isinstance(init_cfg, (list, tuple)):
+            node['init_cfg'] = [c for c in init_cfg
+                                if not (isinstance(c, dict) and c.get('type') == 'Pretrained')]
+    model = build_model(cfg)
+    model.init_weights()  # as a Runner does (DETR-family embeddings are torch.empty until then)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ Invariants of :func:`fold_checkpoint` / :func:`fold_checkpoints`:
   DOConv2d by its plain Conv2d and the folded model's ``state_dict`` is written. Its keys are the
   training keys minus ``.D`` / ``.weight_extra``; it strict-loads into the deploy config.
 * Reads full mmengine training checkpoints, slim ``{meta, state_dict}`` ones, bare state dicts and
-  EMA weights (``ema_state_dict``, folded too; ``use_ema`` deploys them as ``state_dict``).
+  EMA checkpoints. mmengine's EMAHook saves the averaged weights as ``state_dict`` and the raw
+  ones as ``ema_state_dict`` (it swaps them at save): ``state_dict`` is deployed, the EMA
+  weights where there are any, as mmdet's / mmseg's test tools use them; ``ema_state_dict`` is
+  folded too and kept; ``use_ema`` refuses a checkpoint without EMA.
   Optimizer, message hub and scheduler states are dropped. The output is
   ``{meta, state_dict[, ema_state_dict]}`` and loads with ``torch.load(weights_only=True)``
   without any allow-list (meta is reduced to plain Python types).
@@ -63,7 +66,7 @@ class FoldResult:
     out: str
     out_config: str
     num_folded: int
-    deployed_weights: str  # 'state_dict' or 'ema_state_dict' (taken with use_ema)
+    deployed_weights: str  # 'state_dict', or 'state_dict (EMA weights)' for EMA checkpoints
     kept_ema: bool
     seconds: Dict[str, float] = field(default_factory=dict)
     verify: Optional[List[OutputDiff]] = None
@@ -270,14 +273,14 @@ def _checked_checkpoint(model, ckpt, use_ema, name, config_name):
                         f'the training run\'s work dir, next to its checkpoints).')
     meta, state_dict, ema, steps = _split_checkpoint(ckpt, name)
     if use_ema and ema is None:
-        raise FoldError(f'{name} has no "ema_state_dict" (it was not trained with EMAHook); drop '
-                        f'--use-ema to use its state_dict.')
-    if state_dict is None and not use_ema:
-        raise FoldError(f'{name} has only EMA weights ("ema_state_dict", no "state_dict"); pass '
-                        f'--use-ema to use them.')
-    weights = ema if use_ema else state_dict
-    _check_matches(model, layers, weights, meta, name, config_name,
-                   'ema_state_dict' if use_ema else 'state_dict')
+        raise FoldError(f'{name} has no EMA weights (no "ema_state_dict": it was not trained with '
+                        f'EMAHook); drop --use-ema to use its state_dict.')
+    if state_dict is None:
+        raise FoldError(f'{name} has no "state_dict", only "ema_state_dict", where mmengine\'s '
+                        f'EMAHook keeps the raw, non-averaged weights (it saves the EMA ones as '
+                        f'state_dict); pass the checkpoint the training run saved.')
+    weights = state_dict
+    _check_matches(model, layers, weights, meta, name, config_name, 'state_dict')
     return layers, meta, weights, ema, steps
 
 
@@ -291,12 +294,13 @@ def fold_checkpoint_dict(model: nn.Module,
 
     Returns ``(folded, info)``: the slim checkpoint ``{meta, state_dict[, ema_state_dict]}`` and
     ``dict(num_folded, deployed_weights, kept_ema)``. ``model`` is left holding the deployed
-    weights, unfolded (the reference for verification).
+    weights (``state_dict``: the EMA weights of an EMAHook checkpoint), unfolded (the reference
+    for verification); ``use_ema`` refuses a checkpoint without EMA.
     """
     layers, meta, deployed_weights, ema, steps = _checked_checkpoint(model, ckpt, use_ema, name,
                                                                      config_name)
-    deployed = 'ema_state_dict' if use_ema else 'state_dict'
-    other = None if use_ema else ema
+    deployed = 'state_dict (EMA weights)' if ema is not None else 'state_dict'
+    other = ema  # EMAHook's raw weights: folded and kept in the same layout
     folded_other = None
     if other is not None:
         _check_matches(model, layers, other, meta, name, config_name, 'ema_state_dict')
@@ -734,8 +738,8 @@ def fold_checkpoint(config: Union[Config, PathLike],
 def _summary(result: FoldResult) -> str:
     s = result.seconds
     timing = ', '.join(f'{k} {v:.2f}s' for k, v in s.items())
-    ema = ' (+ folded ema_state_dict)' if result.kept_ema else ''
-    src = ' from ema_state_dict' if result.deployed_weights == _EMA_KEY else ''
+    ema = ' (+ folded ema_state_dict: the raw weights)' if result.kept_ema else ''
+    src = ', EMA weights' if result.kept_ema else ''
     return (f'folded {result.num_folded} DOConv layers{src}: {result.checkpoint} -> '
             f'{result.out}{ema} [{timing}]')
 

@@ -40,12 +40,16 @@ def _is_doconv_key(key: str) -> bool:
 
 
 def checkpoint_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> Dict:
-    """The weights of a loaded checkpoint: ``state_dict`` (or ``ema_state_dict``) or itself."""
-    key = 'ema_state_dict' if use_ema else 'state_dict'
-    if isinstance(checkpoint.get(key), Mapping):
-        return dict(checkpoint[key])
-    if use_ema:
-        raise CheckpointError('the checkpoint has no ema_state_dict; drop --use-ema.')
+    """The weights of a loaded checkpoint: its ``state_dict``, or itself (a bare state dict).
+
+    mmengine's EMAHook saves the averaged weights as ``state_dict`` (the raw ones as
+    ``ema_state_dict``), so an EMA checkpoint gives its EMA weights; ``use_ema`` refuses a
+    checkpoint without them."""
+    if use_ema and not isinstance(checkpoint.get('ema_state_dict'), Mapping):
+        raise CheckpointError('the checkpoint has no EMA weights (no ema_state_dict: it was not '
+                              'trained with EMAHook); drop --use-ema.')
+    if isinstance(checkpoint.get('state_dict'), Mapping):
+        return dict(checkpoint['state_dict'])
     if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return dict(checkpoint)
     raise CheckpointError(f'the checkpoint holds no state_dict (keys: '

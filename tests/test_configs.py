@@ -627,8 +627,10 @@ def _kernel_change_by_formula(weight, D, extra, groups):
 def test_analyze_tool_reports_what_trained_d_does(tmp_path, capsys, analyze_tool):
     """--checkpoint: per layer, how far the trained D moves the kernel (against the formula in
     float64, 1e-9 relative: both sides are float64 sums of the same products); layers whose D is
-    still 0 are counted and named, frozen ones apart from trainable ones; --use-ema reads the EMA
-    weights; a folded checkpoint is refused in one line."""
+    still 0 are counted and named, frozen ones apart from trainable ones; an EMA checkpoint is
+    read from its state_dict, where mmengine's EMAHook saves the EMA weights (its
+    ema_state_dict, 2·D here, holds the raw ones), with or without --use-ema, which refuses a
+    checkpoint without EMA; a folded checkpoint is refused in one line."""
     config = _config_path('toy/retinanet_r18-tiny-doconv_fpn_toy.py')
     frozen_stem = ['--cfg-options', 'model.backbone.frozen_stages=0']  # conv1 (the stem) frozen
     cfg = Config.fromfile(config)
@@ -643,22 +645,22 @@ def test_analyze_tool_reports_what_trained_d_does(tmp_path, capsys, analyze_tool
         for name, layer in layers.items():
             if name not in (stuck, frozen):
                 layer.D.normal_(std=0.05 * (1 + len(name) % 3))
-    state_dict = model.state_dict()
-    ema = {f'module.{k}': 2 * v if k.endswith('.D') else v for k, v in state_dict.items()}
+    state_dict = model.state_dict()  # the EMA weights, as EMAHook saves them
+    raw = {f'module.{k}': 2 * v if k.endswith('.D') else v for k, v in state_dict.items()}
     checkpoint = tmp_path / 'epoch_1.pth'
-    torch.save(dict(meta={}, state_dict=state_dict, ema_state_dict=dict(ema, steps=torch.tensor(
+    torch.save(dict(meta={}, state_dict=state_dict, ema_state_dict=dict(raw, steps=torch.tensor(
         3))), checkpoint)
     args = [config, '--shape', '64', '64', '--mode', 'tensor', '--checkpoint', str(checkpoint)]
 
-    for use_ema, scale in ((False, 1), (True, 2)):
+    for use_ema in (False, True):
         capsys.readouterr()
         analyze_tool.main(args + ['--json'] + ['--use-ema'] * use_ema + frozen_stem)
         trained = json.loads(capsys.readouterr().out)['trained']
-        assert trained['weights'] == ('ema_state_dict' if use_ema else 'state_dict')
+        assert trained['weights'] == 'state_dict (EMA weights)'
         assert [layer['name'] for layer in trained['layers']] == list(layers)
         for row in trained['layers']:
             m = layers[row['name']]
-            expected = _kernel_change_by_formula(m.weight, scale * m.D, m.weight_extra, m.groups)
+            expected = _kernel_change_by_formula(m.weight, m.D, m.weight_extra, m.groups)
             assert row['change'] == pytest.approx(expected, rel=1e-9, abs=0)
             assert (row['d_rms'] == 0) == (row['name'] in (stuck, frozen))
             assert row['trainable'] == (row['name'] != frozen)
@@ -682,6 +684,11 @@ def test_analyze_tool_reports_what_trained_d_does(tmp_path, capsys, analyze_tool
         analyze_tool.main([config, '--shape', '64', '64', '--checkpoint', str(folded)])
     with pytest.raises(SystemExit, match='pass --checkpoint CKPT with it'):
         analyze_tool.main([config, '--use-ema'])
+    no_ema = tmp_path / 'no_ema.pth'
+    torch.save(dict(meta={}, state_dict=state_dict), no_ema)
+    with pytest.raises(SystemExit, match=r'^error: .*no_ema\.pth has no EMA weights'):
+        analyze_tool.main([config, '--shape', '64', '64', '--checkpoint', str(no_ema),
+                           '--use-ema'])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,10 +93,22 @@ def training_checkpoint(model: nn.Module, cfg: Config, ema_seed=None) -> dict:
         message_hub=hub.state_dict(),
         param_schedulers=[dict(base_values=[0.01], last_step=30)])
     if ema_seed is not None:
-        ema = randomise(seeded_model(cfg, ema_seed), ema_seed).state_dict()
-        ckpt['ema_state_dict'] = dict({f'module.{k}': v for k, v in ema.items()},
-                                      steps=torch.tensor(30))
+        save_as_ema_hook(ckpt, model, randomise(seeded_model(cfg, ema_seed), ema_seed))
     return ckpt
+
+
+def save_as_ema_hook(ckpt: dict, model: nn.Module, averaged: nn.Module) -> None:
+    """What mmengine's EMAHook adds to ``ckpt`` (whose state_dict is ``model``'s) when its
+    averaged model holds ``averaged``'s weights: it swaps them, so state_dict gets the averaged
+    weights and ema_state_dict ("module.*" keys, "steps") the raw ones. The hook itself."""
+    from types import SimpleNamespace
+    from mmengine.hooks import EMAHook
+    hook = EMAHook()
+    runner = SimpleNamespace(model=model)
+    hook.before_run(runner)
+    hook.ema_model.module.load_state_dict(averaged.state_dict())
+    hook.ema_model.steps.fill_(30)
+    hook.before_save_checkpoint(runner, ckpt)
 
 
 def new_checkpoint(config: Path, path: Path, seed: int = 0, ema_seed=None) -> Path:
@@ -318,29 +330,37 @@ def test_verify_fails_on_a_wrong_fold_and_writes_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['train.pth']
 
 
-def test_ema_folded_kept_or_deployed(tmp_path):
-    ckpt = new_checkpoint(TOY_DET, tmp_path / 'train.pth', seed=3, ema_seed=4)
-    raw = torch.load(ckpt, weights_only=False)
-    ema_plain = {k[len('module.'):]: v for k, v in raw['ema_state_dict'].items() if k != 'steps'}
-    model = build_model(Config.fromfile(str(TOY_DET)))
-    model.load_state_dict(ema_plain)
-    expected_ema = do_conv_mm.fold_doconv(model).state_dict()
+def test_ema_checkpoint_deploys_the_averaged_weights(tmp_path):
+    """mmengine's EMAHook saves the averaged weights as state_dict and the raw ones as
+    ema_state_dict: the fold deploys the averaged ones (as mmdet's test.py uses them), with or
+    without --use-ema, and keeps the raw ones folded. --use-ema refuses a checkpoint without
+    EMA. (--use-ema deployed ema_state_dict, the raw weights, before.)"""
+    path, raw_model = save_new_checkpoint(TOY_DET, tmp_path / 'train.pth', seed=3, ema_seed=4)
+    cfg = Config.fromfile(str(TOY_DET))
+    averaged = do_conv_mm.fold_doconv(randomise(seeded_model(cfg, 4), 4)).state_dict()
+    raw = do_conv_mm.fold_doconv(raw_model).state_dict()
+    assert not torch.equal(averaged['backbone.conv1.weight'], raw['backbone.conv1.weight'])
 
-    kept = fold_checkpoint(str(TOY_DET), str(ckpt), str(tmp_path / 'kept.pth'), log=print)
-    assert kept.kept_ema and kept.deployed_weights == 'state_dict'
-    out = torch.load(tmp_path / 'kept.pth', weights_only=True)
-    assert out['ema_state_dict']['steps'] == 30
-    assert all(torch.equal(out['ema_state_dict'][f'module.{k}'], v)
-               for k, v in expected_ema.items())
-    assert not torch.equal(out['state_dict']['backbone.conv1.weight'],
-                           expected_ema['backbone.conv1.weight'])
+    for use_ema in (False, True):
+        out_path = tmp_path / f'folded_{use_ema}.pth'
+        result = fold_checkpoint(str(TOY_DET), str(path), str(out_path), use_ema=use_ema,
+                                 verify=True, log=print)
+        assert result.kept_ema and result.deployed_weights == 'state_dict (EMA weights)'
+        assert all(d.ok for d in result.verify)
+        out = torch.load(out_path, weights_only=True)
+        assert all(torch.equal(out['state_dict'][k], v) for k, v in averaged.items())
+        assert out['ema_state_dict']['steps'] == 30
+        assert all(torch.equal(out['ema_state_dict'][f'module.{k}'], v) for k, v in raw.items())
 
-    used = fold_checkpoint(str(TOY_DET), str(ckpt), str(tmp_path / 'ema.pth'), use_ema=True,
-                           verify=True, log=print)
-    assert used.deployed_weights == 'ema_state_dict' and all(d.ok for d in used.verify)
-    out = torch.load(tmp_path / 'ema.pth', weights_only=True)
-    assert set(out) == {'meta', 'state_dict'}
-    assert all(torch.equal(out['state_dict'][k], v) for k, v in expected_ema.items())
+    plain = new_checkpoint(TOY_DET, tmp_path / 'plain.pth', seed=3)
+    with pytest.raises(do_conv_mm.FoldError, match='has no EMA weights'):
+        fold_checkpoint(str(TOY_DET), str(plain), str(tmp_path / 'x.pth'), use_ema=True)
+    only_raw = torch.load(path, weights_only=False)
+    del only_raw['state_dict']
+    torch.save(only_raw, tmp_path / 'only_raw.pth')
+    with pytest.raises(do_conv_mm.FoldError, match='has no "state_dict", only "ema_state_dict"'):
+        fold_checkpoint(str(TOY_DET), str(tmp_path / 'only_raw.pth'), str(tmp_path / 'x.pth'))
+    assert not (tmp_path / 'x.pth').exists()
 
 
 def test_slim_and_bare_checkpoints_fold_identically(tmp_path):

@@ -380,6 +380,10 @@ def test_detr_and_transformer_backbone_detectors_train_and_fold(config, model_up
     for part in ('backbone', ):  # no ImageNet download: random weights
         model_cfg[part].pop('init_cfg', None)
         model_cfg[part].pop('pretrained', None)
+    if model_cfg.backbone.type == 'ResNet':
+        # Initialised, each block's last BN would be 0 and no residual-branch conv get a
+        # gradient in the first step (a plain conv's neither).
+        model_cfg.backbone.zero_init_residual = False
     torch.manual_seed(0)
     with DefaultScope.overwrite_default_scope('mmdet'):
         model = DET_MODELS.build(model_cfg)

@@ -258,28 +258,31 @@ def test_model_zoo_path_resnet50_into_faster_rcnn_and_v1c_into_pspnet(tmp_path):
 
 
 def test_extract_from_ema_weights_and_bare_state_dicts(tmp_path):
-    """mmengine's EMAHook saves ``ema_state_dict`` with ``module.`` keys and a ``steps`` counter:
-    --use-ema takes it; a bare state dict (no ``state_dict`` key) works too."""
+    """mmengine's EMAHook saves the EMA weights as ``state_dict`` and the raw ones as
+    ``ema_state_dict`` (``module.`` keys, a ``steps`` counter): the extraction takes
+    ``state_dict`` (the EMA weights), --use-ema refuses a checkpoint without EMA; a bare state
+    dict (no ``state_dict`` key) works too. (--use-ema took the raw weights before.)"""
     weights = {'backbone.conv1.weight': torch.ones(2, 3, 7, 7),
                'backbone.conv1.D': torch.full((3, 49, 49), 0.5), 'head.fc.weight': torch.ones(4, 2)}
-    ema = {f'module.{k}': v * 2 for k, v in weights.items()}
-    ema['steps'] = torch.tensor(10)
-    state_dict, renamed = backbone_state_dict(dict(state_dict=weights, ema_state_dict=ema),
-                                              use_ema=True)
-    assert renamed == 0 and list(state_dict) == ['conv1.weight', 'conv1.D']
-    assert torch.equal(state_dict['conv1.D'], torch.ones(3, 49, 49))  # the EMA copy
+    raw = {f'module.{k}': v * 2 for k, v in weights.items()}
+    raw['steps'] = torch.tensor(10)
+    for use_ema in (False, True):
+        state_dict, renamed = backbone_state_dict(dict(state_dict=weights, ema_state_dict=raw),
+                                                  use_ema=use_ema)
+        assert renamed == 0 and list(state_dict) == ['conv1.weight', 'conv1.D']
+        assert torch.equal(state_dict['conv1.D'], weights['backbone.conv1.D'])  # the EMA weights
     bare, _ = backbone_state_dict(weights)
     assert torch.equal(bare['conv1.D'], weights['backbone.conv1.D'])
-    with pytest.raises(Exception, match='no ema_state_dict'):
+    with pytest.raises(Exception, match='has no EMA weights'):
         backbone_state_dict(dict(state_dict=weights), use_ema=True)
     # The CLI: --use-ema, written atomically, meta says which weights.
     path, out = tmp_path / 'ema.pth', tmp_path / 'backbone.pth'
-    torch.save(dict(state_dict=weights, ema_state_dict=ema), path)
+    torch.save(dict(state_dict=weights, ema_state_dict=raw), path)
     proc = run_tool('extract_backbone.py', path, out, '--use-ema')
     assert 'D of 1 DO-Conv layer(s)' in proc.stdout
     saved = torch.load(out, weights_only=True)
-    assert saved['meta']['weights'] == 'ema_state_dict'
-    assert torch.equal(saved['state_dict']['conv1.weight'], torch.full((2, 3, 7, 7), 2.0))
+    assert saved['meta']['weights'] == 'state_dict (EMA weights)'
+    assert torch.equal(saved['state_dict']['conv1.weight'], torch.ones(2, 3, 7, 7))
 
 
 def test_extract_cspnext_keeps_its_stem_and_checks_doconvmodel_conversions(tmp_path):

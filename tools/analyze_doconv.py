@@ -12,11 +12,12 @@ else 224x224). ``--mode loss`` (default) runs the training forward pass (RPN pro
 sampling as in training, auxiliary heads included) on a synthetic annotation (boxes, a label map,
 or class label 0); ``--mode tensor`` runs the plain forward pass.
 
-With ``--checkpoint`` (a DO-Conv training checkpoint of CONFIG; ``--use-ema`` for its EMA
-weights) it also reports what the trained D does: per component, how far D moves each kernel
-from the plain one (‖W' − weight‖ / ‖weight‖), the largest changes, and the layers whose D is
-still exactly 0. The checkpoint is checked as the fold tool checks it (strict match, no folded
-or plain checkpoint).
+With ``--checkpoint`` (a DO-Conv training checkpoint of CONFIG; its ``state_dict``, which holds
+the EMA weights where EMAHook saved any; ``--use-ema`` insists on those) it also reports what
+the trained D does: per component, how far D moves each kernel from the plain one
+(‖W' − weight‖ / ‖weight‖), the largest changes, and the layers whose D is still exactly 0.
+The checkpoint is checked as the fold tool checks it (strict match, no folded or plain
+checkpoint).
 """
 import argparse
 import dataclasses
@@ -61,7 +62,9 @@ def parse_args(argv=None):
                         help='a DO-Conv training checkpoint of CONFIG: also report what its '
                              'trained D does to each kernel')
     parser.add_argument('--use-ema', action='store_true',
-                        help='with --checkpoint: analyse its EMA weights (ema_state_dict)')
+                        help='with --checkpoint: make sure its EMA weights are analysed '
+                        '(mmengine\'s EMAHook saves them as state_dict, the default; refused '
+                        'without EMA)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of the config, xxx=yyy format')
     return parser.parse_args(argv)
@@ -202,14 +205,16 @@ def _cls_batch(model, h: int, w: int):
 
 def load_trained_weights(model, checkpoint: str, use_ema: bool, config_name: str) -> str:
     """Strict-load the checkpoint's weights (EMA ones with ``use_ema``) into ``model``; return
-    which ('state_dict' / 'ema_state_dict'). AnalyzeError for anything the fold tool refuses."""
+    which ('state_dict', the EMA weights where EMAHook saved any: it swaps them in at save).
+    AnalyzeError for anything the fold tool refuses, and with ``use_ema`` a checkpoint without
+    EMA."""
     try:
         ckpt = load_checkpoint_file(checkpoint)
         weights = checkpoint_weights(model, ckpt, use_ema, checkpoint, config_name)
     except ValueError as error:  # CheckpointError, FoldError: one line with the fix
         raise AnalyzeError(str(error)) from None
     model.load_state_dict(weights, strict=True)
-    return 'ema_state_dict' if use_ema else 'state_dict'
+    return 'state_dict (EMA weights)' if 'ema_state_dict' in ckpt else 'state_dict'
 
 
 def analyze(cfg: Config, shape=None, mode: str = 'loss', checkpoint: str = None,

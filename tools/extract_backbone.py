@@ -36,7 +36,8 @@ def parse_args(argv=None):
     parser.add_argument('--prefix', default='backbone.',
                         help='key prefix of the backbone in CHECKPOINT (default: backbone.)')
     parser.add_argument('--use-ema', action='store_true',
-                        help='extract from ema_state_dict (EMA weights) instead of state_dict')
+                        help='make sure the EMA weights are extracted (mmengine\'s EMAHook saves '
+                        'them as state_dict, the default; refused without EMA)')
     parser.add_argument('--config', help='an mmdet / mmseg config whose model.backbone OUT must '
                         'load into completely (checked before writing)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
                 backbone, state_dict, repr(args.checkpoint),
                 f'the backbone of {osp.basename(args.config)}')
         meta = dict(extracted_from=osp.abspath(args.checkpoint), prefix=args.prefix,
-                    weights='ema_state_dict' if args.use_ema else 'state_dict',
+                    weights=('state_dict (EMA weights)' if 'ema_state_dict' in checkpoint
+                             else 'state_dict'),
                     doconv_layers=n_doconv, stem_keys_renamed=renamed,
                     do_conv_mm_version=__version__)
         save_atomically(dict(meta=meta, state_dict=state_dict), args.out)

@@ -4,10 +4,12 @@
     python tools/fold_doconv.py CONFIG CKPT1 CKPT2 ... OUT_DIR [--verify]
 
 OUT gets ``{meta, state_dict}`` with every DOConv folded into its plain Conv2d kernel (optimizer
-and other training state dropped; EMA weights folded and kept, or deployed with --use-ema); it
-loads with ``torch.load(weights_only=True)``. The deploy config (the training config with DO-Conv
-removed) goes next to OUT as ``<CONFIG stem>_deploy.py`` unless --out-config is given; the pair
-works with mmdet's ``init_detector`` / mmseg's ``init_model`` / mmpretrain's ``init_model`` and
+and other training state dropped). An EMA checkpoint's ``state_dict`` holds the EMA weights
+(mmengine's EMAHook swaps them in at save) and is deployed; its ``ema_state_dict`` (the raw
+weights) is folded and kept; --use-ema refuses a checkpoint without EMA. OUT loads with
+``torch.load(weights_only=True)``. The deploy config (the training config with DO-Conv removed)
+goes next to OUT as ``<CONFIG stem>_deploy.py`` unless --out-config is given; the pair works
+with mmdet's ``init_detector`` / mmseg's ``init_model`` / mmpretrain's ``init_model`` and
 ``ImageClassificationInferencer``, and tools/test.py. Writes are atomic: on any error nothing is
 written and the inputs are untouched. An existing file at OUT or the deploy config's path is
 replaced only if this tool wrote it (a rerun), or with --force.
@@ -47,9 +49,10 @@ def parse_args(argv=None):
     parser.add_argument('--force', action='store_true', help='replace existing files at OUT / '
                         '--out-config even if this tool did not write them (by default only a '
                         'folded checkpoint or deploy config of an earlier fold is replaced)')
-    parser.add_argument('--use-ema', action='store_true', help='deploy the EMA weights '
-                        '(ema_state_dict) as state_dict; without it EMA weights are folded and '
-                        'kept as ema_state_dict')
+    parser.add_argument('--use-ema', action='store_true', help='make sure the EMA weights are '
+                        'deployed: mmengine\'s EMAHook saves them as state_dict (deployed by '
+                        'default) and the raw weights as ema_state_dict (folded and kept); '
+                        'refused for a checkpoint without EMA')
     parser.add_argument('--verify', action='store_true', help='build the DO-Conv model and the '
                         'deploy model, run the same input through both and compare every output; '
                         'exit non-zero (and write nothing) beyond tolerance')
