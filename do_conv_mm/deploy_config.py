@@ -9,6 +9,9 @@ into the training config with every DO-Conv opt-in undone:
 * any other ``*_cfg=dict(type='DOConv', ...)`` (e.g. a predictor)  ->  ``dict(type='Conv2d', ...)``
   (``'Conv2dAdaptivePadding'`` for ``'DOConvAdaptivePadding'``)
 * ``'do_conv_mm'`` leaves ``custom_imports`` (dropped when nothing else is imported).
+* ``init_cfg=dict(type='Pretrained', ...)`` entries of the model go (``None``; dropped from an
+  init_cfg list): the deploy model's weights come from the folded checkpoint, and a DO-Conv
+  backbone checkpoint would not load into its plain convs anyway (D would be dropped).
 * the training run's own state, which a work dir's config dump carries, is reset:
   ``resume=False`` and ``load_from=None`` (the deploy config loads the folded checkpoint it is
   given), and ``work_dir`` goes (the tools then default to ``./work_dirs/<deploy config
@@ -85,6 +88,20 @@ def _without_package(custom_imports: Any) -> Any:
     return dict(custom_imports, imports=kept)
 
 
+def _is_pretrained_init(init_cfg: Any) -> bool:
+    return isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained'
+
+
+def _drop_pretrained_inits(model_cfg: dict) -> None:
+    """Every ``init_cfg=Pretrained`` of ``model_cfg`` (nested) becomes None, in place."""
+    for _, node in walk_cfg(model_cfg, 'model'):
+        init_cfg = node.get('init_cfg')
+        if _is_pretrained_init(init_cfg):
+            node['init_cfg'] = None
+        elif isinstance(init_cfg, (list, tuple)) and any(map(_is_pretrained_init, init_cfg)):
+            node['init_cfg'] = [c for c in init_cfg if not _is_pretrained_init(c)] or None
+
+
 def doconv_references(node: Any, path: str = 'cfg') -> List[str]:
     """Config paths that still opt into DO-Conv (empty for a deploy config)."""
     found = []
@@ -112,6 +129,8 @@ def make_deploy_config(cfg: Union[Config, str, os.PathLike]) -> Config:
         if key in plain:
             plain[key] = value
     plain.pop('work_dir', None)
+    if isinstance(plain.get('model'), dict):
+        _drop_pretrained_inits(plain['model'])
     if 'custom_imports' in plain:
         custom_imports = _without_package(plain['custom_imports'])
         if custom_imports is None:

@@ -202,7 +202,7 @@ def test_make_deploy_config_removes_every_doconv_opt_in():
     assert 'custom_imports' not in only_ours
 
 
-def test_deploy_config_drops_the_training_runs_state():
+def test_deploy_config_drops_the_training_runs_state_and_pretrained_inits():
     """A work dir's config dump of a resumed run has resume=True, its load_from and work_dir:
     fine-tuning or testing from the deploy config would resume (mmengine then wants a
     message_hub the folded checkpoint lacks) or write into the training run's directory."""
@@ -210,6 +210,17 @@ def test_deploy_config_drops_the_training_runs_state():
                        load_from='work_dirs/run/epoch_3.pth', work_dir='work_dirs/run'))
     out = make_deploy_config(dump).to_dict()
     assert out == dict(model=dict(type='X', conv_cfg=None), resume=False, load_from=None)
+    # A Pretrained init (a DO-Conv backbone, which plain convs cannot take: fine-tuning from the
+    # deploy config was refused): the folded checkpoint gives the weights; other inits stay.
+    pretrained = dict(type='Pretrained', checkpoint='cls_doconv.pth', prefix='backbone.')
+    kaiming = dict(type='Kaiming', layer='Conv2d')
+    model = dict(type='X', backbone=dict(type='B', init_cfg=pretrained),
+                 neck=dict(type='N', init_cfg=[kaiming, pretrained]),
+                 head=dict(type='H', init_cfg=kaiming))
+    out = make_deploy_config(Config(dict(model=model))).to_dict()['model']
+    assert out == dict(type='X', backbone=dict(type='B', init_cfg=None),
+                       neck=dict(type='N', init_cfg=[kaiming]),
+                       head=dict(type='H', init_cfg=kaiming))
     assert make_deploy_config(Config(dict(model=dict(type='X')))).to_dict() == dict(
         model=dict(type='X'))  # keys the config does not set stay unset
 
