@@ -700,10 +700,16 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     try:
         torch_model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
+    except RuntimeError:
+        model_keys = torch_model.state_dict()
+        missing = [k for k in model_keys if k not in state]
+        unexpected = [k for k in state if k not in model_keys]
+        shapes = [k for k in model_keys if k in state and state[k].shape != model_keys[k].shape]
+        found = '; '.join(f'{what}: {key_listing(keys)}' for what, keys in (
+            ('missing', missing), ('unexpected', unexpected), ('mis-shaped', shapes)) if keys)
         raise DeployError(f'the checkpoint does not strict-load into the model of '
-                          f'{os.path.basename(model_cfg_path)} ({_first_line(error)[:200]}); pass '
-                          f'the config the checkpoint belongs to.') from None
+                          f'{os.path.basename(model_cfg_path)} ({found}); pass the config the '
+                          f'checkpoint belongs to.') from None
     from .fold import count_doconv
     if count_doconv(torch_model):
         raise RuntimeError('the model to export still has DO-Conv layers')

@@ -376,13 +376,21 @@ def test_tools_report_the_fold_marker(det_deploy, trained_det, tmp_path):
     assert report['verify_ok']
 
 
-def test_export_tool_bad_input_one_line_errors(trained_det, tmp_path):
+def test_export_tool_bad_input_one_line_errors(trained_det, det_deploy, tmp_path):
+    other_model = tmp_path / 'retinanet_one_stacked_conv.py'  # a plain config of another model
+    plain_retinanet = osp.join(REPO, 'configs/toy/retinanet_r18-tiny_fpn_toy.py')
+    other_model.write_text(f"_base_ = {plain_retinanet!r}\n"
+                           "model = dict(bbox_head=dict(stacked_convs=1))\n")
     cases = [
         ((DET_CFG, tmp_path / 'missing.pth', tmp_path / 'o1'), 'does not exist'),
         ((tmp_path / 'nope.py', trained_det[1], tmp_path / 'o2'), 'CONFIG'),
         ((DET_CFG, trained_det[1], tmp_path / 'o3', '--deploy-cfg',
           osp.join(REPO, 'configs/deploy/segmentation_onnxruntime_static.py')),
          'is for \'mmseg\''),
+        # the keys that do not match are named (the message had only torch's first line)
+        ((other_model, det_deploy[0] / 'epoch_3_folded.pth', tmp_path / 'o4'),
+         'does not strict-load into the model of retinanet_one_stacked_conv.py (unexpected: '
+         'bbox_head.cls_convs.1.conv.weight'),
     ]
     for args, needle in cases:
         code, output = deploy(*args, expect_ok=False)
