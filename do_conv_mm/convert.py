@@ -232,8 +232,10 @@ def convert_to_doconv(model: nn.Module,
 
     replacements = {id(conv): _to_doconv(conv, D_mul) for _, conv in selected}
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if id(child) in replacements:
+        # _modules, not named_children(): a conv held twice by one parent (m.a = m.b = conv)
+        # is listed once there, and its second name would keep the plain conv.
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
                 setattr(parent, child_name, replacements[id(child)])
     return [name for name, _ in selected]
 

@@ -25,8 +25,9 @@ def fold_doconv(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Returns the folded model (a deep copy unless ``inplace``). A bare DOConv2d is returned as its
     folded nn.Conv2d. Attributes, device, dtype and the training flag are kept. A DOConv2d
-    registered under several names (shared between parents, e.g. RTMDet's head with
-    ``share_conv=True``) becomes one nn.Conv2d at every one of its names: sharing is kept.
+    registered under several names (twice in one parent, or shared between parents as in
+    RTMDet's head with ``share_conv=True``) becomes one nn.Conv2d at every one of its names:
+    sharing is kept.
     """
     if isinstance(model, DOConv2d):
         return model.to_conv2d()
@@ -34,7 +35,8 @@ def fold_doconv(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = deepcopy(model, _graph_tensors_detached(model))
     folded = {}  # id(DOConv2d) -> (the layer, its folded conv); the layer is held so ids stay
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): a layer held twice by one parent is listed once there
+        for child_name, child in list(parent._modules.items()):
             if isinstance(child, DOConv2d):
                 if id(child) not in folded:
                     folded[id(child)] = (child, child.to_conv2d())

@@ -18,7 +18,8 @@ from mmdet.registry import MODELS as DET_MODELS
 from mmengine.registry import MODELS, init_default_scope
 
 import do_conv_mm
-from do_conv_mm import DOConv2d, check_doconv_cfg, convert_to_doconv, count_doconv
+from do_conv_mm import (DOConv2d, check_doconv_cfg, convert_to_doconv, count_doconv,
+                        fold_doconv)
 from do_conv_mm.analysis import conv_flops_by_module, doconv_coverage
 from do_conv_mm.config_check import components_ignoring_conv_cfg
 from do_conv_mm.convert import DOConvNotApplicableError
@@ -105,6 +106,23 @@ def test_convert_replaces_every_reference_to_a_shared_conv():
     model.alias = model.head.cls  # the same module under two names
     assert convert_to_doconv(model, include=['head.cls']) == ['head.cls']
     assert isinstance(model.alias, DOConv2d) and model.alias is model.head.cls
+
+
+def test_convert_and_fold_a_conv_held_twice_by_one_parent():
+    """``m.a = m.b = conv``: one parent, two names. Both become the one DOConv2d, and the fold
+    gives one plain conv at both (the second name kept the plain conv / the DOConv2d before:
+    named_children() lists a module once)."""
+    model = nn.Module()
+    model.a = model.b = nn.Conv2d(4, 4, 3, padding=1)
+    assert convert_to_doconv(model) == ['a']
+    assert isinstance(model.b, DOConv2d) and model.a is model.b
+    assert {'a.D', 'b.D'} <= set(model.state_dict())
+    with torch.no_grad():
+        model.a.D.normal_(std=0.1)
+    folded = fold_doconv(model)
+    assert type(folded.a) is nn.Conv2d and folded.a is folded.b and count_doconv(folded) == 0
+    x = torch.randn(1, 4, 6, 6)
+    torch.testing.assert_close(folded.b(x), model.b(x), rtol=1e-5, atol=1e-6)
 
 
 def test_convert_shared_conv_selected_by_any_of_its_names():
