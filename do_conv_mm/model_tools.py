@@ -14,6 +14,11 @@ skips quietly where the tool or its table is absent.
   where those swap an nn.Conv2d for torch's quantised or QAT conv, they swap a DOConv2d for the
   same module made from its fold. Post-training quantisation thus gives int8 convs of W', and
   QAT trains W' itself (D is folded in; FX's ``prepare_qat_fx`` keeps D training instead).
+* mmengine's efficient_conv_bn_eval (the Runner's ``efficient_conv_bn_eval=[...]`` option) finds
+  conv + BN pairs in a torch.fx trace, which runs into a DOConv2d (it is no torch.nn module)
+  and met its functional conv2d, looked up as a module: KeyError. Its trace keeps DOConv2d
+  whole (a leaf), so a pair runs as ``conv._conv_forward(x, BN-scaled weight, bias)``, which a
+  DOConv2d composes (weight_extra scaled along). Tracing is the stock one for every other type.
 """
 import functools
 import inspect
@@ -103,9 +108,39 @@ def _register_torch_eager_quantisation() -> None:
             table[DOConv2d] = _fold_then(target)
 
 
+def _register_mmengine_efficient_conv_bn_eval() -> None:
+    try:
+        from mmengine.model import efficient_conv_bn_eval as tool
+    except ImportError:
+        return
+    stock = getattr(tool, 'turn_on_efficient_conv_bn_eval_for_single_model', None)
+    transform = getattr(tool, 'efficient_conv_bn_eval_graph_transform', None)
+    if stock is None or transform is None or getattr(stock, 'includes_doconv', False):
+        return
+
+    import torch.fx as fx
+
+    class DOConvLeafTracer(fx.Tracer):
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return type(module) is DOConv2d or super().is_leaf_module(module, qualified_name)
+
+    @functools.wraps(stock)
+    def turn_on_efficient_conv_bn_eval_for_single_model(model: nn.Module) -> None:
+        tracer = DOConvLeafTracer()
+        graph = tracer.trace(model)
+        fx_model = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        transform(fx_model)
+        model.forward = fx_model.forward
+
+    turn_on_efficient_conv_bn_eval_for_single_model.includes_doconv = True
+    tool.turn_on_efficient_conv_bn_eval_for_single_model = (
+        turn_on_efficient_conv_bn_eval_for_single_model)
+
+
 def register_model_tools() -> None:
-    """Add DOConv2d to mmcv's FLOP counter and torch's eager-mode fuser and quantisation
-    tables."""
+    """Add DOConv2d to mmcv's FLOP counter, torch's eager-mode fuser and quantisation tables,
+    and mmengine's efficient_conv_bn_eval."""
     _register_mmcv_flops_counter()
     _register_torch_fusers()
     _register_torch_eager_quantisation()
+    _register_mmengine_efficient_conv_bn_eval()

@@ -196,6 +196,47 @@ def test_efficient_conv_bn_eval(D_mul):
         assert_close_rel(g, e, rtol=1e-10)
 
 
+@pytest.mark.parametrize('D_mul', [None, 49])  # 49: the 7×7 stem's kh·kw, > 9 for the 3×3s
+def test_mmengine_efficient_conv_bn_eval_on_a_doconv_backbone(D_mul):
+    """mmengine's fx-based efficient_conv_bn_eval (the Runner's ``efficient_conv_bn_eval``
+    option) on mmdet's ResNet-18 built with DO-Conv: every conv + BN pair (20) is found, and the
+    outputs and every parameter's gradient (BN in eval, convs training)
+    equal the untransformed backbone's, float64. It failed with a KeyError on the DOConv2d's
+    traced conv2d."""
+    import copy
+
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.model.efficient_conv_bn_eval import (efficient_conv_bn_eval_control,
+                                                       turn_on_efficient_conv_bn_eval)
+    conv_cfg = dict(type='DOConv') if D_mul is None else dict(type='DOConv', D_mul=D_mul)
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = nn.Module()
+        model.backbone = DET_MODELS.build(dict(type='ResNet', depth=18, conv_cfg=conv_cfg,
+                                               norm_eval=False)).double()
+    randomise_doconv_and_bn(model)
+    reference = copy.deepcopy(model)
+    turn_on_efficient_conv_bn_eval(model, ['backbone'])
+    graph_module = model.backbone.forward.__self__
+    fused = [n for n in graph_module.graph.nodes if n.target is efficient_conv_bn_eval_control]
+    assert len(fused) == 20 == count_doconv(model)  # conv_cfg builds the 1×1 convs too
+    for m in (model, reference):
+        m.train()
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    got, expected = model.backbone(x), reference.backbone(x)
+    for g, e in zip(got, expected):
+        assert_close_rel(g, e, rtol=1e-12)
+    loss = sum(o.square().sum() for o in got)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected_grads = torch.autograd.grad(sum(o.square().sum() for o in expected),
+                                         list(reference.parameters()))
+    for g, e in zip(grads, expected_grads):
+        assert_close_rel(g, e, rtol=1e-10)
+
+
 def test_mmcv_flop_counter_counts_doconv_as_its_conv():
     """mmcv's get_model_complexity_info maps layer types exactly: DOConv2d counts the FLOPs of
     the conv it folds to, the same as the plain model's."""
