@@ -55,8 +55,10 @@ def parse_args(argv=None):
     parser.add_argument('--image', help='export/verify input image (default: the test set\'s '
                         'first image, else a seeded random image)')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
-                        help='static configs: export at exactly H x W (the pipeline resizes to '
-                        'it); random input size (default 128 128)')
+                        help='static configs: export at H x W (the pipeline resizes to it; '
+                        'detectors then pad to the config\'s size divisor, e.g. 32: 100 150 '
+                        'exports 128 x 160); dynamic configs take any size. Also the size of the '
+                        'random input where the test set has no image (default 128 128)')
     parser.add_argument('--atol', type=float, default=DEFAULT_ATOL,
                         help=f'dense absolute tolerance (default {DEFAULT_ATOL:g})')
     parser.add_argument('--rtol', type=float, default=DEFAULT_RTOL,
