@@ -668,8 +668,19 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
 
     seconds = report['seconds']
     stem = os.path.splitext(os.path.basename(config))[0]
-    # 1. fold, or take the pair as it is
-    if config_has_doconv(cfg):
+    # 1. fold, or take the pair as it is (a folded checkpoint with its training config: the
+    #    deploy config is made here, as the fold would have written it)
+    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
+    if config_has_doconv(cfg) and isinstance(meta, dict) and meta.get('doconv_folded'):
+        from .deploy_config import make_deploy_config
+        model_cfg = make_deploy_config(cfg)
+        model_cfg_path = os.path.join(stage, f'{stem}_deploy.py')
+        model_cfg.dump(model_cfg_path)
+        model_cfg = Config.fromfile(model_cfg_path)
+        weights = checkpoint
+        log(f'{os.path.basename(checkpoint)} is already folded: exporting it with the deploy '
+            f'config of {os.path.basename(config)} ({os.path.basename(model_cfg_path)})')
+    elif config_has_doconv(cfg):
         folded = os.path.join(stage, os.path.splitext(os.path.basename(checkpoint))[0]
                               + '_folded.pth')
         model_cfg_path = os.path.join(stage, f'{stem}_deploy.py')

@@ -374,6 +374,13 @@ def test_tools_report_the_fold_marker(det_deploy, trained_det, tmp_path):
     assert report['checkpoint_kind'].startswith('folded DO-Conv checkpoint')
     assert 'folded' not in report  # not folded again
     assert report['verify_ok']
+    # ... and with the training config (as tools/test.py takes it), whose deploy config it makes
+    # (it was refused as "already folded")
+    code, output = deploy(DET_CFG, folded, tmp_path / 'onnx_train_cfg', '--runs', '1')
+    report = report_of(tmp_path / 'onnx_train_cfg')
+    assert 'is already folded: exporting it with the deploy config of' in output
+    assert 'folded' not in report and report['verify_ok']
+    assert (tmp_path / 'onnx_train_cfg' / 'retinanet_r18-tiny-doconv_fpn_toy_deploy.py').is_file()
 
 
 def test_export_tool_bad_input_one_line_errors(trained_det, det_deploy, tmp_path):
