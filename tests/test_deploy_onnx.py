@@ -233,6 +233,9 @@ def test_toy_semantic_fpn_dynamic_export_matches_at_two_shapes_and_same_miou(tra
     assert metrics['pytorch']['mIoU'] > 0 and metrics['onnxruntime'] == metrics['pytorch']
     assert report['verify_ok'] and report['dynamic']
     assert report['deploy_cfg'].endswith('segmentation_onnxruntime_dynamic.py')
+    # mmdeploy's SDK meta: it reads the config's top-level data_preprocessor (the toy configs
+    # had it only inside the model, and the meta was skipped)
+    assert (out / 'deploy.json').is_file() and (out / 'pipeline.json').is_file()
     assert_standard_ops(report)
     shapes = set()
     for key in ('input', 'second_input'):

@@ -10,17 +10,19 @@ classes = ('background', 'circle', 'square', 'triangle')
 palette = [[0, 0, 0], [220, 20, 60], [0, 128, 255], [255, 200, 0]]
 crop_size = (128, 128)
 norm_cfg = dict(type='BN', requires_grad=True)
+# Top level too, as mmseg's own configs have it: mmdeploy's SDK export reads it from there.
+data_preprocessor = dict(
+    type='SegDataPreProcessor',
+    mean=[123.675, 116.28, 103.53],
+    std=[58.395, 57.12, 57.375],
+    bgr_to_rgb=True,
+    pad_val=0,
+    seg_pad_val=255,
+    size=crop_size)
 
 model = dict(
     type='EncoderDecoder',
-    data_preprocessor=dict(
-        type='SegDataPreProcessor',
-        mean=[123.675, 116.28, 103.53],
-        std=[58.395, 57.12, 57.375],
-        bgr_to_rgb=True,
-        pad_val=0,
-        seg_pad_val=255,
-        size=crop_size),
+    data_preprocessor=data_preprocessor,
     pretrained=None,
     backbone=dict(
         type='ResNetV1c',
