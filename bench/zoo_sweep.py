@@ -4,8 +4,10 @@ For one model per family (mmdet / mmseg: the shortest config name in each model-
 mmpretrain: the shortest model name per family in ``mmpretrain.list_models()``, giant / huge /
 large variants left out), on the CPU:
 
-1. build it without pretrained weights (``init_cfg=Pretrained`` dropped, SyncBN -> BN) and
-   initialise it as a Runner does (``init_weights``);
+1. build it without pretrained weights (``init_cfg=Pretrained`` dropped, SyncBN -> BN) and,
+   mmdet / mmseg, initialise it as a Runner does (``init_weights``), zero-initialised norm
+   scales set to 1
+   (``zero_init_residual`` would keep the step's gradient from every residual branch);
 2. ``convert_to_doconv(model)``: every plain k×k conv becomes DO-Conv (1×1 convs are plain
    either way), D ~ N(0, 0.05²);
 3. one training forward + backward on a synthetic batch; count the *trainable* D that got no
@@ -20,9 +22,8 @@ large variants left out), on the CPU:
 
 Each family starts from the same seeds, and uninitialised memory reads NaN (torch's
 ``fill_uninitialized_memory``), so a row does not depend on the families before it or on what
-the heap held. DINO, DDQ, Deformable DETR and TridentNet, plain models too, then fail their
-random-init training step every time (non-finite matcher costs or loss); before, they passed
-or failed by run order.
+the heap held. (Before the sweep called ``init_weights``, DETR-family models read their
+``torch.empty`` level embeddings uninitialised and failed their training step.)
 
     python bench/zoo_sweep.py --zoo mmseg          # ~3 min on 2 cores
     python bench/zoo_sweep.py --zoo mmpretrain     # ~5 min
@@ -146,14 +147,33 @@ def build(zoo: str, source: str) -> nn.Module:
     for _, node in walk_cfg(cfg.model, 'model'):
         node.pop('pretrained', None)
         init_cfg = node.get('init_cfg')
-        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+        if _loads_weights(init_cfg):
             node['init_cfg'] = None
         elif isinstance(init_cfg, (list, tuple)):
-            node['init_cfg'] = [c for c in init_cfg
-                                if not (isinstance(c, dict) and c.get('type') == 'Pretrained')]
+            node['init_cfg'] = [c for c in init_cfg if not _loads_weights(c)]
     model = build_model(cfg)
     model.init_weights()  # as a Runner does (DETR-family embeddings are torch.empty until then)
+    _unzero_norm_scales(model)
     return model
+
+
+def _loads_weights(init_cfg) -> bool:
+    """``init_cfg=dict(type='Pretrained', ...)``, or a bare ``dict(checkpoint=...)`` that some
+    backbones (PVT) load in their own init_weights."""
+    return isinstance(init_cfg, dict) and (init_cfg.get('type') == 'Pretrained'
+                                           or 'checkpoint' in init_cfg)
+
+
+def _unzero_norm_scales(model: nn.Module) -> None:
+    """Norm scales that init_weights set to 0 (mmdet's ResNet zeroes each residual block's
+    last BN: ``zero_init_residual``) become 1: at 0 the one training step would give no conv of
+    the residual branch a gradient, plain or DO-Conv, and the sweep checks that D gets one."""
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, 'weight', None)
+            if (isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+                    and isinstance(weight, torch.Tensor) and bool((weight == 0).all())):
+                weight.fill_(1)
 
 
 # ------------------------------------------------------------------------------------------------
