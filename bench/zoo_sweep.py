@@ -143,25 +143,15 @@ def build(zoo: str, source: str) -> nn.Module:
     from mmengine.config import Config
     from do_conv_mm.config_check import walk_cfg
     from do_conv_mm.deploy import build_model
+    from do_conv_mm.deploy_config import drop_pretrained_inits
     cfg = Config.fromfile(source)
     for _, node in walk_cfg(cfg.model, 'model'):
         node.pop('pretrained', None)
-        init_cfg = node.get('init_cfg')
-        if _loads_weights(init_cfg):
-            node['init_cfg'] = None
-        elif isinstance(init_cfg, (list, tuple)):
-            node['init_cfg'] = [c for c in init_cfg if not _loads_weights(c)]
+    drop_pretrained_inits(cfg.model)
     model = build_model(cfg)
     model.init_weights()  # as a Runner does (DETR-family embeddings are torch.empty until then)
     _unzero_norm_scales(model)
     return model
-
-
-def _loads_weights(init_cfg) -> bool:
-    """``init_cfg=dict(type='Pretrained', ...)``, or a bare ``dict(checkpoint=...)`` that some
-    backbones (PVT) load in their own init_weights."""
-    return isinstance(init_cfg, dict) and (init_cfg.get('type') == 'Pretrained'
-                                           or 'checkpoint' in init_cfg)
 
 
 def _unzero_norm_scales(model: nn.Module) -> None:

@@ -67,7 +67,7 @@ def components_ignoring_conv_cfg(model_cfg: Dict, model: nn.Module) -> List[str]
         except AttributeError:  # a config dict that is no module (e.g. a train_cfg entry)
             continue
         plain = [m for m in module.modules() if isinstance(m, nn.Conv2d)
-                 and not isinstance(m, DOConv2d) and m.weight[0, 0].numel() > 1]
+                 and not isinstance(m, DOConv2d) and m.kernel_size != (1, 1)]
         if plain and not any(isinstance(m, DOConv2d) for m in module.modules()):
             lines.append(
                 f'{path} ({type(module).__name__}) sets conv_cfg='

@@ -29,7 +29,7 @@ from mmengine.config import Config
 from .config_check import walk_cfg
 from .doconv import is_doconv_layer_type, plain_layer_type
 
-__all__ = ['make_deploy_config', 'doconv_references']
+__all__ = ['drop_pretrained_inits', 'make_deploy_config', 'doconv_references']
 
 _MODEL_TYPE = 'DOConvModel'
 _PACKAGE = 'do_conv_mm'
@@ -88,18 +88,22 @@ def _without_package(custom_imports: Any) -> Any:
     return dict(custom_imports, imports=kept)
 
 
-def _is_pretrained_init(init_cfg: Any) -> bool:
-    return isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained'
+def _loads_weights(init_cfg: Any) -> bool:
+    """``dict(type='Pretrained', ...)``, or a bare ``dict(checkpoint=...)`` that some backbones
+    (mmdet's PVT) load in their own init_weights."""
+    return isinstance(init_cfg, dict) and (init_cfg.get('type') == 'Pretrained'
+                                           or 'checkpoint' in init_cfg)
 
 
-def _drop_pretrained_inits(model_cfg: dict) -> None:
-    """Every ``init_cfg=Pretrained`` of ``model_cfg`` (nested) becomes None, in place."""
+def drop_pretrained_inits(model_cfg: dict) -> None:
+    """Every init_cfg of ``model_cfg`` (nested) that loads weights becomes None (is dropped
+    from an init_cfg list), in place."""
     for _, node in walk_cfg(model_cfg, 'model'):
         init_cfg = node.get('init_cfg')
-        if _is_pretrained_init(init_cfg):
+        if _loads_weights(init_cfg):
             node['init_cfg'] = None
-        elif isinstance(init_cfg, (list, tuple)) and any(map(_is_pretrained_init, init_cfg)):
-            node['init_cfg'] = [c for c in init_cfg if not _is_pretrained_init(c)] or None
+        elif isinstance(init_cfg, (list, tuple)) and any(map(_loads_weights, init_cfg)):
+            node['init_cfg'] = [c for c in init_cfg if not _loads_weights(c)] or None
 
 
 def doconv_references(node: Any, path: str = 'cfg') -> List[str]:
@@ -130,7 +134,7 @@ def make_deploy_config(cfg: Union[Config, str, os.PathLike]) -> Config:
             plain[key] = value
     plain.pop('work_dir', None)
     if isinstance(plain.get('model'), dict):
-        _drop_pretrained_inits(plain['model'])
+        drop_pretrained_inits(plain['model'])
     if 'custom_imports' in plain:
         custom_imports = _without_package(plain['custom_imports'])
         if custom_imports is None:

@@ -216,11 +216,12 @@ def test_deploy_config_drops_the_training_runs_state_and_pretrained_inits():
     kaiming = dict(type='Kaiming', layer='Conv2d')
     model = dict(type='X', backbone=dict(type='B', init_cfg=pretrained),
                  neck=dict(type='N', init_cfg=[kaiming, pretrained]),
-                 head=dict(type='H', init_cfg=kaiming))
+                 head=dict(type='H', init_cfg=kaiming),
+                 extra=dict(type='PVT', init_cfg=dict(checkpoint='pvt_l.pth')))  # loads it itself
     out = make_deploy_config(Config(dict(model=model))).to_dict()['model']
     assert out == dict(type='X', backbone=dict(type='B', init_cfg=None),
                        neck=dict(type='N', init_cfg=[kaiming]),
-                       head=dict(type='H', init_cfg=kaiming))
+                       head=dict(type='H', init_cfg=kaiming), extra=dict(type='PVT', init_cfg=None))
     assert make_deploy_config(Config(dict(model=dict(type='X')))).to_dict() == dict(
         model=dict(type='X'))  # keys the config does not set stay unset
 

@@ -25,6 +25,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 
 from mmengine.config import DictAction  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
+from mmengine.runner import find_latest_checkpoint  # noqa: E402
 
 import do_conv_mm  # noqa: E402,F401  (DOConv registry entries + safe checkpoint globals)
 from do_conv_mm.checkpoint import CheckpointError  # noqa: E402
@@ -100,16 +101,6 @@ def check_pretrained(runner) -> None:
         print_log(f'pretrained: {line}', logger='current')
 
 
-def latest_checkpoint(work_dir: str):
-    """The checkpoint mmengine's Runner resumes from without ``load_from``: the one that
-    ``<work_dir>/last_checkpoint`` names, or None."""
-    marker = osp.join(work_dir, 'last_checkpoint')
-    if not osp.isfile(marker):
-        return None
-    with open(marker) as f:
-        return f.read().strip() or None
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -129,8 +120,9 @@ def main(argv=None):
             cfg.load_from = args.resume
         if cfg.get('load_from'):
             check_checkpoint(cfg.load_from, cfg)
-        elif cfg.get('resume') and latest_checkpoint(cfg.work_dir):
-            check_checkpoint(latest_checkpoint(cfg.work_dir), cfg)  # what mmengine resumes
+        elif cfg.get('resume') and osp.isfile(osp.join(cfg.work_dir, 'last_checkpoint')):
+            # what the Runner resumes from without load_from
+            check_checkpoint(find_latest_checkpoint(cfg.work_dir), cfg)
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
         check_pretrained(runner)
