@@ -133,8 +133,9 @@ def main(argv=None) -> int:
         deploy_config = osp.join(work_dir, 'folded_deploy.py')
         step(4, total, 'fold DO-Conv into plain convolutions (with --verify)')
         start = time.perf_counter()
+        # --force: the demo owns its work dir (outputs of an older version carry no fold mark)
         output = run([python, 'tools/fold_doconv.py', config, checkpoint, folded,
-                      '--out-config', deploy_config, '--verify'], capture=True)
+                      '--out-config', deploy_config, '--verify', '--force'], capture=True)
         seconds['fold'] = time.perf_counter() - start
         match = VERIFY_LINE.search(output)
         max_diff = float(match.group(2)) if match else None
