@@ -254,6 +254,16 @@ def _short(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
+def key_mismatch(expected, state_dict):
+    """(missing, unexpected, mis-shaped) keys of ``state_dict`` against ``expected`` (a model's
+    state dict), each in its dict's order."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [k for k, v in expected.items()
+                 if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    return missing, unexpected, misshaped
+
+
 def key_listing(keys, limit: int = 3) -> str:
     """The first ``limit`` keys for an error line: ``a, b, c, ... (12 more)``."""
     keys = [str(k) for k in keys]

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from .checkpoint import key_listing, load_checkpoint_file
+from .checkpoint import key_listing, key_mismatch, load_checkpoint_file
 from .deploy_config import doconv_references, make_deploy_config
 from .deploy_verify import (DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs,
                             format_diffs, make_verify_batch, model_outputs)
@@ -193,11 +193,9 @@ def _check_matches(model: nn.Module, layers: List[str], state_dict, meta, name: 
                         f'folded or a plain-conv checkpoint, with no D to fold or analyse; use it '
                         f'with the plain/deploy config directly.')
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs CONFIG {tuple(v.shape)}'
-                 for k, v in expected.items()
-                 if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    missing, unexpected, misshaped = key_mismatch(expected, state_dict)
+    misshaped = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs CONFIG '
+                 f'{tuple(expected[k].shape)}' for k in misshaped]
     problems = []
     if missing:
         problems.append(f'{len(missing)} missing key(s) ({key_listing(missing)})')

@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
-from .checkpoint import CheckpointError, key_listing, load_checkpoint_file
+from .checkpoint import CheckpointError, key_listing, key_mismatch, load_checkpoint_file
 from .checkpoint_guard import check_checkpoint_config, config_has_doconv
 from .deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs, format_diffs
 
@@ -714,12 +714,10 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
     try:
         torch_model.load_state_dict(state, strict=True)
     except RuntimeError:
-        model_keys = torch_model.state_dict()
-        missing = [k for k in model_keys if k not in state]
-        unexpected = [k for k in state if k not in model_keys]
-        shapes = [k for k in model_keys if k in state and state[k].shape != model_keys[k].shape]
-        found = '; '.join(f'{what}: {key_listing(keys)}' for what, keys in (
-            ('missing', missing), ('unexpected', unexpected), ('mis-shaped', shapes)) if keys)
+        found = '; '.join(
+            f'{what}: {key_listing(keys)}' for what, keys in zip(
+                ('missing', 'unexpected', 'mis-shaped'), key_mismatch(torch_model.state_dict(),
+                                                                      state)) if keys)
         raise DeployError(f'the checkpoint does not strict-load into the model of '
                           f'{os.path.basename(model_cfg_path)} ({found}); pass the config the '
                           f'checkpoint belongs to.') from None
