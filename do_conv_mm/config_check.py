@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.registry import MODELS
 
 from .doconv import DOConv2d, doconv_layer_type_for, is_doconv_layer_type, plain_layer_type
@@ -339,9 +339,11 @@ def _d_mul_sources(model_cfg: Dict) -> List[Tuple[str, int]]:
 
 
 def _without_d_mul(node: Any) -> Any:
-    """A copy of a config with D_mul dropped from every conv_cfg=DOConv (default per layer)."""
+    """A copy of a config with D_mul dropped from every conv_cfg=DOConv (default per layer).
+    Dicts come back as ConfigDicts: models read their sub-configs as attributes (``train_cfg.rpn``
+    in mmdet's two-stage detectors)."""
     if isinstance(node, dict):
-        out = {k: _without_d_mul(v) for k, v in node.items()}
+        out = ConfigDict({k: _without_d_mul(v) for k, v in node.items()})
         if is_doconv_layer_type(out.get('type')):
             out.pop('D_mul', None)
         return out

@@ -748,6 +748,19 @@ def test_global_conv_cfg_with_d_mul_below_the_7x7_stem_names_the_module(tmp_path
     assert len(_kxk_convs(_build(cfg))[0]) == 24
 
 
+def test_d_mul_message_names_the_module_in_a_two_stage_detector(tmp_path, analyze_tool):
+    """The probe build that finds the module works where the model reads sub-configs as
+    attributes (mmdet's TwoStageDetector: train_cfg.rpn), README's Faster R-CNN example."""
+    config = tmp_path / 'faster_d_mul.py'
+    config.write_text("""_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['do_conv_mm'], allow_failed_imports=False)
+model = dict(backbone=dict(conv_cfg=dict(type='DOConv', D_mul=16)))
+""")
+    with pytest.raises(SystemExit, match=r"error: DO-Conv cannot build module 'backbone\.conv1'"
+                                         r": its 7x7 kernel has kh\*kw=49 taps"):
+        analyze_tool.main([str(config), '--shape', '64', '64'])
+
+
 def test_conv_type_typo_names_the_close_match(tmp_path):
     from do_conv_mm.runner_setup import ToolError, load_config
     config = _toy_config_with(tmp_path, "dict(type='DOconv')")
