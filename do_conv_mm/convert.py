@@ -31,12 +31,13 @@ from fnmatch import fnmatchcase
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
 from mmengine.registry import MODELS, Registry
 
 # The config checks lived here first; they are re-exported for code that imports them from here.
 from .config_check import (DOConvNotApplicableError, _few, _is_plain_conv_class,  # noqa: F401
                            check_doconv_cfg, explain_build_error, walk_cfg)
-from .doconv import DOConv2d, doconv_twin_of
+from .doconv import DOConv2d, _hook_reparametrisation, doconv_twin_of
 
 __all__ = ['convert_to_doconv', 'check_doconv_cfg', 'DOConvModel', 'DOConvNotApplicableError',
            'register_doconv_model']
@@ -78,9 +79,17 @@ def _why_not_convertible(module: nn.Module) -> Optional[str]:
                 f'forward nn.Conv2d layers')
     if not isinstance(module, nn.Conv2d):
         return f'it is a {cls.__name__}; DOConv2d only replaces 2-D convolutions (nn.Conv2d)'
+    if parametrize.is_parametrized(module):
+        return ('its parameters are parametrised (torch.nn.utils.parametrize); remove that '
+                'with parametrize.remove_parametrizations(module, name), convert, and register '
+                'the parametrisation on the DOConv2d (it supports parametrize)')
     if _doconv_class_for(module) is None:
         return (f'it is a {cls.__module__}.{cls.__name__}, a subclass of nn.Conv2d with its own '
                 f'behaviour that a DOConv2d would silently drop')
+    reparametrisation = _hook_reparametrisation(module)
+    if reparametrisation is not None:
+        return (f'its weight is recomputed in a forward pre-hook by {reparametrisation} (then '
+                f'it can be converted)')
     return None
 
 

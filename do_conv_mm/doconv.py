@@ -23,6 +23,7 @@ How a forward pass computes W' (always from the current parameters; nothing is c
   ``jit.script``, ``torch.fx``, ``torch.func`` transforms, forward-mode AD, a substitute
   weight): the plain differentiable expression ``compose_kernel`` + ``conv2d``.
 """
+import copy
 import math
 from typing import Optional
 
@@ -30,6 +31,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
 from torch.autograd import forward_ad
 
 from .compose_batched import BATCHED_COMPOSER
@@ -84,7 +86,8 @@ def _substitutes(weight: torch.Tensor, own: torch.Tensor) -> bool:
 
 
 def _output_channel_scale(new: torch.Tensor, old: torch.Tensor) -> Optional[torch.Tensor]:
-    """a (O,) with ``new == a[o] * old`` row by row (up to fp rounding), else None.
+    """a (O,) with ``new == a[o] * old`` row by row (up to fp rounding), else None. A row that
+    is zero in both has no determined factor: it gets 1 (see :func:`_check_extra_follows`).
 
     Differentiable in both arguments (exact gradients when ``new`` is such a multiple), so a
     caller may rescale other tensors with it inside autograd (efficient_conv_bn_eval).
@@ -100,7 +103,65 @@ def _output_channel_scale(new: torch.Tensor, old: torch.Tensor) -> Optional[torc
     undetermined = (norm2 == 0) & (n.abs().amax(1) > 0)
     if bool((residual > tolerance).any()) or bool(undetermined.any()):
         return None
-    return scale
+    return torch.where(norm2 == 0, torch.ones_like(scale), scale)
+
+
+def _check_extra_follows(scale: torch.Tensor, old: torch.Tensor, extra: torch.Tensor) -> None:
+    """Refuse a rescale of ``weight`` by ``scale`` (O,) that ``weight_extra`` cannot follow: on
+    an output channel whose ``weight`` row is zero (a pruned layer) while its extra columns are
+    not, the new weight says nothing about the factor, so W' there would be wrong."""
+    if bool((scale == 1).all()):
+        return  # the same values re-assigned: nothing to follow
+    dead = (old.detach().reshape(old.shape[0], -1) == 0).all(1)
+    live_extra = (extra.detach().reshape(extra.shape[0], -1) != 0).any(1)
+    rows = torch.nonzero(dead & live_extra).flatten().tolist()
+    if rows:
+        raise ValueError(
+            f'DOConv2d: output channel(s) {rows[:8]}{" ..." if len(rows) > 8 else ""} have an '
+            f'all-zero weight but non-zero weight_extra (e.g. pruned with D_mul > kh*kw), so a '
+            f'per-channel rescale of weight (a BN fuser, efficient_conv_bn_eval) cannot say how '
+            f'to rescale the composed kernel there. Fold first (do_conv_mm.fold_doconv(model)) '
+            f'and fuse the plain convs, or zero weight_extra on those channels too (README: '
+            f'pruning).')
+
+
+# Hook tables of a module that run with it (forward / backward), in torch >= 1.13's names.
+_RUN_HOOK_TABLES = ('_forward_pre_hooks', '_forward_pre_hooks_with_kwargs', '_forward_hooks',
+                    '_forward_hooks_with_kwargs', '_forward_hooks_always_called',
+                    '_backward_pre_hooks', '_backward_hooks')
+
+
+def _carry_hooks(source: nn.Module, target: nn.Module) -> None:
+    """``target`` runs the forward / backward hooks registered on ``source`` (copies of the
+    tables, as torch's module swappers re-register them; a handle removes from ``source``)."""
+    for table in _RUN_HOOK_TABLES:
+        if source.__dict__.get(table):
+            target.__dict__[table] = copy.copy(source.__dict__[table])
+    if source.__dict__.get('_backward_hooks'):
+        target._is_full_backward_hook = source._is_full_backward_hook
+
+
+def _hook_reparametrisation(module: nn.Module) -> Optional[str]:
+    """None, or what recomputes a parameter of ``module`` in a forward pre-hook (torch.nn.utils
+    ``prune`` / ``spectral_norm`` / ``weight_norm``, the pre-parametrize API) and how to remove
+    it. Such a layer's ``weight`` attribute is only the last forward's result (stale after an
+    optimizer step) and cannot be swapped for another layer's Parameter."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod):
+            return (f'torch.nn.utils.prune on {hook._tensor_name!r}; make it permanent with '
+                    f'torch.nn.utils.prune.remove(module, {hook._tensor_name!r})')
+        if isinstance(hook, SpectralNorm):
+            return (f'torch.nn.utils.spectral_norm on {hook.name!r}; remove it with '
+                    f'torch.nn.utils.remove_spectral_norm(module) (or use '
+                    f'torch.nn.utils.parametrizations.spectral_norm, which DOConv2d supports)')
+        if isinstance(hook, WeightNorm):
+            return (f'torch.nn.utils.weight_norm on {hook.name!r}; remove it with '
+                    f'torch.nn.utils.remove_weight_norm(module) (or use '
+                    f'torch.nn.utils.parametrizations.weight_norm, which DOConv2d supports)')
+    return None
 
 
 class DOConv2d(nn.Conv2d):
@@ -185,8 +246,12 @@ class DOConv2d(nn.Conv2d):
         with torch.no_grad():
             self.D.zero_()
             if self.weight_extra is not None:
-                bound = 1.0 / math.sqrt(self.weight[0].numel())
-                self.weight_extra.uniform_(-bound, bound)
+                self.weight_extra.uniform_(*self._extra_bounds())
+
+    def _extra_bounds(self):
+        """Conv2d's default init bound for ``weight``, used for the extra columns of W."""
+        bound = 1.0 / math.sqrt(self.weight[0].numel())
+        return -bound, bound
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -209,22 +274,29 @@ class DOConv2d(nn.Conv2d):
                 f'D_mul={self.D_mul} (D is (in_channels, kh*kw, D_mul)); build the model with '
                 f'conv_cfg=dict(type=\'DOConv\', D_mul={theirs.shape[-1]}) to load it.')
         if plain_source:
-            for name in ('D', 'weight_extra'):
+            absent = [name for name in ('D', 'weight_extra')
+                      if getattr(self, name) is not None and prefix + name not in state_dict]
+            for name in absent:
                 if prefix + name in missing_keys:
                     missing_keys.remove(prefix + name)
-            self._materialise_doconv_parameters_like_weight()
+            self._materialise_doconv_parameters_like_weight(absent)
 
-    def _materialise_doconv_parameters_like_weight(self) -> None:
-        """Re-create D (zeros) and weight_extra on weight's device and dtype, keeping their
-        Parameter objects where they already live there (optimizer references stay valid)."""
-        for name in ('D', 'weight_extra'):
+    def _materialise_doconv_parameters_like_weight(self, names) -> None:
+        """Re-create ``names`` (of D, weight_extra: those the state dict lacks) on weight's device
+        and dtype, keeping their Parameter objects where they already live there (optimizer
+        references stay valid), and initialise them: D = 0, fresh extra columns. A loaded
+        weight_extra is kept."""
+        for name in names:
             param = getattr(self, name)
-            if param is not None and (param.device != self.weight.device
-                                      or param.dtype != self.weight.dtype):
+            if param.device != self.weight.device or param.dtype != self.weight.dtype:
                 fresh = torch.empty(param.shape, device=self.weight.device,
                                     dtype=self.weight.dtype)
                 setattr(self, name, nn.Parameter(fresh, requires_grad=param.requires_grad))
-        self._reset_doconv_parameters()
+        with torch.no_grad():
+            if 'D' in names:
+                self.D.zero_()
+            if 'weight_extra' in names:
+                self.weight_extra.uniform_(*self._extra_bounds())
 
     def __setattr__(self, name, value):
         if (name == 'weight' and isinstance(value, torch.Tensor)
@@ -239,6 +311,7 @@ class DOConv2d(nn.Conv2d):
             return
         scale = _output_channel_scale(new_weight.detach(), old_weight.detach())
         if scale is not None and not bool((scale == 1).all()):
+            _check_extra_follows(scale, old_weight, self.weight_extra)
             with torch.no_grad():
                 self.weight_extra.mul_(scale.view(-1, 1, 1).to(self.weight_extra.dtype))
 
@@ -256,7 +329,22 @@ class DOConv2d(nn.Conv2d):
         """nn.Conv2d's forward, defined here so that torch 2.0-2.2's dynamo traces into it: it
         keeps a method of a ``torch.nn`` module opaque, and then AOTAutograd, where the layer
         cannot tell it is being compiled, meets the training Function."""
+        return self._own_conv_forward(input)
+
+    def _own_conv_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``_conv_forward`` with the layer's own weight and bias."""
+        if not torch.jit.is_scripting():
+            if parametrize.is_parametrized(self, 'weight'):
+                return self._parametrized_conv_forward(input)
         return self._conv_forward(input, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _parametrized_conv_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """A ``torch.nn.utils.parametrize``d weight is evaluated once per call, as in
+        nn.Conv2d (a stateful parametrisation, e.g. spectral_norm, advances once), and the
+        layer sees that one tensor as its own weight, not as a substitute."""
+        with parametrize.cached():
+            return self._conv_forward(input, self.weight, self.bias)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -331,8 +419,10 @@ class DOConv2d(nn.Conv2d):
         substitute ``weight`` that rescales ``self.weight`` rescales weight_extra too."""
         extra = self.weight_extra
         if extra is not None and _substitutes(weight, self.weight):
-            scale = _output_channel_scale(weight, self.weight)
+            own = self.weight
+            scale = _output_channel_scale(weight, own)
             if scale is not None:
+                _check_extra_follows(scale, own, extra)
                 extra = extra * scale.view(-1, 1, 1).to(extra.dtype)
         with no_autocast(weight.device.type):
             kernel = compose_kernel(weight, self.D, extra, self.groups)
@@ -364,6 +454,7 @@ class DOConv2d(nn.Conv2d):
     def from_conv2d(cls, conv: nn.Conv2d, D_mul: Optional[int] = None) -> 'DOConv2d':
         """A DOConv2d that computes exactly what ``conv`` computes (D = 0), weights shared."""
         cls._check_plain_twin(conv)
+        cls._check_no_hook_reparametrisation(conv, 'convert')
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                    conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
@@ -384,6 +475,14 @@ class DOConv2d(nn.Conv2d):
             raise TypeError(f'{cls.__name__}.from_conv2d expects {expected}, got '
                             f'{type(conv).__name__}.')
 
+    @staticmethod
+    def _check_no_hook_reparametrisation(conv: nn.Conv2d, action: str) -> None:
+        reparametrisation = _hook_reparametrisation(conv)
+        if reparametrisation is not None:
+            raise ValueError(
+                f'cannot {action} this {type(conv).__name__}: its weight is recomputed in a '
+                f'forward pre-hook by {reparametrisation}, then {action} it.')
+
     def _sharing_parameters_of(self, conv: nn.Conv2d) -> 'DOConv2d':
         """This layer with ``conv``'s weight and bias (the same Parameters) and training flag; D
         and the extra columns train only if ``conv.weight`` does, so a conv frozen before the
@@ -395,20 +494,25 @@ class DOConv2d(nn.Conv2d):
             if extra is not None:
                 extra.requires_grad_(conv.weight.requires_grad)
         self.train(conv.training)
+        _carry_hooks(conv, self)
         return self
 
     @torch.no_grad()
     def to_conv2d(self) -> nn.Conv2d:
-        """Fold into a plain nn.Conv2d (same hyper-parameters, device, dtype, training flag).
+        """Fold into a plain nn.Conv2d (same hyper-parameters, device, dtype, training flag,
+        requires_grad flags and forward / backward hooks).
 
         The kernel is composed in float64 and cast back to the parameters' dtype.
         """
+        self._check_no_hook_reparametrisation(self, 'fold')
         conv = self._empty_plain_conv()
         conv.weight.copy_(fold_kernel(self.weight, self.D, self.weight_extra, self.groups))
+        conv.weight.requires_grad_(self.weight.requires_grad)
         if self.bias is not None:
             conv.bias.copy_(self.bias)
-        conv.weight.requires_grad_(self.weight.requires_grad)
+            conv.bias.requires_grad_(self.bias.requires_grad)
         conv.train(self.training)
+        _carry_hooks(self, conv)
         return conv
 
     def _empty_plain_conv(self) -> nn.Conv2d:

@@ -62,7 +62,7 @@ class DOConv2dAdaptivePadding(DOConv2d, nn.Conv2d):
                             list(self.stride), list(self.dilation))
         if max(pads) > 0:
             input = F.pad(input, pads)
-        return self._conv_forward(input, self.weight, self.bias)
+        return self._own_conv_forward(input)
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d,

@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .doconv import DOConv2d, fold_kernel
+from .doconv import DOConv2d, _hook_reparametrisation, fold_kernel
 
 __all__ = ['fold_doconv', 'fold_state_dict', 'count_doconv']
 
@@ -31,6 +31,11 @@ def fold_doconv(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if isinstance(model, DOConv2d):
         return model.to_conv2d()
+    for name, layer in model.named_modules():  # refuse before changing anything
+        reparametrisation = isinstance(layer, DOConv2d) and _hook_reparametrisation(layer)
+        if reparametrisation:
+            raise ValueError(f'fold_doconv: cannot fold {name!r}: its weight is recomputed in a '
+                             f'forward pre-hook by {reparametrisation}, then fold.')
     if not inplace:  # deepcopy keeps shared submodules shared
         model = deepcopy(model, _graph_tensors_detached(model))
     folded = {}  # id(DOConv2d) -> (the layer, its folded conv); the layer is held so ids stay

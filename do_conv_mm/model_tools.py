@@ -53,7 +53,14 @@ def _fold_first(fuser):
     """A fuser method for (DOConv2d, ...) from torch's method for (nn.Conv2d, ...)."""
 
     def fuse(is_qat, conv, *others):
-        return fuser(is_qat, conv.to_conv2d(), *others)
+        plain = conv.to_conv2d()  # it runs conv's hooks, as the conv a stock fuser gets
+        fused = fuser(is_qat, plain, *others)
+        # torch's fuse_known_modules moves conv's pre-hooks onto the fused module: the fold's
+        # copies must not run a second time from inside it
+        for table in ('_forward_pre_hooks', '_forward_pre_hooks_with_kwargs'):
+            if table in plain.__dict__:
+                plain.__dict__[table].clear()
+        return fused
 
     return fuse
 
