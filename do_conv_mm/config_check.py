@@ -5,7 +5,8 @@ line naming the config path and the fix, what would otherwise fail deep inside m
 worse, build a model that silently computes something else. :func:`explain_build_error` turns a
 known DO-Conv build failure into such a line. The tools (train / test / fold / analyse) call
 both; :class:`~do_conv_mm.convert.DOConvModel` does too. After a build,
-:func:`components_ignoring_conv_cfg` names the components whose DO-Conv conv_cfg built nothing.
+:func:`components_ignoring_conv_cfg` names the components whose DO-Conv conv_cfg built nothing;
+:func:`d_held_by_trust_ratio` warns where the optimizer would keep D at zero.
 """
 import difflib
 import inspect
@@ -22,7 +23,8 @@ from mmengine.registry import MODELS
 from .doconv import DOConv2d, doconv_layer_type_for, is_doconv_layer_type, plain_layer_type
 
 __all__ = ['DOConvNotApplicableError', 'check_base_conv_types', 'check_doconv_cfg',
-           'components_ignoring_conv_cfg', 'explain_build_error', 'walk_cfg']
+           'components_ignoring_conv_cfg', 'd_held_by_trust_ratio', 'explain_build_error',
+           'walk_cfg']
 
 
 class DOConvNotApplicableError(ValueError):
@@ -448,3 +450,37 @@ def _explain_build_error(model_cfg: Dict, exc: BaseException,
                 f'remove it there and convert its k×k convs by name with '
                 f"model=dict(type='DOConvModel', model_type=..., doconv=dict(include=[...])).")
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Trust-ratio optimizers: D starts at zero
+# ----------------------------------------------------------------------------------------------
+def _adapts_group(optimizer_name: str, group: dict) -> bool:
+    """Whether mmpretrain's Lamb / LARS scales this group's steps by the parameters' own norms."""
+    if optimizer_name == 'Lamb':
+        return group.get('weight_decay', 0) != 0 or bool(group.get('always_adapt', False))
+    return not group.get('lars_exclude', False)  # LARS
+
+
+def d_held_by_trust_ratio(optimizer, model: nn.Module) -> Optional[str]:
+    """A warning where a trust-ratio optimizer (mmpretrain's ``Lamb``, ``LARS``) would keep D at 0.
+
+    Both scale a parameter's step by ‖p‖ / ‖update‖. D starts at exactly 0, so after the first
+    (warm-up sized) step every step is proportional to D's own tiny norm: D barely moves and the
+    DO-Conv layers train as plain convs. None where no trained D is adapted so."""
+    name = type(optimizer).__name__
+    if name not in ('Lamb', 'LARS'):
+        return None
+    d_ids = {id(m.D) for m in model.modules()
+             if isinstance(m, DOConv2d) and m.D is not None and m.D.requires_grad}
+    adapted = sum(1 for group in optimizer.param_groups if _adapts_group(name, group)
+                  for p in group['params'] if id(p) in d_ids)
+    if not adapted:
+        return None
+    fix = ("custom_keys={'.D': dict(decay_mult=0.)} (mmpretrain's Lamb does not adapt "
+           "parameters without weight decay)" if name == 'Lamb' else
+           "custom_keys={'.D': dict(lars_exclude=True, lr_mult=M)}, with lr·M an SGD-sized "
+           "rate (M = 0.01 for lr 4.8)")
+    return (f'{name} scales each parameter\'s step by its own norm (trust ratio), and D starts at '
+            f'0: {adapted} DO-Conv D tensors would stay near 0 and their layers train as plain '
+            f'convs. Fix: optim_wrapper.paramwise_cfg.{fix}.')

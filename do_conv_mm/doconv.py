@@ -25,6 +25,7 @@ How a forward pass computes W' (always from the current parameters; nothing is c
 """
 import copy
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -123,6 +124,22 @@ def _check_extra_follows(scale: torch.Tensor, old: torch.Tensor, extra: torch.Te
             f'to rescale the composed kernel there. Fold first (do_conv_mm.fold_doconv(model)) '
             f'and fuse the plain convs, or zero weight_extra on those channels too (README: '
             f'pruning).')
+
+
+_warned_d_trains_alone = False
+
+
+def _warn_d_trains_alone() -> None:
+    """Once per process: a layer frozen through ``weight`` alone still trains D."""
+    global _warned_d_trains_alone
+    if not _warned_d_trains_alone:
+        _warned_d_trains_alone = True
+        warnings.warn(
+            'DOConv2d: weight is frozen but D still trains, so the composed kernel keeps '
+            'changing. To freeze a DO-Conv layer, freeze all its parameters '
+            '(layer.requires_grad_(False), as frozen_stages do); code that freezes only '
+            'conv.weight / conv.bias (e.g. mmpretrain MoCoV3ViT(stop_grad_conv1=True)) also needs '
+            'conv.D.requires_grad_(False). Ignore this if D is meant to train alone.')
 
 
 # Hook tables of a module that run with it (forward / backward), in torch >= 1.13's names.
@@ -382,6 +399,8 @@ class DOConv2d(nn.Conv2d):
             if not (weight.requires_grad or D.requires_grad
                     or (extra is not None and extra.requires_grad)):
                 return self._expression_conv_forward(input, weight, bias)
+            if D.requires_grad and not weight.requires_grad:
+                _warn_d_trains_alone()
             input, padding = self._numeric_padding(input)
             composer = self._training_composer()
             if (composer is BATCHED_COMPOSER and self._recompose_in_autograd

@@ -271,3 +271,26 @@ def test_plain_state_dict_still_draws_fresh_extra_columns():
     assert not layer.D.any() and layer.weight_extra.abs().max() <= bound
     assert layer.weight_extra.abs().max() > 0
     copy.deepcopy(layer)  # still an ordinary module
+
+
+# ----------------------------------------------------------------------------------------------
+# Freezing through weight alone
+# ----------------------------------------------------------------------------------------------
+def test_a_layer_frozen_through_weight_alone_warns_once_that_D_trains(monkeypatch):
+    """Code that freezes conv.weight / conv.bias only (mmpretrain MoCoV3ViT(stop_grad_conv1=True))
+    leaves D training: said once per process; a wholly frozen or trained layer says nothing."""
+    import warnings
+    from do_conv_mm import doconv
+    monkeypatch.setattr(doconv, '_warned_d_trains_alone', False)
+    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        trained_layer()(x)
+        trained_layer().requires_grad_(False)(x)
+        partly = trained_layer()
+        partly.weight.requires_grad_(False)
+        partly.bias.requires_grad_(False)
+        partly(x)
+        partly(x)
+    messages = [str(w.message) for w in caught if 'D still trains' in str(w.message)]
+    assert len(messages) == 1 and 'requires_grad_(False)' in messages[0]

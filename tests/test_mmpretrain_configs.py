@@ -4,6 +4,7 @@ Every config inherits an mmpretrain model-zoo recipe and only adds DO-Conv to th
 the model is the stock one with D = 0: given the stock model's state dict it computes the
 identical tensor (torch.equal; see tests/test_configs.py for why no tolerance is needed).
 """
+import os.path as osp
 import subprocess
 import sys
 import warnings
@@ -221,3 +222,112 @@ def test_reparameterisable_backbone_folds_doconv_first(arch):
         scale = expected.abs().max()
         assert (deployed(x)[0] - expected).abs().max() <= 1e-4 * scale
         assert (unfolded(x)[0] - expected).abs().max() > 0.1 * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Trust-ratio optimizers (mmpretrain's Lamb, LARS): D starts at 0 and must still train
+# ----------------------------------------------------------------------------------------------
+def _tiny_doconv_classifier():
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(dict(
+            type='ImageClassifier',
+            backbone=dict(type='ResNet', depth=18, stem_channels=8, base_channels=8,
+                          conv_cfg=dict(type='DOConv')),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=4, in_channels=64)))
+
+
+def _optimizer(model, optimizer, paramwise_cfg=None):
+    from mmengine.optim import build_optim_wrapper
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return build_optim_wrapper(model, dict(type='OptimWrapper', optimizer=optimizer,
+                                               paramwise_cfg=paramwise_cfg or {})).optimizer
+
+
+def _d_change_after_steps(model, optimizer, steps=30):
+    """Median over DO-Conv layers of ‖W' − weight‖ / ‖weight‖ after ``steps`` steps under a
+    linear warm-up from 1e-4 (mmpretrain's recipes)."""
+    torch.manual_seed(1)
+    base = [group['lr'] for group in optimizer.param_groups]
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    for step in range(steps):
+        for group, lr in zip(optimizer.param_groups, base):
+            group['lr'] = lr * min(1.0, 1e-4 + step / 10)
+        optimizer.zero_grad()
+        logits = model.head.fc(model.neck(model.backbone(x))[-1])
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        changes = sorted(float((m.composed_weight() - m.weight).norm() / m.weight.norm())
+                         for m in model.modules() if isinstance(m, DOConv2d) and m.D is not None)
+    return changes[len(changes) // 2]
+
+
+@pytest.mark.parametrize('optimizer, fix', [
+    (dict(type='Lamb', lr=5e-3, weight_decay=0.01), {'.D': dict(decay_mult=0.)}),
+    (dict(type='LARS', lr=4.8, momentum=0.9, weight_decay=1e-6),
+     {'.D': dict(lars_exclude=True, lr_mult=0.01)}),
+])
+def test_trust_ratio_optimizers_are_warned_and_the_fix_trains_D(optimizer, fix):
+    """The warning's premise (D stays ~0 under the trust ratio) and its fix (D trains: measured
+    Lamb 1.7e-6 -> 6.9e-2, LARS 5.4e-4 -> 2.6e-2 relative kernel change; 30x is the bound)."""
+    from do_conv_mm.config_check import d_held_by_trust_ratio
+    torch.manual_seed(0)
+    model = _tiny_doconv_classifier()
+    held = _optimizer(model, optimizer)
+    message = d_held_by_trust_ratio(held, model)
+    assert message and optimizer['type'] in message and str(next(iter(fix))) in message
+    model_fixed = _tiny_doconv_classifier()
+    model_fixed.load_state_dict(model.state_dict())
+    fixed = _optimizer(model_fixed, optimizer, dict(custom_keys=fix))
+    assert d_held_by_trust_ratio(fixed, model_fixed) is None
+    held_change = _d_change_after_steps(model, held)
+    fixed_change = _d_change_after_steps(model_fixed, fixed)
+    assert held_change < 1e-3 and fixed_change > 30 * held_change
+
+
+def test_other_optimizers_and_the_shipped_lamb_config_are_not_warned():
+    from do_conv_mm.config_check import d_held_by_trust_ratio
+    model = _tiny_doconv_classifier()
+    for optimizer in (dict(type='SGD', lr=0.1), dict(type='AdamW', lr=1e-3)):
+        assert d_held_by_trust_ratio(_optimizer(model, optimizer), model) is None
+    cfg = Config.fromfile(_config_path('mmpretrain/cspnext-tiny-doconv_8xb256-rsb-a1-600e_in1k.py'))
+    assert cfg.optim_wrapper.optimizer.type == 'Lamb'
+    cspnext = _build(cfg)
+    assert d_held_by_trust_ratio(_optimizer(cspnext, cfg.optim_wrapper.optimizer,
+                                            cfg.optim_wrapper.paramwise_cfg), cspnext) is None
+
+
+def test_train_tool_warns_before_the_first_iteration(capsys):
+    """tools/train.py registers the check as a hook that reads the Runner's built optimizer."""
+    from mmengine.optim import OptimWrapper
+    sys.path.insert(0, osp.join(REPO, 'tools'))
+    try:
+        import train as train_tool
+    finally:
+        sys.path.pop(0)
+
+    class FakeRunner:
+        def __init__(self):
+            self.hooks = []
+            self.model = _tiny_doconv_classifier()
+            self.optim_wrapper = OptimWrapper(_optimizer(
+                self.model, dict(type='Lamb', lr=5e-3, weight_decay=0.01)))
+
+        def register_hook(self, hook, priority):
+            self.hooks.append(hook)
+
+    runner = FakeRunner()
+    train_tool.warn_where_d_cannot_train(runner)
+    (hook, ) = runner.hooks
+    from mmengine.logging import MMLogger
+    logged = []
+    logger = MMLogger.get_current_instance()
+    handler = __import__('logging').Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        hook.before_train(runner)
+    finally:
+        logger.removeHandler(handler)
+    assert any(line.startswith('DO-Conv: Lamb scales') for line in logged)

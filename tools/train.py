@@ -101,6 +101,27 @@ def check_pretrained(runner) -> None:
         print_log(f'pretrained: {line}', logger='current')
 
 
+def warn_where_d_cannot_train(runner) -> None:
+    """Once the optimizer is built (before the first iteration): warn where a trust-ratio
+    optimizer (mmpretrain's Lamb, LARS) would keep DO-Conv's D at zero."""
+    from mmengine.hooks import Hook
+    from mmengine.model import is_model_wrapper
+    from mmengine.optim import OptimWrapperDict
+    from do_conv_mm.config_check import d_held_by_trust_ratio
+
+    class TrustRatioCheck(Hook):
+        def before_train(self, runner):
+            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+            wrapper = runner.optim_wrapper
+            wrappers = wrapper.values() if isinstance(wrapper, OptimWrapperDict) else [wrapper]
+            for each in wrappers:
+                line = d_held_by_trust_ratio(each.optimizer, model)
+                if line:
+                    print_log(f'DO-Conv: {line}', logger='current', level=logging.WARNING)
+
+    runner.register_hook(TrustRatioCheck(), priority='LOWEST')
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -126,6 +147,7 @@ def main(argv=None):
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
         check_pretrained(runner)
+        warn_where_d_cannot_train(runner)
     except (ToolError, CheckpointError) as error:
         sys.exit(f'error: {error}')
     runner.train()

@@ -16,3 +16,7 @@ model = dict(
     model_type='ImageClassifier',
     doconv=dict(include=['backbone.stem', 'backbone.*.blocks.*.conv1']),
     backbone=dict(conv_cfg=conv_cfg))
+# The recipe's Lamb scales each step by the parameter's own norm (trust ratio): D, which starts at
+# 0, would stay there. mmpretrain's Lamb does not adapt parameters without weight decay, so D gets
+# none (as biases and norms in this recipe); it then trains as it does under SGD / AdamW.
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'.D': dict(decay_mult=0.)}))
