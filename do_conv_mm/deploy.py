@@ -566,12 +566,32 @@ def _deploy_config_header(out_config: str) -> str:
             f'checkpoint.\n')
 
 
-def _is_folded_checkpoint(path: str) -> bool:
+def _checkpoint_meta_has(path: str, key: str) -> bool:
+    """Whether ``path`` is a checkpoint whose ``meta[key]`` is set (a tool's own output)."""
     try:
         meta = load_checkpoint_file(path).get('meta')
     except Exception:  # not a checkpoint at all: foreign
         return False
-    return isinstance(meta, dict) and bool(meta.get('doconv_folded'))
+    return isinstance(meta, dict) and bool(meta.get(key))
+
+
+def _is_folded_checkpoint(path: str) -> bool:
+    return _checkpoint_meta_has(path, 'doconv_folded')
+
+
+def check_checkpoint_output(out: str, inputs: Sequence[Optional[str]], meta_key: str,
+                            overwrite: bool = False) -> None:
+    """Before a tool writes the checkpoint ``out``: it is none of ``inputs``, its directory is
+    writable, and an existing file there is replaced only if it is this tool's own output (its
+    ``meta[meta_key]`` set: a rerun) or with ``overwrite`` (--force)."""
+    for source in inputs:
+        if source and _same_file(out, source):
+            raise FoldError(f'OUT {out!r} is the same file as the input {source!r}; write to a '
+                            f'new path (inputs are never modified).')
+    check_writable_dir(out, 'OUT')
+    if not overwrite:
+        _check_replaceable(out, 'OUT', lambda path: _checkpoint_meta_has(path, meta_key),
+                           'a checkpoint')
 
 
 def _is_written_deploy_config(path: str) -> bool:

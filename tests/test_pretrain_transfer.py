@@ -285,6 +285,26 @@ def test_extract_from_ema_weights_and_bare_state_dicts(tmp_path):
     assert torch.equal(saved['state_dict']['conv1.weight'], torch.ones(2, 3, 7, 7))
 
 
+def test_extract_never_replaces_its_input_or_a_file_it_did_not_write(tmp_path):
+    """OUT = CHECKPOINT is refused (the classifier's head and optimizer state would be gone); an
+    existing file the tool did not write is kept unless --force; its own output is replaced."""
+    path, out, other = tmp_path / 'cls.pth', tmp_path / 'backbone.pth', tmp_path / 'det.pth'
+    torch.save(dict(state_dict={'backbone.conv1.weight': torch.ones(2, 3, 7, 7),
+                                'head.fc.weight': torch.ones(4, 2)}), path)
+    torch.save(dict(state_dict={'neck.conv.weight': torch.ones(1)}), other)
+    before = {p: p.read_bytes() for p in (path, other)}
+    for target in (path, other):
+        proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'extract_backbone.py'),
+                               str(path), str(target)], cwd=REPO, env=tool_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+            'error: OUT ')
+    assert {p: p.read_bytes() for p in (path, other)} == before
+    for args in ((path, out), (path, out), (path, other, '--force')):
+        assert run_tool('extract_backbone.py', *args).returncode == 0
+    assert 'extracted_from' in torch.load(other, weights_only=True)['meta']
+
+
 def test_extract_cspnext_keeps_its_stem_and_checks_doconvmodel_conversions(tmp_path):
     """A CSPNeXt classifier (RTMDet's pretraining): its stem is ``stem.N.conv`` in mmdet too, so
     extraction renames nothing (only the ResNet deep stem differs). ``--config`` with a

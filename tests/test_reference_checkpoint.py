@@ -312,3 +312,20 @@ def test_tool_finds_the_weights_where_training_scripts_put_them():
         assert list(convert_cli.reference_weights(checkpoint)) == ['conv.W']
     with pytest.raises(CheckpointError, match='keys: epoch, optimizer'):
         convert_cli.reference_weights({'epoch': 3, 'optimizer': {}})
+
+
+def test_tool_never_replaces_its_input_or_a_file_it_did_not_write(tmp_path):
+    """OUT = CHECKPOINT is refused (the reference checkpoint would be gone); an existing file the
+    tool did not write is kept unless --force; its own output is replaced (a rerun)."""
+    checkpoint, _, _ = reference_resnet_checkpoint()
+    path, out, other = tmp_path / 'ref.pth', tmp_path / 'out.pth', tmp_path / 'other.pth'
+    torch.save(checkpoint, path)
+    torch.save({'state_dict': {'x': torch.ones(1)}}, other)
+    before = {p: p.read_bytes() for p in (path, other)}
+    assert convert_cli.main([str(path), str(path)]) == 1
+    assert convert_cli.main([str(path), str(other)]) == 1
+    assert {p: p.read_bytes() for p in (path, other)} == before
+    assert convert_cli.main([str(path), str(out)]) == 0
+    assert convert_cli.main([str(path), str(out)]) == 0  # its own output: a rerun replaces it
+    assert convert_cli.main([str(path), str(other), '--force']) == 0
+    assert 'converted_from' in torch.load(other, weights_only=True)['meta']

@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument('--part', default='backbone',
                         help="the part of --config's model OUT is for (default: backbone; '' "
                         'for the whole model)')
+    parser.add_argument('--force', action='store_true',
+                        help='replace an existing OUT that this tool did not write')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of --config, key=value')
     return parser.parse_args(argv)
@@ -82,12 +84,14 @@ def conv_cfg_hint(layers) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from do_conv_mm.deploy import FoldError, check_writable_dir, save_atomically
+    from do_conv_mm.deploy import FoldError, check_checkpoint_output, save_atomically
     from do_conv_mm.pretrained import build_config_module, check_pretrained_state_dict
     from do_conv_mm.reference_checkpoint import convert_reference_state_dict
     from do_conv_mm.runner_setup import ToolError
     try:
-        check_writable_dir(args.out, 'OUT')
+        # OUT: not an input, in a writable directory, not a file this tool did not write
+        check_checkpoint_output(args.out, [args.checkpoint, args.config], 'converted_from',
+                                args.force)
         weights = reference_weights(load_checkpoint_file(args.checkpoint))
         target = kernel_sizes = None
         if args.config:

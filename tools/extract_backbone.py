@@ -40,6 +40,8 @@ def parse_args(argv=None):
                         'them as state_dict, the default; refused without EMA)')
     parser.add_argument('--config', help='an mmdet / mmseg config whose model.backbone OUT must '
                         'load into completely (checked before writing)')
+    parser.add_argument('--force', action='store_true',
+                        help='replace an existing OUT that this tool did not write')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of --config, key=value')
     return parser.parse_args(argv)
@@ -47,10 +49,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from do_conv_mm.deploy import FoldError, check_writable_dir, save_atomically
+    from do_conv_mm.deploy import FoldError, check_checkpoint_output, save_atomically
     from do_conv_mm.runner_setup import ToolError
     try:
-        check_writable_dir(args.out, 'OUT')  # also refuses an existing directory
+        # OUT: not an input, in a writable directory, not a file this tool did not write
+        check_checkpoint_output(args.out, [args.checkpoint, args.config], 'extracted_from',
+                                args.force)
         checkpoint = load_checkpoint_file(args.checkpoint)
         state_dict, renamed = backbone_state_dict(checkpoint, args.prefix, args.use_ema)
         n_doconv = sum(k.endswith('.D') for k in state_dict)
