@@ -21,7 +21,7 @@ import pickle
 import re
 import types
 import zipfile
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -205,6 +205,11 @@ def load_checkpoint_file(path: Union[str, os.PathLike],
     if kind == 'zip' and not zipfile.is_zipfile(path):
         raise CheckpointError(f'Checkpoint {path!r} is truncated or corrupt (its zip directory is '
                               f'missing); copy or save it again.')
+    if kind == 'zip':
+        damaged = _damaged_zip_member(path)
+        if damaged:
+            raise CheckpointError(f'Checkpoint {path!r} is corrupt ({damaged}); copy or save it '
+                                  f'again.')
     try:
         checkpoint = safe_torch_load(path, map_location)
     except pickle.UnpicklingError as error:
@@ -231,6 +236,17 @@ def load_checkpoint_file(path: Union[str, os.PathLike],
             config = Config.fromfile(os.fspath(config))
         check_checkpoint_config(checkpoint, config, path)
     return checkpoint
+
+
+def _damaged_zip_member(path: str) -> Optional[str]:
+    """None, or what is damaged in a torch zip checkpoint: torch.load does not check the CRC-32
+    that torch.save records for every record, so flipped bytes in tensor data would load."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        return f'{type(error).__name__}: {_short(str(error))}'
+    return None if bad is None else f'the data of {bad!r} fails its CRC check'
 
 
 def _unpickler_reason(message: str) -> str:

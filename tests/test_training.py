@@ -500,6 +500,13 @@ def test_load_checkpoint_file_good_and_bad_inputs(det_run, tmp_path, safe_loader
     with open(good, 'rb') as f:
         truncated.write_bytes(f.read()[:4096])
     assert 'truncated or corrupt' in error(truncated)
+    flipped = tmp_path / 'flipped.pth'  # bytes flipped inside tensor data: torch.load takes it
+    torch.save({'state_dict': {'w': torch.randn(256, 256)}}, flipped)
+    data = bytearray(flipped.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    flipped.write_bytes(bytes(data))
+    assert "fails its CRC check" in error(flipped)
     tensor = tmp_path / 'tensor.pth'
     torch.save(torch.ones(2), tensor)
     assert 'holds a Tensor, not a dict' in error(tensor)
