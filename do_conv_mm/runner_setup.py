@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import os.path as osp
+import re
 import time
 from typing import Optional
 
@@ -18,10 +19,11 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 
 from .checkpoint import CheckpointError, load_checkpoint_file
+from .doconv import DOConv2d
 
-__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'load_config', 'load_config_file',
-           'merge_cfg_options', 'prepare_cpu_distributed', 'prepare_toy_data', 'revert_sync_bn_cfg',
-           'set_work_dir']
+__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'check_checkpoint_fits', 'load_config',
+           'load_config_file', 'merge_cfg_options', 'prepare_cpu_distributed', 'prepare_toy_data',
+           'revert_sync_bn_cfg', 'set_work_dir']
 
 # The packages that own each default_scope, for the "not installed" message.
 _SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2',
@@ -118,6 +120,46 @@ def check_checkpoint(path: str, cfg: Optional[Config] = None) -> Optional[str]:
         return None
     from .checkpoint_guard import check_checkpoint_config
     return check_checkpoint_config(checkpoint, cfg, path)
+
+
+def check_checkpoint_fits(path: str, model) -> None:
+    """Refuse, in one line, a checkpoint that does not fit ``model`` where mmengine's non-strict
+    load would evaluate something else without an error: model weights it lacks (left random:
+    another model's checkpoint), DO-Conv parameters the model has no layer for (D dropped: a
+    config with DO-Conv on fewer components), mis-shaped tensors (another D_mul). A plain
+    checkpoint into DO-Conv layers (D = 0) and extra non-DO-Conv keys are fine, as for mmengine.
+    """
+    from mmengine.model import is_model_wrapper
+    from .checkpoint import key_listing, key_mismatch
+    if '://' in path:
+        return
+    model = model.module if is_model_wrapper(model) else model
+    checkpoint = load_checkpoint_file(path)
+    weights = checkpoint.get('state_dict', checkpoint)
+    weights = {re.sub(r'^module\.', '', k): v for k, v in weights.items() if hasattr(v, 'shape')}
+    expected = model.state_dict()
+    missing, unexpected, misshaped = key_mismatch(expected, weights)
+    plain_source = {name for name, m in model.named_modules()
+                    if isinstance(m, DOConv2d) and f'{name}.weight' in weights
+                    and f'{name}.D' not in weights}
+    missing = [k for k in missing if not k.endswith('num_batches_tracked') and not (
+        k.endswith(('.D', '.weight_extra')) and k.rsplit('.', 1)[0] in plain_source)]
+    dropped = [k for k in unexpected if k.endswith(('.D', '.weight_extra'))]
+    problems = []
+    if missing:
+        problems.append(f'it lacks {len(missing)} of the model\'s tensors, which would stay at '
+                        f'their initialisation ({key_listing(missing)})')
+    if dropped:
+        problems.append(f'it has DO-Conv parameters where this config builds plain convs, which '
+                        f'would be dropped ({key_listing(dropped)})')
+    if misshaped:
+        d_mul = any(k.endswith('.D') for k in misshaped)
+        problems.append(f'{len(misshaped)} tensors differ in shape ({key_listing(misshaped)}'
+                        f'{": another D_mul" if d_mul else ""})')
+    if problems:
+        raise CheckpointError(f'Checkpoint {path!r} does not fit the model of this config: '
+                              f'{"; ".join(problems)}. Pass the config it was trained with (its '
+                              f'work dir keeps a copy).')
 
 
 def set_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> None:

@@ -22,7 +22,7 @@ import do_conv_mm  # noqa: E402,F401
 from do_conv_mm import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file  # noqa: E402
 from do_conv_mm.checkpoint import safe_torch_load  # noqa: E402
 from training_helpers import (REPO, free_port, logged_scalars, run, run_tool,  # noqa: E402
-                              train_losses)
+                              tool_env, train_losses)
 
 
 
@@ -535,6 +535,31 @@ def test_test_tool_reports_bad_checkpoint_in_one_line(toy_configs, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith('error: ')
     assert 'is not a torch checkpoint' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_test_tool_refuses_a_checkpoint_that_does_not_fit_the_config(det_run, seg_run,
+                                                                     toy_configs, tmp_path):
+    """mmengine loads non-strictly: another model's checkpoint (weights left random), DO-Conv D
+    where the config builds plain convs (D dropped) and another D_mul (D and the extra columns
+    not loaded) would be evaluated without an error. One line each, naming the keys."""
+    detector = osp.join(det_run, 'epoch_4.pth')
+    cases = [
+        ([toy_configs['det'], osp.join(seg_run, 'iter_8.pth')], 'it lacks'),
+        ([toy_configs['det'], detector, '--cfg-options', 'model.neck.conv_cfg=None'],
+         'DO-Conv parameters where this config builds plain convs, which would be dropped '
+         '(neck.fpn_convs.0.conv.D'),
+        ([toy_configs['det'], detector, '--cfg-options', 'model.neck.conv_cfg.D_mul=12'],
+         'another D_mul'),
+    ]
+    for args, expected in cases:
+        proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'test.py'), *args,
+                               '--work-dir', str(tmp_path / 'work')], capture_output=True,
+                              text=True, timeout=300, env=tool_env())
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith('error: ') and 'does not fit the model' in last, last
+        assert expected in last, last
+    assert not (tmp_path / 'work' / 'test_metrics.json').exists()
 
 
 def test_train_tool_reports_dcn_with_doconv_in_one_line(tmp_path):

@@ -33,7 +33,8 @@ from mmengine.logging import print_log  # noqa: E402
 import do_conv_mm  # noqa: E402,F401  (DOConv registry entries + safe checkpoint globals)
 from do_conv_mm.checkpoint import CheckpointError  # noqa: E402
 from do_conv_mm.runner_setup import (ToolError, build_runner, check_checkpoint,  # noqa: E402
-                                     load_config, prepare_toy_data, set_work_dir)
+                                     check_checkpoint_fits, load_config, prepare_toy_data,
+                                     set_work_dir)
 
 METRICS_FILE = 'test_metrics.json'
 
@@ -140,6 +141,8 @@ def main(argv=None):
             request_output(cfg, args.out)
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
+        if not args.tta:  # a TTA model wraps the model: mmengine loads into it its own way
+            check_checkpoint_fits(args.checkpoint, runner.model)
     except (ToolError, CheckpointError) as error:
         sys.exit(f'error: {error}')
     if checkpoint_kind:
