@@ -621,6 +621,8 @@ def deploy_onnx(config: str,
                 f'verify failed: ONNX Runtime outputs differ from PyTorch beyond tolerance '
                 f'({report["verify_failures"]}); nothing was written. Check the deploy config '
                 f'and the onnxruntime version, or loosen --rtol/--atol.', report)
+        _check_inputs_kept(out_dir, os.listdir(stage),
+                           [config, checkpoint, deploy_cfg_path, image])
         os.makedirs(out_dir, exist_ok=True)
         for name in sorted(os.listdir(stage)):
             os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
@@ -628,6 +630,19 @@ def deploy_onnx(config: str,
         shutil.rmtree(stage, ignore_errors=True)
     report['out_dir'] = out_dir
     return report
+
+
+def _check_inputs_kept(out_dir: str, names, inputs) -> None:
+    """Inputs are never replaced: refuse where an output would land on one (e.g. an edited
+    ``OUT_DIR/deploy_cfg.py`` passed back as --deploy-cfg)."""
+    for name in names:
+        target = os.path.join(out_dir, name)
+        for source in inputs:
+            if (source and os.path.exists(target) and os.path.exists(source)
+                    and os.path.samefile(target, source)):
+                raise DeployError(f'{target!r} would be replaced by this export but it is the '
+                                  f'input {source!r}; nothing was written. Copy the input out of '
+                                  f'OUT_DIR or pass another OUT_DIR.')
 
 
 def _json_default(value: Any) -> Any:

@@ -408,3 +408,16 @@ def test_export_tool_bad_input_one_line_errors(trained_det, det_deploy, tmp_path
         [line] = error_lines(output)
         assert needle in line, line
         assert not osp.exists(str(args[2]))
+    # An input inside OUT_DIR at a name the export writes (an edited OUT_DIR/deploy_cfg.py passed
+    # back as --deploy-cfg) is never replaced.
+    out = tmp_path / 'again'
+    out.mkdir()
+    edited = out / 'deploy_cfg.py'
+    edited.write_text((det_deploy[0] / 'deploy_cfg.py').read_text() + '# edited\n')
+    before = edited.read_bytes()
+    code, output = deploy(DET_CFG, trained_det[1], out, '--deploy-cfg', edited, expect_ok=False)
+    assert code == 1, output[-2000:]
+    [line] = error_lines(output)
+    assert 'would be replaced by this export but it is the input' in line, line
+    assert edited.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [
+        'deploy_cfg.py']

@@ -560,6 +560,14 @@ def test_test_tool_refuses_a_checkpoint_that_does_not_fit_the_config(det_run, se
         assert last.startswith('error: ') and 'does not fit the model' in last, last
         assert expected in last, last
     assert not (tmp_path / 'work' / 'test_metrics.json').exists()
+    # --out on the checkpoint itself (a checkpoint named .pkl) is refused, the file kept.
+    as_pkl = tmp_path / 'model.pkl'
+    as_pkl.write_bytes(open(detector, 'rb').read())
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'test.py'), toy_configs['det'],
+                           str(as_pkl), '--out', str(as_pkl), '--work-dir', str(tmp_path / 'w')],
+                          capture_output=True, text=True, timeout=300, env=tool_env())
+    assert proc.returncode != 0 and 'is the input' in proc.stderr.strip().splitlines()[-1]
+    assert as_pkl.read_bytes() == open(detector, 'rb').read()
 
 
 def test_train_tool_reports_dcn_with_doconv_in_one_line(tmp_path):

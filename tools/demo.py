@@ -101,7 +101,8 @@ def print_table(doconv: dict, folded: dict, max_diff) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     work_dir = osp.abspath(args.work_dir)
-    config = args.config
+    # The steps run in the repository; a --config the caller gave is relative to the caller.
+    config = args.config if args.config == DEFAULT_CONFIG else osp.abspath(args.config)
     options = ['--cfg-options', *args.cfg_options] if args.cfg_options else []
     python = sys.executable
     fold_available = osp.isfile(FOLD_TOOL)
