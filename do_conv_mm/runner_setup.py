@@ -5,6 +5,7 @@ CLI > config > ``./work_dirs/<config name>``, ``runner_type`` through the scope'
 what those tools leave to a stack trace: a clear error for a missing config or an uninstalled
 scope, and distributed training on CPU-only machines (see :func:`prepare_cpu_distributed`).
 """
+import argparse
 import copy
 import importlib
 import logging
@@ -21,7 +22,8 @@ from mmengine.logging import print_log
 from .checkpoint import CheckpointError, load_checkpoint_file
 from .doconv import DOConv2d
 
-__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'check_checkpoint_fits', 'load_config',
+__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'check_checkpoint_fits',
+           'check_resumable', 'load_config', 'positive_int',
            'load_config_file', 'merge_cfg_options', 'prepare_cpu_distributed', 'prepare_toy_data',
            'revert_sync_bn_cfg', 'set_work_dir']
 
@@ -120,6 +122,35 @@ def check_checkpoint(path: str, cfg: Optional[Config] = None) -> Optional[str]:
         return None
     from .checkpoint_guard import check_checkpoint_config
     return check_checkpoint_config(checkpoint, cfg, path)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for sizes: an int >= 1 (``--shape 0 0`` failed deep inside the model)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} is not a positive size')
+    return value
+
+
+def check_resumable(path: str) -> None:
+    """``--resume`` continues a training run: refuse, in one line, a checkpoint without the
+    training state mmengine's resume reads (optimizer, message hub, epoch / iteration)."""
+    if '://' in path:
+        return
+    checkpoint = load_checkpoint_file(path)
+    meta = checkpoint.get('meta')
+    lacking = [k for k in ('optimizer', 'message_hub') if k not in checkpoint]
+    if not isinstance(meta, dict) or 'iter' not in meta:
+        lacking.append('meta.iter')
+    if lacking:
+        raise CheckpointError(
+            f'Checkpoint {path!r} is not a training checkpoint (no {", ".join(lacking)}: a '
+            f'folded, extracted or weights-only file); --resume continues a run from its '
+            f'epoch_N.pth / iter_N.pth. To train from its weights instead, pass '
+            f'--cfg-options load_from={path}.')
 
 
 def check_checkpoint_fits(path: str, model) -> None:

@@ -694,3 +694,12 @@ def test_bad_input_from_the_command_line_exits_non_zero_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith("error: Checkpoint '")
     assert 'Traceback' not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('shape', [['0', '0'], ['100', '-3'], ['a', '8']])
+def test_verify_shape_must_be_positive_sizes(shape, capsys):
+    """--shape 0 0 failed deep inside the model as "a do_conv_mm bug": argparse refuses it now."""
+    with pytest.raises(SystemExit) as exit_info:
+        fold_cli.parse_args([str(TOY_DET), 'ckpt.pth', 'out.pth', '--verify', '--shape', *shape])
+    assert exit_info.value.code == 2
+    assert 'argument --shape' in capsys.readouterr().err

@@ -128,6 +128,21 @@ def test_detection_resume_continues(det_run, toy_configs, tmp_path):
     assert resumed == [9, 10, 11, 12]
 
 
+def test_resume_from_a_weights_only_checkpoint_says_to_use_load_from(det_run, toy_configs,
+                                                                      tmp_path):
+    """--resume needs the training state; mmengine died in a 400-line KeyError ('message_hub')."""
+    weights = tmp_path / 'weights.pth'
+    torch.save({'state_dict': load_checkpoint_file(osp.join(det_run, 'epoch_4.pth'))['state_dict']},
+               weights)
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), toy_configs['det'],
+                           '--work-dir', str(tmp_path / 'work'), '--resume', str(weights)],
+                          capture_output=True, text=True, timeout=300, env=tool_env())
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and 'is not a training checkpoint' in last, last
+    assert f'--cfg-options load_from={weights}' in last and 'Traceback' not in proc.stderr
+
+
 def test_detection_test_tool_reports_metric(det_run, toy_configs, tmp_path):
     work_dir = str(tmp_path / 'test')
     out = str(tmp_path / 'preds.pkl')

@@ -41,7 +41,8 @@ from do_conv_mm.config_check import (DOConvNotApplicableError,  # noqa: E402
                                      explain_build_error)
 from do_conv_mm.deploy import checkpoint_weights  # noqa: E402
 from do_conv_mm.deploy_verify import model_task  # noqa: E402
-from do_conv_mm.runner_setup import load_config_file, merge_cfg_options  # noqa: E402
+from do_conv_mm.runner_setup import (load_config_file, merge_cfg_options,  # noqa: E402
+                                     positive_int)
 
 DEFAULT_DET_SHAPE = (800, 1344)
 DEFAULT_SEG_SHAPE = (512, 1024)
@@ -53,7 +54,7 @@ DUMMY_BOXES = ((0.10, 0.10, 0.45, 0.55), (0.50, 0.30, 0.90, 0.90), (0.30, 0.60, 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='DO-Conv coverage of a model config')
     parser.add_argument('config', help='config file path')
-    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+    parser.add_argument('--shape', type=positive_int, nargs=2, metavar=('H', 'W'),
                         help='dummy input height and width (multiples of 32)')
     parser.add_argument('--mode', choices=['loss', 'tensor'], default='loss',
                         help='forward pass to count FLOPs on (default: loss = training pass)')

@@ -36,6 +36,7 @@ TOLERANCE_HELP = (
 def parse_args(argv=None):
     from do_conv_mm.deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL
     from do_conv_mm.onnx_deploy import DEFAULT_BOX_ATOL, DEFAULT_SCORE_ATOL
+    from do_conv_mm.runner_setup import positive_int
     parser = argparse.ArgumentParser(
         description='Fold (if needed), export with mmdeploy to ONNX, run in ONNX Runtime and '
         'compare with PyTorch.', epilog=TOLERANCE_HELP)
@@ -54,7 +55,7 @@ def parse_args(argv=None):
                         'the config\'s test set and print both metrics')
     parser.add_argument('--image', help='export/verify input image (default: the test set\'s '
                         'first image, else a seeded random image)')
-    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+    parser.add_argument('--shape', type=positive_int, nargs=2, metavar=('H', 'W'),
                         help='static configs: export at H x W (the pipeline resizes to it; '
                         'detectors then pad to the config\'s size divisor, e.g. 32: 100 150 '
                         'exports 128 x 160); dynamic configs take any size. Also the size of the '

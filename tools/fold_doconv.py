@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 from do_conv_mm.deploy import (DEFAULT_ATOL, DEFAULT_RTOL, FoldError,  # noqa: E402
                                fold_checkpoint, fold_checkpoints)
+from do_conv_mm.runner_setup import positive_int  # noqa: E402
 
 TOLERANCE_HELP = (
     'An output passes --verify when max|folded - DO-Conv| <= ATOL + RTOL * max|DO-Conv output|. '
@@ -58,8 +59,8 @@ def parse_args(argv=None):
                         'exit non-zero (and write nothing) beyond tolerance')
     parser.add_argument('--image', help='verify on this image through the config\'s test '
                         'pipeline (default: a seeded random image of --shape)')
-    parser.add_argument('--shape', type=int, nargs=2, default=[128, 128], metavar=('H', 'W'),
-                        help='random verify input size (default 128 128)')
+    parser.add_argument('--shape', type=positive_int, nargs=2, default=[128, 128],
+                        metavar=('H', 'W'), help='random verify input size (default 128 128)')
     parser.add_argument('--atol', type=float, default=DEFAULT_ATOL,
                         help=f'absolute tolerance for --verify (default {DEFAULT_ATOL:g})')
     parser.add_argument('--rtol', type=float, default=DEFAULT_RTOL,

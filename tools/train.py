@@ -30,7 +30,8 @@ from mmengine.runner import find_latest_checkpoint  # noqa: E402
 import do_conv_mm  # noqa: E402,F401  (DOConv registry entries + safe checkpoint globals)
 from do_conv_mm.checkpoint import CheckpointError  # noqa: E402
 from do_conv_mm.runner_setup import (ToolError, build_runner, check_checkpoint,  # noqa: E402
-                                     load_config, prepare_toy_data, set_work_dir)
+                                     check_resumable, load_config, prepare_toy_data,
+                                     set_work_dir)
 
 
 def parse_args(argv=None):
@@ -141,9 +142,12 @@ def main(argv=None):
             cfg.load_from = args.resume
         if cfg.get('load_from'):
             check_checkpoint(cfg.load_from, cfg)
+            if cfg.get('resume'):
+                check_resumable(cfg.load_from)
         elif cfg.get('resume') and osp.isfile(osp.join(cfg.work_dir, 'last_checkpoint')):
             # what the Runner resumes from without load_from
             check_checkpoint(find_latest_checkpoint(cfg.work_dir), cfg)
+            check_resumable(find_latest_checkpoint(cfg.work_dir))
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
         check_pretrained(runner)
