@@ -16,15 +16,15 @@ import time
 from typing import Optional
 
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 
 from .checkpoint import CheckpointError, load_checkpoint_file
 from .doconv import DOConv2d
 
-__all__ = ['ToolError', 'build_runner', 'check_checkpoint', 'check_checkpoint_fits',
-           'check_resumable', 'load_config', 'positive_int',
-           'load_config_file', 'merge_cfg_options', 'prepare_cpu_distributed', 'prepare_toy_data',
+__all__ = ['CfgOptionsAction', 'ToolError', 'build_runner', 'check_checkpoint',
+           'check_checkpoint_fits', 'check_resumable', 'load_config', 'load_config_file',
+           'merge_cfg_options', 'positive_int', 'prepare_cpu_distributed', 'prepare_toy_data',
            'revert_sync_bn_cfg', 'set_work_dir']
 
 # The packages that own each default_scope, for the "not installed" message.
@@ -122,6 +122,18 @@ def check_checkpoint(path: str, cfg: Optional[Config] = None) -> Optional[str]:
         return None
     from .checkpoint_guard import check_checkpoint_config
     return check_checkpoint_config(checkpoint, cfg, path)
+
+
+class CfgOptionsAction(DictAction):
+    """mmengine's ``--cfg-options`` action, with an argparse error for an item without ``=``
+    (mmengine's raises ValueError: a 27-line traceback)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in values:
+            if '=' not in item:
+                parser.error(f'argument {option_string}: {item!r} is not KEY=VALUE (e.g. '
+                             f'train_cfg.max_epochs=1)')
+        super().__call__(parser, namespace, values, option_string)
 
 
 def positive_int(text: str) -> int:

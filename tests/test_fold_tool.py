@@ -703,3 +703,15 @@ def test_verify_shape_must_be_positive_sizes(shape, capsys):
         fold_cli.parse_args([str(TOY_DET), 'ckpt.pth', 'out.pth', '--verify', '--shape', *shape])
     assert exit_info.value.code == 2
     assert 'argument --shape' in capsys.readouterr().err
+
+
+def test_cfg_options_item_without_equals_is_an_argparse_error(capsys):
+    """mmengine's DictAction raised ValueError (a 27-line traceback); every tool uses
+    runner_setup.CfgOptionsAction, which names the item."""
+    args = fold_cli.parse_args([str(TOY_DET), 'ckpt.pth', 'out.pth', '--cfg-options',
+                                'model.neck.num_outs=5', 'a.b=[1,2]'])
+    assert args.cfg_options == {'model.neck.num_outs': 5, 'a.b': [1, 2]}
+    with pytest.raises(SystemExit) as exit_info:
+        fold_cli.parse_args([str(TOY_DET), 'ckpt.pth', 'out.pth', '--cfg-options', 'foo'])
+    assert exit_info.value.code == 2
+    assert "argument --cfg-options: 'foo' is not KEY=VALUE" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import MODELS, init_default_scope
 
@@ -41,8 +41,8 @@ from do_conv_mm.config_check import (DOConvNotApplicableError,  # noqa: E402
                                      explain_build_error)
 from do_conv_mm.deploy import checkpoint_weights  # noqa: E402
 from do_conv_mm.deploy_verify import model_task  # noqa: E402
-from do_conv_mm.runner_setup import (load_config_file, merge_cfg_options,  # noqa: E402
-                                     positive_int)
+from do_conv_mm.runner_setup import (CfgOptionsAction, load_config_file,  # noqa: E402
+                                     merge_cfg_options, positive_int)
 
 DEFAULT_DET_SHAPE = (800, 1344)
 DEFAULT_SEG_SHAPE = (512, 1024)
@@ -66,7 +66,7 @@ def parse_args(argv=None):
                         help='with --checkpoint: make sure its EMA weights are analysed '
                         '(mmengine\'s EMAHook saves them as state_dict, the default; refused '
                         'without EMA)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of the config, xxx=yyy format')
     return parser.parse_args(argv)
 

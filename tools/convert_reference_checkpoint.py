@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
 
-from mmengine.config import DictAction  # noqa: E402
+from do_conv_mm.runner_setup import CfgOptionsAction  # noqa: E402
 
 from do_conv_mm.checkpoint import CheckpointError, key_listing, load_checkpoint_file  # noqa: E402
 from do_conv_mm.version import __version__  # noqa: E402
@@ -50,7 +50,7 @@ def parse_args(argv=None):
                         'for the whole model)')
     parser.add_argument('--force', action='store_true',
                         help='replace an existing OUT that this tool did not write')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of --config, key=value')
     return parser.parse_args(argv)
 

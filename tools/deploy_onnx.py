@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from mmengine.config import DictAction  # noqa: E402
+from do_conv_mm.runner_setup import CfgOptionsAction  # noqa: E402
 
 TOLERANCE_HELP = (
     'Criteria (fp32): a dense output (raw head map, segmentation logits) passes when '
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument('--box-atol', type=float, default=DEFAULT_BOX_ATOL,
                         help=f'detection box tolerance in pixels (default {DEFAULT_BOX_ATOL:g})')
     parser.add_argument('--runs', type=int, default=5, help='timed runs per runtime (median)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of CONFIG, key=value')
     return parser.parse_args(argv)
 

@@ -19,13 +19,12 @@ import os
 import sys
 import traceback
 
-from mmengine.config import DictAction
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from do_conv_mm.deploy import (DEFAULT_ATOL, DEFAULT_RTOL, FoldError,  # noqa: E402
                                fold_checkpoint, fold_checkpoints)
-from do_conv_mm.runner_setup import positive_int  # noqa: E402
+from do_conv_mm.runner_setup import CfgOptionsAction, positive_int  # noqa: E402
 
 TOLERANCE_HELP = (
     'An output passes --verify when max|folded - DO-Conv| <= ATOL + RTOL * max|DO-Conv output|. '
@@ -66,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument('--rtol', type=float, default=DEFAULT_RTOL,
                         help=f'tolerance relative to each output\'s max |value| for --verify '
                         f'(default {DEFAULT_RTOL:g})')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of CONFIG, key=value (as in tools/train.py)')
     args = parser.parse_args(argv)
     if args.image is not None and not args.verify:

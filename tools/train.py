@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a bare checkout
 
-from mmengine.config import DictAction  # noqa: E402
+from do_conv_mm.runner_setup import CfgOptionsAction  # noqa: E402
 from mmengine.logging import print_log  # noqa: E402
 from mmengine.runner import find_latest_checkpoint  # noqa: E402
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
         help='if a checkpoint is given, resume from it; without one, resume from the latest '
         'checkpoint in the work dir')
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
+        '--cfg-options', nargs='+', action=CfgOptionsAction,
         help='override settings of the config, key=value pairs (e.g. train_cfg.max_iters=10 '
         'or key="[a,b]")')
     parser.add_argument(
