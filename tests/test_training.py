@@ -5,6 +5,7 @@ few steps visibly lower the loss). One trained work dir per task is shared by th
 checks (module-scoped fixtures). Tools run as subprocesses, as a user runs them.
 """
 import json
+import logging
 import math
 import os.path as osp
 import pickle
@@ -623,3 +624,30 @@ def test_demo_trains_evaluates_folds_and_compares(toy_configs, tmp_path):
                                                               abs=1e-3)
     assert summary['max_output_difference'] < 1e-4
     assert 'DO-Conv' in proc.stdout and 'folded' in proc.stdout
+
+
+def test_train_tool_warns_before_replacing_an_earlier_runs_checkpoints(tmp_path):
+    """Training again into a work dir with checkpoints, without --resume, replaces them (as
+    mmdet's tool does): the tool says so before it starts, and not when resuming."""
+    from mmengine.config import Config
+    from mmengine.logging import MMLogger
+    sys.path.insert(0, osp.join(REPO, 'tools'))
+    try:
+        import train as train_tool
+    finally:
+        sys.path.pop(0)
+    (tmp_path / 'epoch_4.pth').write_bytes(b'')
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_4.pth'))
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        train_tool.warn_of_an_earlier_run(Config(dict(work_dir=str(tmp_path), resume=True)))
+        assert not logged
+        train_tool.warn_of_an_earlier_run(Config(dict(work_dir=str(tmp_path), resume=False)))
+    finally:
+        logger.removeHandler(handler)
+    assert len(logged) == 1 and 'earlier run (last: epoch_4.pth)' in logged[0]
+    assert 'Pass --resume' in logged[0]

@@ -102,6 +102,20 @@ def check_pretrained(runner) -> None:
         print_log(f'pretrained: {line}', logger='current')
 
 
+def warn_of_an_earlier_run(cfg) -> None:
+    """A work dir that holds an earlier run's checkpoints, trained again without --resume: the
+    new run replaces checkpoints of the same names (as mmdet's tool does), so say so first."""
+    marker = osp.join(cfg.work_dir, 'last_checkpoint')
+    if cfg.get('resume') or not osp.isfile(marker):
+        return
+    with open(marker) as f:
+        last = f.read().strip()
+    print_log(f'{cfg.work_dir} holds checkpoints of an earlier run (last: {osp.basename(last)}); '
+              f'this run starts anew and replaces those of the same names. Pass --resume to '
+              f'continue it, or another --work-dir to keep them.', logger='current',
+              level=logging.WARNING)
+
+
 def warn_where_d_cannot_train(runner) -> None:
     """Once the optimizer is built (before the first iteration): warn where a trust-ratio
     optimizer (mmpretrain's Lamb, LARS) would keep DO-Conv's D at zero."""
@@ -148,6 +162,7 @@ def main(argv=None):
             # what the Runner resumes from without load_from
             check_checkpoint(find_latest_checkpoint(cfg.work_dir), cfg)
             check_resumable(find_latest_checkpoint(cfg.work_dir))
+        warn_of_an_earlier_run(cfg)
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
         check_pretrained(runner)
