@@ -150,15 +150,19 @@ def safe_torch_load(path: str, map_location: Any = 'cpu') -> Any:
 
 
 def _file_kind(path: str) -> str:
-    """'zip' (torch >= 1.6 format), 'pickle' (legacy format), 'empty' or 'other'."""
+    """'zip' (torch >= 1.6 format), 'pickle' (legacy format), 'plain pickle' (pickle.dump, not
+    torch.save), 'safetensors', 'empty' or 'other'."""
     with open(path, 'rb') as f:
-        head = f.read(4)
+        head = f.read(12)
     if not head:
         return 'empty'
     if head.startswith(b'PK\x03\x04'):
         return 'zip'
-    if head[0] == 0x80:  # pickle protocol opcode
-        return 'pickle'
+    if head[0] == 0x80:  # pickle protocol opcode; torch's legacy format pickles its magic number
+        first = head[11:12] if head[2:3] == b'\x95' else head[2:3]  # after a protocol-4 FRAME
+        return 'pickle' if first == b'\x8a' else 'plain pickle'
+    if len(head) >= 9 and head[8:9] == b'{':  # 8-byte little-endian header size, then JSON
+        return 'safetensors'
     return 'other'
 
 
@@ -202,6 +206,12 @@ def load_checkpoint_file(path: Union[str, os.PathLike],
     if kind == 'other':
         raise CheckpointError(f'{path!r} is not a torch checkpoint (no zip or pickle header); '
                               f'pass a .pth file written by torch.save / mmengine.')
+    if kind == 'plain pickle':
+        raise CheckpointError(f'{path!r} is a Python pickle (pickle.dump), not a torch checkpoint; '
+                              f'save the weights with torch.save(model.state_dict(), path).')
+    if kind == 'safetensors':
+        raise CheckpointError(f'{path!r} is a safetensors file, not a torch checkpoint; convert '
+                              f'it: torch.save(safetensors.torch.load_file(path), "model.pth").')
     if kind == 'zip' and not zipfile.is_zipfile(path):
         raise CheckpointError(f'Checkpoint {path!r} is truncated or corrupt (its zip directory is '
                               f'missing); copy or save it again.')

@@ -133,6 +133,11 @@ class CfgOptionsAction(DictAction):
             if '=' not in item:
                 parser.error(f'argument {option_string}: {item!r} is not KEY=VALUE (e.g. '
                              f'train_cfg.max_epochs=1)')
+            if ' ' in item.partition('=')[2]:
+                parser.error(f'argument {option_string}: {item!r}: mmengine\'s parser deletes '
+                             f'spaces inside values (it would read '
+                             f'{item.replace(" ", "")!r}); use a path without spaces or set the '
+                             f'value in a config file')
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -208,6 +213,9 @@ def check_checkpoint_fits(path: str, model) -> None:
 def set_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> None:
     """work_dir priority: CLI > ``work_dir`` in the config > ./work_dirs/<config name>."""
     if work_dir is not None:
+        if osp.isfile(work_dir):
+            raise ToolError(f'--work-dir {work_dir!r} is a file; pass a directory (created if '
+                            f'missing).')
         cfg.work_dir = work_dir
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])

@@ -715,3 +715,8 @@ def test_cfg_options_item_without_equals_is_an_argparse_error(capsys):
         fold_cli.parse_args([str(TOY_DET), 'ckpt.pth', 'out.pth', '--cfg-options', 'foo'])
     assert exit_info.value.code == 2
     assert "argument --cfg-options: 'foo' is not KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # mmengine would read '/tmp/ab.pth'
+        fold_cli.parse_args([str(TOY_DET), 'c.pth', 'o.pth', '--cfg-options',
+                             'load_from=/tmp/a b.pth'])
+    assert "deletes spaces inside values (it would read 'load_from=/tmp/ab.pth')" in \
+        capsys.readouterr().err

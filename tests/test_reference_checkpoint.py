@@ -329,3 +329,12 @@ def test_tool_never_replaces_its_input_or_a_file_it_did_not_write(tmp_path):
     assert convert_cli.main([str(path), str(out)]) == 0  # its own output: a rerun replaces it
     assert convert_cli.main([str(path), str(other), '--force']) == 0
     assert 'converted_from' in torch.load(other, weights_only=True)['meta']
+
+
+def test_config_options_without_config_are_refused(capsys):
+    """--part / --cfg-options did nothing without --config (silently): an argparse error now."""
+    for extra in (['--part', 'decode_head'], ['--cfg-options', 'model.backbone.depth=50']):
+        with pytest.raises(SystemExit) as exit_info:
+            convert_cli.parse_args(['in.pth', 'out.pth', *extra])
+        assert exit_info.value.code == 2 and 'pass --config too' in capsys.readouterr().err
+    assert convert_cli.parse_args(['in.pth', 'out.pth']).part == 'backbone'

@@ -10,6 +10,7 @@ import math
 import os.path as osp
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -523,6 +524,16 @@ def test_load_checkpoint_file_good_and_bad_inputs(det_run, tmp_path, safe_loader
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
     flipped.write_bytes(bytes(data))
     assert "fails its CRC check" in error(flipped)
+    plain_pickle = tmp_path / 'plain.pkl'
+    plain_pickle.write_bytes(pickle.dumps({'w': [1.0]}, protocol=4))
+    assert 'is a Python pickle (pickle.dump), not a torch checkpoint' in error(plain_pickle)
+    header = json.dumps({'w': {'dtype': 'F32', 'shape': [1], 'data_offsets': [0, 4]}}).encode()
+    safetensors = tmp_path / 'model.safetensors'
+    safetensors.write_bytes(struct.pack('<Q', len(header)) + header + bytes(4))
+    assert 'is a safetensors file' in error(safetensors)
+    legacy = tmp_path / 'legacy.pth'  # torch's pre-1.6 format still loads
+    torch.save({'w': torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint_file(legacy)['w'], torch.ones(1))
     tensor = tmp_path / 'tensor.pth'
     torch.save(torch.ones(2), tensor)
     assert 'holds a Tensor, not a dict' in error(tensor)

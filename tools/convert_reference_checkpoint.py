@@ -45,14 +45,19 @@ def parse_args(argv=None):
                         help='fold every layer to its composed kernel: weights for plain convs')
     parser.add_argument('--config', help='an mmdet / mmseg / mmpretrain config whose --part OUT '
                         'must load into completely (checked before writing)')
-    parser.add_argument('--part', default='backbone',
+    parser.add_argument('--part', default=None,
                         help="the part of --config's model OUT is for (default: backbone; '' "
                         'for the whole model)')
     parser.add_argument('--force', action='store_true',
                         help='replace an existing OUT that this tool did not write')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of --config, key=value')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.config and (args.part is not None or args.cfg_options):
+        parser.error('--part and --cfg-options apply to --config; pass --config too')
+    if args.part is None:
+        args.part = 'backbone'
+    return args
 
 
 def reference_weights(checkpoint: dict) -> dict:

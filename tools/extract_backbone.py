@@ -44,7 +44,10 @@ def parse_args(argv=None):
                         help='replace an existing OUT that this tool did not write')
     parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of --config, key=value')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.cfg_options and not args.config:
+        parser.error('--cfg-options applies to --config; pass --config too')
+    return args
 
 
 def main(argv=None) -> int:
