@@ -720,3 +720,12 @@ def test_cfg_options_item_without_equals_is_an_argparse_error(capsys):
                              'load_from=/tmp/a b.pth'])
     assert "deletes spaces inside values (it would read 'load_from=/tmp/ab.pth')" in \
         capsys.readouterr().err
+
+
+def test_verify_image_must_be_an_image(tmp_path, capsys):
+    """A checkpoint given as --image failed in mmcv's pipeline as "a do_conv_mm bug"."""
+    not_image = tmp_path / 'ckpt.pth'
+    not_image.write_bytes(b'PK\x03\x04 not an image')
+    with pytest.raises(SystemExit) as exit_info:
+        fold_cli.parse_args([str(TOY_DET), 'c.pth', 'o.pth', '--verify', '--image', str(not_image)])
+    assert exit_info.value.code == 2 and 'is not a readable image file' in capsys.readouterr().err

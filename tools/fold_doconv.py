@@ -34,6 +34,14 @@ TOLERANCE_HELP = (
     'wrong fold differs by O(|D|), ~1e-1.')
 
 
+def _readable_image(path: str) -> bool:
+    import mmcv
+    try:
+        return os.path.isfile(path) and mmcv.imread(path) is not None
+    except Exception:  # mmcv / cv2 raise on some undecodable files
+        return False
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description='Fold DO-Conv checkpoints into plain-conv deploy checkpoints and write the '
@@ -70,6 +78,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.image is not None and not args.verify:
         parser.error('--image only applies with --verify')
+    if args.image is not None and not _readable_image(args.image):
+        parser.error(f'--image {args.image!r} is not a readable image file; pass a .jpg / .png, '
+                     f'or verify on a random input (no --image)')
     return args
 
 
