@@ -323,7 +323,15 @@ def build_runner(cfg: Config):
         from .config_check import explain_build_error
         message = explain_build_error(cfg.model, error, cfg.get('default_scope'))
         if message is None:
-            raise
+            if os.environ.get('DO_CONV_MM_TRACEBACK'):
+                raise
+            # A config mistake (a --cfg-options typo, an invalid argument) surfaces here deep
+            # inside mmengine's registry: one line with the error, the traceback on request.
+            text = str(error).strip()
+            first = text.splitlines()[0] if text else ''
+            message = (f'could not build the model / runner from the config: '
+                       f'{type(error).__name__}: {first} (DO_CONV_MM_TRACEBACK=1 prints the '
+                       f'traceback)')
         raise ToolError(message) from None
     _warn_conv_cfg_ignored(cfg, runner.model)
     return runner

@@ -662,3 +662,18 @@ def test_train_tool_warns_before_replacing_an_earlier_runs_checkpoints(tmp_path)
         logger.removeHandler(handler)
     assert len(logged) == 1 and 'earlier run (last: epoch_4.pth)' in logged[0]
     assert 'Pass --resume' in logged[0]
+
+
+def test_a_config_mistake_at_build_is_one_line(toy_configs, tmp_path):
+    """A --cfg-options typo surfaces deep in mmengine's registry (a 380-line traceback): one
+    error line with the error's own message; DO_CONV_MM_TRACEBACK=1 gives the traceback."""
+    command = [sys.executable, osp.join(REPO, 'tools', 'train.py'), toy_configs['det'],
+               '--work-dir', str(tmp_path / 'work'), '--cfg-options', 'model.backbone.depht=18']
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=tool_env())
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: could not build'), last
+    assert "unexpected keyword argument 'depht'" in last, last
+    env = dict(tool_env(), DO_CONV_MM_TRACEBACK='1')
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and 'Traceback' in proc.stderr
