@@ -310,3 +310,16 @@ def test_cls_configs_load_the_set_with_their_class_order(tmp_path):
                 assert int(osp.basename(sample.img_path)[:6]) % 4 == label
             item = dataset[5]
             assert tuple(item['inputs'].shape) == (3, 48, 48)
+
+
+def test_make_toy_data_tool_reports_an_unwritable_destination_in_one_line(tmp_path):
+    """An OUT under a file (or without permission) was a 15-line OSError traceback."""
+    import subprocess
+    import sys
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'make_toy_data.py'),
+                           '--out', str(blocker / 'toy'), '--num-train', '2', '--num-val', '1'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: cannot write the toy data')

@@ -63,6 +63,9 @@ def main(argv=None):
             k: settings[k] for k in ('num_train', 'num_val', 'img_size', 'seed')})
     except ValueError as err:
         sys.exit(f'error: {err}')
+    except OSError as err:  # an unwritable or full destination
+        sys.exit(f'error: cannot write the toy data to {osp.abspath(args.out)!r} '
+                 f'({err.strerror or err}); pass a writable --out directory.')
     print(f'toy data written to {root} in {time.perf_counter() - start:.1f} s '
           f'({args.num_train} train / {args.num_val} val images, {args.img_size}px)')
 
