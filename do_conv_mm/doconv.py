@@ -360,6 +360,8 @@ class DOConv2d(nn.Conv2d):
         """A ``torch.nn.utils.parametrize``d weight is evaluated once per call, as in
         nn.Conv2d (a stateful parametrisation, e.g. spectral_norm, advances once), and the
         layer sees that one tensor as its own weight, not as a substitute."""
+        if torch.jit.is_tracing():  # torch refuses to trace while caching parametrizations
+            return self._conv_forward(input, self.weight, self.bias)
         with parametrize.cached():
             return self._conv_forward(input, self.weight, self.bias)
 

@@ -133,7 +133,9 @@ class CfgOptionsAction(DictAction):
             if '=' not in item:
                 parser.error(f'argument {option_string}: {item!r} is not KEY=VALUE (e.g. '
                              f'train_cfg.max_epochs=1)')
-            if ' ' in item.partition('=')[2]:
+            # spaces next to , [ ] ( ) only separate items; elsewhere (a path, a string) mmengine's
+            # deletion would change the value
+            if ' ' in re.sub(r'\s*([,\[\]()])\s*', r'\1', item.partition('=')[2].strip()):
                 parser.error(f'argument {option_string}: {item!r}: mmengine\'s parser deletes '
                              f'spaces inside values (it would read '
                              f'{item.replace(" ", "")!r}); use a path without spaces or set the '
@@ -159,12 +161,12 @@ def check_resumable(path: str) -> None:
         return
     checkpoint = load_checkpoint_file(path)
     meta = checkpoint.get('meta')
-    lacking = [k for k in ('optimizer', 'message_hub') if k not in checkpoint]
+    lacking = [] if 'message_hub' in checkpoint else ['message_hub']  # optimizer: optional
     if not isinstance(meta, dict) or 'iter' not in meta:
         lacking.append('meta.iter')
     if lacking:
         raise CheckpointError(
-            f'Checkpoint {path!r} is not a training checkpoint (no {", ".join(lacking)}: a '
+            f'Checkpoint {path!r} is not a training checkpoint (no {" or ".join(lacking)}: a '
             f'folded, extracted or weights-only file); --resume continues a run from its '
             f'epoch_N.pth / iter_N.pth. To train from its weights instead, pass '
             f'--cfg-options load_from={path}.')
@@ -187,7 +189,7 @@ def check_checkpoint_fits(path: str, model) -> None:
     weights = {re.sub(r'^module\.', '', k): v for k, v in weights.items() if hasattr(v, 'shape')}
     expected = model.state_dict()
     missing, unexpected, misshaped = key_mismatch(expected, weights)
-    plain_source = {name for name, m in model.named_modules()
+    plain_source = {name for name, m in model.named_modules(remove_duplicate=False)
                     if isinstance(m, DOConv2d) and f'{name}.weight' in weights
                     and f'{name}.D' not in weights}
     missing = [k for k in missing if not k.endswith('num_batches_tracked') and not (

@@ -711,6 +711,9 @@ def test_cfg_options_item_without_equals_is_an_argparse_error(capsys):
     args = fold_cli.parse_args([str(TOY_DET), 'ckpt.pth', 'out.pth', '--cfg-options',
                                 'model.neck.num_outs=5', 'a.b=[1,2]'])
     assert args.cfg_options == {'model.neck.num_outs': 5, 'a.b': [1, 2]}
+    args = fold_cli.parse_args([str(TOY_DET), 'ckpt.pth', 'out.pth', '--cfg-options',
+                                'x=(0, 1, 2)', 'y=[123.675, 116.28]'])  # spaces between items
+    assert args.cfg_options == {'x': (0, 1, 2), 'y': [123.675, 116.28]}
     with pytest.raises(SystemExit) as exit_info:
         fold_cli.parse_args([str(TOY_DET), 'ckpt.pth', 'out.pth', '--cfg-options', 'foo'])
     assert exit_info.value.code == 2

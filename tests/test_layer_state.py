@@ -294,3 +294,16 @@ def test_a_layer_frozen_through_weight_alone_warns_once_that_D_trains(monkeypatc
         partly(x)
     messages = [str(w.message) for w in caught if 'D still trains' in str(w.message)]
     assert len(messages) == 1 and 'requires_grad_(False)' in messages[0]
+
+
+def test_a_parametrised_layer_traces_with_jit_trace():
+    """torch refuses to trace inside parametrize.cached(): tracing evaluates the parametrisation
+    as nn.Conv2d's forward does, and the trace follows later parameter updates."""
+    layer = trained_layer(D_mul=12)
+    parametrize.register_parametrization(layer, 'weight', CountingIdentity())
+    x = torch.randn(2, 4, 7, 7)
+    traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=ATOL32)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(2)
+    torch.testing.assert_close(traced(x), layer(x), rtol=0, atol=ATOL32)

@@ -531,6 +531,18 @@ def test_load_checkpoint_file_good_and_bad_inputs(det_run, tmp_path, safe_loader
     safetensors = tmp_path / 'model.safetensors'
     safetensors.write_bytes(struct.pack('<Q', len(header)) + header + bytes(4))
     assert 'is a safetensors file' in error(safetensors)
+    try:
+        from torch.utils.serialization import config as serialization_config
+    except ImportError:  # torch < 2.5 always writes CRCs
+        serialization_config = None
+    if serialization_config is not None:  # records saved without CRCs (CRC 0) load
+        no_crc = tmp_path / 'no_crc.pth'
+        serialization_config.save.compute_crc32 = False
+        try:
+            torch.save({'w': torch.ones(3)}, no_crc)
+        finally:
+            serialization_config.save.compute_crc32 = True
+        assert torch.equal(load_checkpoint_file(no_crc)['w'], torch.ones(3))
     legacy = tmp_path / 'legacy.pth'  # torch's pre-1.6 format still loads
     torch.save({'w': torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(load_checkpoint_file(legacy)['w'], torch.ones(1))
@@ -677,3 +689,24 @@ def test_a_config_mistake_at_build_is_one_line(toy_configs, tmp_path):
     env = dict(tool_env(), DO_CONV_MM_TRACEBACK='1')
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and 'Traceback' in proc.stderr
+
+
+def test_fit_and_resume_checks_accept_what_mmengine_loads_correctly(tmp_path):
+    """check_checkpoint_fits: a plain checkpoint into a DO-Conv layer registered under two names
+    (RTMDet's shared head convs) is D = 0 at both; check_resumable: a checkpoint saved without
+    optimizer state (CheckpointHook(save_optimizer=False)) resumes, one without the message hub
+    does not."""
+    from do_conv_mm import DOConv2d
+    from do_conv_mm.runner_setup import check_checkpoint_fits, check_resumable
+    model = torch.nn.Module()
+    model.a = model.b = DOConv2d(4, 4, 3, padding=1)
+    plain = tmp_path / 'plain.pth'
+    torch.save({'state_dict': {f'{name}.{key}': value for name in ('a', 'b') for key, value in
+                               torch.nn.Conv2d(4, 4, 3).state_dict().items()}}, plain)
+    check_checkpoint_fits(str(plain), model)
+    no_optimizer = tmp_path / 'no_optimizer.pth'
+    torch.save({'meta': {'epoch': 1, 'iter': 2}, 'state_dict': {}, 'message_hub': {}},
+               no_optimizer)
+    check_resumable(str(no_optimizer))
+    with pytest.raises(CheckpointError, match='no message_hub'):
+        check_resumable(str(plain))

@@ -139,7 +139,8 @@ def main(argv=None):
             enable_tta(cfg)
         if args.out is not None:
             for source in (args.checkpoint, args.config):
-                if osp.exists(args.out) and osp.samefile(args.out, source):
+                if ('://' not in source and osp.exists(args.out) and osp.exists(source)
+                        and osp.samefile(args.out, source)):
                     raise ToolError(f'--out {args.out!r} is the input {source!r}; dump the '
                                     f'predictions to a new path (inputs are never modified).')
             request_output(cfg, args.out)
