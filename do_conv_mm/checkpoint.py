@@ -166,6 +166,19 @@ def _file_kind(path: str) -> str:
     return 'other'
 
 
+# File kinds (:func:`_file_kind`) refused before torch.load, with the problem and the fix.
+_NOT_LOADABLE = {
+    'empty': ('Checkpoint {path!r} is empty (0 bytes), probably an interrupted save; use an '
+              'earlier checkpoint or save it again.'),
+    'other': ('{path!r} is not a torch checkpoint (no zip or pickle header); pass a .pth file '
+              'written by torch.save / mmengine.'),
+    'plain pickle': ('{path!r} is a Python pickle (pickle.dump), not a torch checkpoint; save '
+                     'the weights with torch.save(model.state_dict(), path).'),
+    'safetensors': ('{path!r} is a safetensors file, not a torch checkpoint; convert it: '
+                    'torch.save(safetensors.torch.load_file(path), "model.pth").'),
+}
+
+
 def load_checkpoint_file(path: Union[str, os.PathLike],
                          map_location: Any = 'cpu',
                          *,
@@ -200,18 +213,8 @@ def load_checkpoint_file(path: Union[str, os.PathLike],
         raise CheckpointError(f'Checkpoint {path!r} is a directory ({hint.strip()}); pass the '
                               f'.pth file itself.')
     kind = _file_kind(path)
-    if kind == 'empty':
-        raise CheckpointError(f'Checkpoint {path!r} is empty (0 bytes), probably an interrupted '
-                              f'save; use an earlier checkpoint or save it again.')
-    if kind == 'other':
-        raise CheckpointError(f'{path!r} is not a torch checkpoint (no zip or pickle header); '
-                              f'pass a .pth file written by torch.save / mmengine.')
-    if kind == 'plain pickle':
-        raise CheckpointError(f'{path!r} is a Python pickle (pickle.dump), not a torch checkpoint; '
-                              f'save the weights with torch.save(model.state_dict(), path).')
-    if kind == 'safetensors':
-        raise CheckpointError(f'{path!r} is a safetensors file, not a torch checkpoint; convert '
-                              f'it: torch.save(safetensors.torch.load_file(path), "model.pth").')
+    if kind in _NOT_LOADABLE:
+        raise CheckpointError(_NOT_LOADABLE[kind].format(path=path))
     if kind == 'zip' and not zipfile.is_zipfile(path):
         raise CheckpointError(f'Checkpoint {path!r} is truncated or corrupt (its zip directory is '
                               f'missing); copy or save it again.')
