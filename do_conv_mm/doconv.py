@@ -351,7 +351,10 @@ class DOConv2d(nn.Conv2d):
     def _own_conv_forward(self, input: torch.Tensor) -> torch.Tensor:
         """``_conv_forward`` with the layer's own weight and bias."""
         if not torch.jit.is_scripting():
-            if parametrize.is_parametrized(self, 'weight'):
+            # a dict lookup first: this runs on every call (is_parametrized's getattr raises
+            # and catches an AttributeError on a plain layer)
+            if 'parametrizations' in self._modules and parametrize.is_parametrized(self,
+                                                                                   'weight'):
                 return self._parametrized_conv_forward(input)
         return self._conv_forward(input, self.weight, self.bias)
 
