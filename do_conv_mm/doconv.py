@@ -258,17 +258,15 @@ class DOConv2d(nn.Conv2d):
         if getattr(self, 'D', None) is not None:
             self._reset_doconv_parameters()
 
-    def _reset_doconv_parameters(self) -> None:
-        """D = 0 (identity); extra W columns drawn like ``weight`` (Conv2d's default bound)."""
+    def _reset_doconv_parameters(self, names=('D', 'weight_extra')) -> None:
+        """D = 0 (identity); extra W columns drawn like ``weight`` (Conv2d's default bound,
+        1/sqrt(Cg·kh·kw)). ``names``: which of the two (a partial state dict keeps the other)."""
         with torch.no_grad():
-            self.D.zero_()
-            if self.weight_extra is not None:
-                self.weight_extra.uniform_(*self._extra_bounds())
-
-    def _extra_bounds(self):
-        """Conv2d's default init bound for ``weight``, used for the extra columns of W."""
-        bound = 1.0 / math.sqrt(self.weight[0].numel())
-        return -bound, bound
+            if 'D' in names:
+                self.D.zero_()
+            if 'weight_extra' in names and self.weight_extra is not None:
+                bound = 1.0 / math.sqrt(self.weight[0].numel())
+                self.weight_extra.uniform_(-bound, bound)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -309,11 +307,7 @@ class DOConv2d(nn.Conv2d):
                 fresh = torch.empty(param.shape, device=self.weight.device,
                                     dtype=self.weight.dtype)
                 setattr(self, name, nn.Parameter(fresh, requires_grad=param.requires_grad))
-        with torch.no_grad():
-            if 'D' in names:
-                self.D.zero_()
-            if 'weight_extra' in names:
-                self.weight_extra.uniform_(*self._extra_bounds())
+        self._reset_doconv_parameters(names)
 
     def __setattr__(self, name, value):
         if (name == 'weight' and isinstance(value, torch.Tensor)
