@@ -102,13 +102,15 @@ def _check_scope(cfg: Config) -> None:
                         f'tools/install.sh).') from None
 
 
-def check_checkpoint(path: str, cfg: Optional[Config] = None) -> Optional[str]:
+def check_checkpoint(path: str, cfg: Optional[Config] = None, *,
+                     resume: bool = False) -> Optional[str]:
     """Fail early, in one line, on a missing, damaged or unsafe local checkpoint.
 
     With ``cfg`` (the config it will be loaded into) a train/deploy mix-up is refused too (an
     unfolded DO-Conv checkpoint with a config that has no DO-Conv layer, see
     :mod:`do_conv_mm.checkpoint_guard`), and a one-line description of the checkpoint (folded
-    by the fold tool / unfolded DO-Conv / plain) is returned for the tool to report.
+    by the fold tool / unfolded DO-Conv / plain) is returned for the tool to report. With
+    ``resume``, a file without training state is refused as :func:`check_resumable` does.
     """
     if '://' in path:  # http(s)://, s3://, open-mmlab:// ... are mmengine's to fetch
         return None
@@ -118,10 +120,13 @@ def check_checkpoint(path: str, cfg: Optional[Config] = None) -> Optional[str]:
         raise CheckpointError(f'Checkpoint {path!r} holds neither a state_dict nor tensors '
                               f'(keys: {", ".join(list(checkpoint)[:5])}); pass a model '
                               f'checkpoint.')
-    if cfg is None:
-        return None
-    from .checkpoint_guard import check_checkpoint_config
-    return check_checkpoint_config(checkpoint, cfg, path)
+    kind = None
+    if cfg is not None:
+        from .checkpoint_guard import check_checkpoint_config
+        kind = check_checkpoint_config(checkpoint, cfg, path)
+    if resume:
+        _check_training_state(checkpoint, path)
+    return kind
 
 
 class CfgOptionsAction(DictAction):
@@ -156,10 +161,13 @@ def positive_int(text: str) -> int:
 
 def check_resumable(path: str) -> None:
     """``--resume`` continues a training run: refuse, in one line, a checkpoint without the
-    training state mmengine's resume reads (optimizer, message hub, epoch / iteration)."""
-    if '://' in path:
-        return
-    checkpoint = load_checkpoint_file(path)
+    training state mmengine's resume reads (message hub, epoch / iteration; the optimizer state
+    is optional). ``check_checkpoint(path, cfg, resume=True)`` does this on the same load."""
+    if '://' not in path:
+        _check_training_state(load_checkpoint_file(path), path)
+
+
+def _check_training_state(checkpoint: dict, path: str) -> None:
     meta = checkpoint.get('meta')
     lacking = [] if 'message_hub' in checkpoint else ['message_hub']  # optimizer: optional
     if not isinstance(meta, dict) or 'iter' not in meta:

@@ -30,8 +30,7 @@ from mmengine.runner import find_latest_checkpoint  # noqa: E402
 import do_conv_mm  # noqa: E402,F401  (DOConv registry entries + safe checkpoint globals)
 from do_conv_mm.checkpoint import CheckpointError  # noqa: E402
 from do_conv_mm.runner_setup import (ToolError, build_runner, check_checkpoint,  # noqa: E402
-                                     check_resumable, load_config, prepare_toy_data,
-                                     set_work_dir)
+                                     load_config, prepare_toy_data, set_work_dir)
 
 
 def parse_args(argv=None):
@@ -155,13 +154,10 @@ def main(argv=None):
             cfg.resume = True
             cfg.load_from = args.resume
         if cfg.get('load_from'):
-            check_checkpoint(cfg.load_from, cfg)
-            if cfg.get('resume'):
-                check_resumable(cfg.load_from)
+            check_checkpoint(cfg.load_from, cfg, resume=bool(cfg.get('resume')))
         elif cfg.get('resume') and osp.isfile(osp.join(cfg.work_dir, 'last_checkpoint')):
             # what the Runner resumes from without load_from
-            check_checkpoint(find_latest_checkpoint(cfg.work_dir), cfg)
-            check_resumable(find_latest_checkpoint(cfg.work_dir))
+            check_checkpoint(find_latest_checkpoint(cfg.work_dir), cfg, resume=True)
         warn_of_an_earlier_run(cfg)
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
