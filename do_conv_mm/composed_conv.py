@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .composition import autocast_dtype, compose_kernel, no_autocast
+from .composition import autocast_dtype, compose_kernel, in_layout_of, no_autocast
 
 __all__ = ['composed_conv2d', 'autocast_input']
 
@@ -59,9 +59,11 @@ class _ComposedConv2d(torch.autograd.Function):
         low_precision_kernel = None
         if autocast is None:
             kernel, token = composer.compose(weight, D, weight_extra, groups)
+            kernel = in_layout_of(kernel, weight)
         else:
             with torch.autocast(weight.device.type, enabled=False):
                 kernel, token = composer.compose(weight, D, weight_extra, groups)
+                kernel = in_layout_of(kernel, weight)
             # Only autocast convolves in another dtype than the parameters'. Any other mismatch
             # (a float64 or fp16 input to a float32 layer) reaches conv2d, which rejects it as
             # it does for nn.Conv2d.

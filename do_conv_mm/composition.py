@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 __all__ = ['compose_kernel', 'compose_kernel_backward', 'fold_kernel', 'plus_identity',
-           'autocast_dtype', 'no_autocast']
+           'in_layout_of', 'autocast_dtype', 'no_autocast']
 
 
 def compose_kernel(weight: torch.Tensor,
@@ -128,6 +128,16 @@ def fold_kernel(weight: torch.Tensor,
         extra = None if weight_extra is None else weight_extra.double()
         folded = compose_kernel(weight.double(), D.double(), extra, groups)
     return folded.to(weight.dtype)
+
+
+def in_layout_of(kernel: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``kernel`` (W', shaped like ``weight``) with ``weight``'s strides: conv2d picks its
+    memory format from its input's and its weight's, so a layer made channels_last convolves
+    (and returns) channels_last, as nn.Conv2d does. No copy where the strides agree already
+    (always for a contiguous weight and a contiguous W')."""
+    if kernel.stride() == weight.stride():
+        return kernel
+    return torch.empty_like(weight, dtype=kernel.dtype).copy_(kernel)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

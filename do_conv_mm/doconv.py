@@ -39,7 +39,7 @@ from .compose_batched import BATCHED_COMPOSER
 from .compose_blocked import BlockedComposer
 from .composed_conv import composed_conv2d
 from .recomposed_conv import AUTOGRAD_PATH_ENABLED, recomposable, recomposed_conv2d
-from .composition import compose_kernel, fold_kernel, no_autocast
+from .composition import compose_kernel, fold_kernel, in_layout_of, no_autocast
 
 __all__ = ['DOConv2d', 'compose_kernel', 'doconv_layer_type_for', 'doconv_twin_of', 'fold_kernel',
            'is_doconv_layer_type', 'plain_layer_type', 'register_doconv_layer']
@@ -411,7 +411,7 @@ class DOConv2d(nn.Conv2d):
         with no_autocast(self.weight.device.type):  # no_grad / inference_mode
             kernel, _ = self._training_composer().compose(self.weight, self.D, self.weight_extra,
                                                           self.groups)
-        return super()._conv_forward(input, kernel, bias)
+        return super()._conv_forward(input, in_layout_of(kernel, self.weight), bias)
 
     def _numeric_padding(self, input: torch.Tensor):
         """(input, numeric padding) for the training paths: non-'zeros' padding modes pad the
@@ -444,6 +444,9 @@ class DOConv2d(nn.Conv2d):
                 extra = extra * scale.view(-1, 1, 1).to(extra.dtype)
         with no_autocast(weight.device.type):
             kernel = compose_kernel(weight, self.D, extra, self.groups)
+        # fx proxies and vmap's batched tensors have no strides to follow
+        if not (isinstance(weight, torch.fx.Proxy) or _functorch_transforms_active()):
+            kernel = in_layout_of(kernel, weight)
         return super()._conv_forward(input, kernel, bias)
 
     def _training_composer(self):
@@ -524,8 +527,9 @@ class DOConv2d(nn.Conv2d):
         """
         self._check_no_hook_reparametrisation(self, 'fold')
         conv = self._empty_plain_conv()
-        conv.weight.copy_(fold_kernel(self.weight, self.D, self.weight_extra, self.groups))
-        conv.weight.requires_grad_(self.weight.requires_grad)
+        folded = in_layout_of(fold_kernel(self.weight, self.D, self.weight_extra, self.groups),
+                              self.weight)  # a channels_last layer folds channels_last
+        conv.weight = nn.Parameter(folded, requires_grad=self.weight.requires_grad)
         if self.bias is not None:
             conv.bias.copy_(self.bias)
             conv.bias.requires_grad_(self.bias.requires_grad)

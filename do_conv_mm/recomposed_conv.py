@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .compose_batched import channel_major
 from .composed_conv import autocast_input
-from .composition import autocast_dtype, no_autocast
+from .composition import autocast_dtype, in_layout_of, no_autocast
 
 __all__ = ['AUTOGRAD_PATH_ENABLED', 'recomposable', 'recomposed_conv2d']
 
@@ -106,13 +106,13 @@ def recomposed_conv2d(x: torch.Tensor, weight: torch.Tensor, D: torch.Tensor,
     if autocast is not None:
         x = autocast_input(x, autocast)
         with torch.autocast(x.device.type, enabled=False):
-            kernel = compose_channel_major(weight, D, groups)
+            kernel = in_layout_of(compose_channel_major(weight, D, groups), weight)
             if x.dtype == autocast and x.dtype != kernel.dtype:
                 kernel = kernel.to(x.dtype)
                 bias = None if bias is None else bias.to(x.dtype)
             return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
 
-    kernel = compose_channel_major(weight, D, groups)
+    kernel = in_layout_of(compose_channel_major(weight, D, groups), weight)
     if kernel.numel() * kernel.element_size() <= KEEP_MAX_BYTES:
         return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)
     # Autograd keeps the pack hook as long as the conv's saved tensors: it must not hold W'.

@@ -1,4 +1,5 @@
 """DOConv2d is exactly the paper's formula and a true drop-in for nn.Conv2d (torch only)."""
+import contextlib
 import itertools
 import pickle
 from copy import deepcopy
@@ -685,6 +686,40 @@ def test_channels_last_model_trains():
     expected = formula_gradients(layer, [x], lambda ys: ys[0].square().sum())
     for g, e in zip([p.grad for p in layer.parameters()], expected):
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+@pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
+@pytest.mark.parametrize('d_extra', [0, 3])
+@pytest.mark.parametrize('composer', ['cpu', 'launch-light'])
+def test_output_memory_format_follows_conv2d(monkeypatch, cin, cout, groups, d_extra, composer):
+    """conv2d returns channels_last where its input or its weight is: a model made
+    channels_last stays channels_last from its first conv on, even fed NCHW (mmdet's data
+    preprocessor). The output strides equal nn.Conv2d's for every input / layer layout, every
+    path (training, frozen, no_grad, inference_mode) and both composers; so do the folded
+    conv's."""
+    if composer == 'launch-light':
+        monkeypatch.setattr(DOConv2d, '_training_composer', lambda self: BATCHED_COMPOSER)
+    base = torch.randn(2, cin, 7, 6)
+    for layer_format in (torch.contiguous_format, torch.channels_last):
+        layer = randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=9 + d_extra))
+        plain = nn.Conv2d(cin, cout, 3, padding=1, groups=groups)
+        layer.to(memory_format=layer_format)
+        plain.to(memory_format=layer_format)
+        assert layer.weight.stride() == plain.weight.stride()
+        folded = layer.to_conv2d()
+        assert folded.weight.stride() == plain.weight.stride()
+        for input_format in (torch.contiguous_format, torch.channels_last):
+            x = base.contiguous(memory_format=input_format)
+            expected = plain(x).stride()
+            for mode in ('train', 'frozen', 'no_grad', 'inference_mode'):
+                layer.requires_grad_(mode != 'frozen')
+                with (torch.inference_mode() if mode == 'inference_mode' else
+                      torch.no_grad() if mode == 'no_grad' else contextlib.nullcontext()):
+                    y = layer(x)
+                assert y.stride() == expected, (layer_format, input_format, mode)
+                if mode == 'train':
+                    y.sum().backward()
+            assert folded(x).stride() == expected
 
 
 def test_unbatched_input_trains():
