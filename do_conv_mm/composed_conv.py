@@ -64,10 +64,10 @@ class _ComposedConv2d(torch.autograd.Function):
             with torch.autocast(weight.device.type, enabled=False):
                 kernel, token = composer.compose(weight, D, weight_extra, groups)
                 kernel = in_layout_of(kernel, weight)
-            # Only autocast convolves in another dtype than the parameters'. Any other mismatch
-            # (a float64 or fp16 input to a float32 layer) reaches conv2d, which rejects it as
-            # it does for nn.Conv2d.
-            if x.dtype != weight.dtype and x.dtype == autocast:
+            # Only autocast convolves in another dtype than the parameters', and it never casts
+            # float64. Any other mismatch (a float64 layer's kernel, a float64 or fp16 input to a
+            # float32 layer) reaches conv2d, which rejects it as it does for nn.Conv2d.
+            if x.dtype != weight.dtype and x.dtype == autocast and weight.dtype != torch.float64:
                 # The token stays: the composer's backward needs it (P = D + I on CUDA).
                 kernel = low_precision_kernel = kernel.to(x.dtype)
         # The bias is not saved (its gradient needs only its shape): an in-place bias update

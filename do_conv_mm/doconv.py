@@ -227,18 +227,19 @@ class DOConv2d(nn.Conv2d):
         if D_mul is not None and (isinstance(D_mul, bool) or not isinstance(D_mul, int)):
             raise TypeError(f'DOConv2d: D_mul must be an int or None, got {D_mul!r} '
                             f'({type(D_mul).__name__}).')
-        if taps == 1:
-            # A 1×1 DO-Conv adds nothing a 1×1 conv cannot express: keep it plain.
+        if taps > 1 and D_mul is not None and D_mul < taps:
+            raise ValueError(
+                f'DOConv2d: D_mul={D_mul} is smaller than kh*kw={taps} for kernel '
+                f'{self.kernel_size}; that is no over-parameterisation and would zero part '
+                f'of the kernel. Use D_mul >= {taps} or leave it unset (default {taps}).')
+        if taps == 1 or self.weight.numel() == 0:
+            # A 1×1 DO-Conv adds nothing a 1×1 conv cannot express, and a conv without
+            # channels has no kernel to compose: keep them plain.
             self.D_mul = 1
             self.register_parameter('D', None)
             self.register_parameter('weight_extra', None)
         else:
             D_mul = taps if D_mul is None else D_mul
-            if D_mul < taps:
-                raise ValueError(
-                    f'DOConv2d: D_mul={D_mul} is smaller than kh*kw={taps} for kernel '
-                    f'{self.kernel_size}; that is no over-parameterisation and would zero part '
-                    f'of the kernel. Use D_mul >= {taps} or leave it unset (default {taps}).')
             self.D_mul = D_mul
             factory = dict(device=self.weight.device, dtype=self.weight.dtype)
             self.D = nn.Parameter(torch.zeros(in_channels, taps, D_mul, **factory))
@@ -427,6 +428,9 @@ class DOConv2d(nn.Conv2d):
             totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]  # (h, w)
             if all(total % 2 == 0 for total in totals):
                 return input, tuple(total // 2 for total in totals)
+            if input.dim() not in (3, 4):  # conv2d's own check, before the pad changes sizes
+                raise RuntimeError(f'Expected 3D (unbatched) or 4D (batched) input to conv2d, '
+                                   f'but got input of size: {list(input.shape)}')
             (total_h, total_w) = totals
             return F.pad(input, (total_w // 2, total_w - total_w // 2,
                                  total_h // 2, total_h - total_h // 2)), (0, 0)

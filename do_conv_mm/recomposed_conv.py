@@ -107,7 +107,7 @@ def recomposed_conv2d(x: torch.Tensor, weight: torch.Tensor, D: torch.Tensor,
         x = autocast_input(x, autocast)
         with torch.autocast(x.device.type, enabled=False):
             kernel = in_layout_of(compose_channel_major(weight, D, groups), weight)
-            if x.dtype == autocast and x.dtype != kernel.dtype:
+            if x.dtype == autocast and x.dtype != kernel.dtype and kernel.dtype != torch.float64:
                 kernel = kernel.to(x.dtype)
                 bias = None if bias is None else bias.to(x.dtype)
             return F.conv2d(x, kernel, bias, stride, padding, dilation, groups)

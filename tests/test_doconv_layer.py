@@ -722,6 +722,59 @@ def test_output_memory_format_follows_conv2d(monkeypatch, cin, cout, groups, d_e
             assert folded(x).stride() == expected
 
 
+def _outcome(call):
+    """What a call gives: ('ok', output shape) or ('error', its message)."""
+    try:
+        return 'ok', tuple(call().shape)
+    except RuntimeError as error:
+        return 'error', str(error)
+
+
+@pytest.mark.parametrize('composer', ['cpu', 'launch-light'])
+@pytest.mark.parametrize('d_mul', [9, 12])
+def test_float64_layer_under_autocast_fails_as_conv2d(monkeypatch, composer, d_mul):
+    """Autocast never casts float64: a float64 layer fed float32 under CPU autocast gets a
+    bf16 input next to its float64 kernel, which conv2d rejects. The training paths used to
+    cast the kernel down and train in bf16 (while no_grad raised)."""
+    if composer == 'launch-light':
+        monkeypatch.setattr(DOConv2d, '_training_composer', lambda self: BATCHED_COMPOSER)
+    layer = DOConv2d(4, 6, 3, padding=1, D_mul=d_mul, dtype=torch.float64)
+    plain = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(2, 4, 5, 5)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast('cpu', dtype=torch.bfloat16):
+            got, expected = _outcome(lambda: layer(x)), _outcome(lambda: plain(x))
+        assert expected[0] == 'error'
+        assert got == expected, grad
+
+
+def test_wrong_rank_input_is_reported_with_its_own_sizes():
+    """'same' padding with an odd total pads the input in the layer; the rank error still
+    names the sizes the caller passed, as nn.Conv2d's does."""
+    layer, plain = DOConv2d(4, 6, 2, padding='same'), nn.Conv2d(4, 6, 2, padding='same')
+    for shape in [(4, 5), (1, 2, 4, 5, 5)]:
+        x = torch.randn(shape)
+        got, expected = _outcome(lambda: layer(x)), _outcome(lambda: plain(x))
+        assert expected[0] == 'error' and str(list(shape)) in expected[1]
+        assert got == expected
+
+
+@pytest.mark.parametrize('cin,cout', [(0, 4), (4, 0)])
+def test_convs_without_channels_build_and_run_as_conv2d(cin, cout):
+    """nn.Conv2d takes 0 input or output channels (pruned or generated architectures): so
+    does DOConv2d, as a plain conv (no kernel to compose), forward and fold alike."""
+    layer = DOConv2d(cin, cout, 3, D_mul=10)
+    assert layer.D is None and layer.weight_extra is None
+    plain = nn.Conv2d(cin, cout, 3)
+    x = torch.randn(1, cin, 5, 5)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert _outcome(lambda: layer(x)) == _outcome(lambda: plain(x))
+    assert type(layer.to_conv2d()) is nn.Conv2d
+    with pytest.raises(ValueError, match='D_mul=5 is smaller'):
+        DOConv2d(cin, cout, 3, D_mul=5)
+
+
 def test_unbatched_input_trains():
     """(C, H, W) input, as nn.Conv2d takes it: forward and every gradient match the batched
     formula."""
