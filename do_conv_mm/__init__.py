@@ -8,6 +8,8 @@ through ``custom_imports=dict(imports=['do_conv_mm'], allow_failed_imports=False
 converter ``DOConvModel`` goes into mmdet's, mmseg's and mmpretrain's ``MODELS`` (whichever are
 installed; not mmengine's root, where only conv layers belong).
 """
+# First: importing stack_check checks torch and mmcv (no pip requirements) and names the fix.
+from .stack_check import check_stack
 from .amp import BF16AmpOptimWrapper
 from .checkpoint import CheckpointError, allow_mmengine_checkpoint_types, load_checkpoint_file
 from .config_check import check_doconv_cfg
@@ -31,5 +33,5 @@ __all__ = [
     'FoldError', 'fold_checkpoint', 'fold_checkpoints', 'make_deploy_config',
     'BF16AmpOptimWrapper', 'CheckpointError', 'allow_mmengine_checkpoint_types',
     'load_checkpoint_file', 'PretrainedMismatchError', 'backbone_state_dict',
-    'check_pretrained_inits', 'check_pretrained_state_dict', '__version__'
+    'check_pretrained_inits', 'check_pretrained_state_dict', 'check_stack', '__version__'
 ]

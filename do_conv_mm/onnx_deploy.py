@@ -77,12 +77,13 @@ ROI = 'roi_outputs.onnx'
 
 
 def _find_deploy_config_dir() -> str:
+    """The checkout's configs/deploy (an editable install), else the copy a wheel carries."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.join(here, '.mim', 'configs', 'deploy'),
-                      os.path.join(os.path.dirname(here), 'configs', 'deploy')):
+    checkout = os.path.join(os.path.dirname(here), 'configs', 'deploy')
+    for candidate in (checkout, os.path.join(here, '.mim', 'configs', 'deploy')):
         if os.path.isdir(candidate):
             return candidate
-    return os.path.join(os.path.dirname(here), 'configs', 'deploy')
+    return checkout
 
 
 DEPLOY_CONFIG_DIR = _find_deploy_config_dir()

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .toy_data import (CLASSES, HUE_JITTER, _background, _hsv_colour, _write_png, dataset_settings,
-                       draw_shape, marker_complete, write_dataset_atomically)
+                       default_data_dir, draw_shape, marker_complete, write_dataset_atomically)
 
 __all__ = ['CLS_CLASSES', 'DEFAULT_CLS_ROOT', 'cls_settings', 'ensure_toy_cls_data',
            'generate_toy_cls_data', 'is_cls_complete', 'render_crop']
@@ -33,7 +33,7 @@ __all__ = ['CLS_CLASSES', 'DEFAULT_CLS_ROOT', 'cls_settings', 'ensure_toy_cls_da
 CLS_CLASSES = ('background', ) + CLASSES  # sorted, as CustomDataset orders its folders
 FORMAT_VERSION = 1
 MARKER = 'toy_cls_data.json'
-DEFAULT_CLS_ROOT = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'data', 'toy_cls')
+DEFAULT_CLS_ROOT = default_data_dir('toy_cls')
 
 MAIN_RADIUS = (0.22, 0.38)  # of the image side: the labelled shape
 DISTRACTOR_RADIUS = (0.06, 0.12)  # of the image side: never mistaken for the labelled shape

@@ -30,7 +30,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 __all__ = ['CLASSES', 'SEG_CLASSES', 'SEG_PALETTE', 'DEFAULT_ROOT', 'dataset_settings',
-           'draw_shape', 'ensure_toy_data', 'ensure_toy_data_for_config', 'generate_toy_data',
+           'default_data_dir', 'draw_shape', 'ensure_toy_data', 'ensure_toy_data_for_config',
+           'generate_toy_data',
            'is_complete', 'marker_complete', 'render_scene', 'toy_data_missing_for_config',
            'toy_settings', 'write_dataset_atomically']
 
@@ -39,8 +40,19 @@ SEG_CLASSES = ('background', ) + CLASSES
 SEG_PALETTE = [[0, 0, 0], [220, 20, 60], [0, 128, 255], [255, 200, 0]]
 FORMAT_VERSION = 2
 MARKER = 'toy_data.json'
-# data/toy inside the repository checkout (the package lives at <repo>/do_conv_mm).
-DEFAULT_ROOT = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'data', 'toy')
+
+
+def default_data_dir(name: str) -> str:
+    """<checkout>/data/<name>, where the toy configs look, when the package runs from its
+    checkout (an editable install); else ./data/<name>: a wheel installed into site-packages
+    never writes there (its configs and tools stay in the checkout)."""
+    checkout = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    if osp.isdir(osp.join(checkout, 'configs', 'toy')):
+        return osp.join(checkout, 'data', name)
+    return osp.abspath(osp.join('data', name))
+
+
+DEFAULT_ROOT = default_data_dir('toy')
 
 HUE_JITTER = 0.25  # shape hue = class / 3 ± this: colour hints at the class, shape must decide
 MIN_VISIBLE = 0.5  # an earlier shape must keep at least this share of its pixels visible
