@@ -32,6 +32,7 @@ import torch.nn as nn
 from mmengine.config import Config
 
 from .checkpoint import key_listing, key_mismatch, load_checkpoint_file
+from .config_loading import load_config_file
 from .deploy_config import doconv_references, make_deploy_config
 from .deploy_verify import (DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs,
                             format_diffs, make_verify_batch, model_outputs)
@@ -84,11 +85,7 @@ def _load_config(config: Union[Config, PathLike], cfg_options: Optional[dict]) -
             what = 'is a directory' if os.path.isdir(path) else 'does not exist'
             raise FoldError(f'CONFIG {path!r} {what}; pass the DO-Conv training config (.py) the '
                             f'checkpoint was trained with.')
-        try:
-            cfg = Config.fromfile(path)
-        except Exception as error:
-            raise FoldError(f'CONFIG {path!r} could not be loaded ({type(error).__name__}: '
-                            f'{_first_line(error)}); fix the config file.') from error
+        cfg = load_config_file(path, FoldError, 'CONFIG')
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     if 'model' not in cfg:

@@ -60,6 +60,7 @@ from mmengine.config import Config
 
 from .checkpoint import CheckpointError, key_listing, key_mismatch, load_checkpoint_file
 from .checkpoint_guard import check_checkpoint_config, config_has_doconv
+from .config_loading import load_config_file
 from .deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs, format_diffs
 
 __all__ = ['DeployError', 'DeployVerificationError', 'deploy_onnx', 'default_deploy_config',
@@ -149,11 +150,7 @@ def _load_cfg(path: str, what: str) -> Config:
     if not os.path.isfile(path):
         state = 'is a directory' if os.path.isdir(path) else 'does not exist'
         raise DeployError(f'{what} {path!r} {state}; pass a config file (.py).')
-    try:
-        return Config.fromfile(path)
-    except Exception as error:
-        raise DeployError(f'{what} {path!r} could not be loaded ({type(error).__name__}: '
-                          f'{_first_line(error)}); fix the config file.') from error
+    return load_config_file(path, DeployError, what)
 
 
 def _load_deploy_cfg(path: str, task: str, shape: Optional[Sequence[int]]) -> Config:

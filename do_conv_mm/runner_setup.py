@@ -19,6 +19,7 @@ import torch
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 
+from . import config_loading
 from .checkpoint import CheckpointError, load_checkpoint_file
 from .doconv import DOConv2d
 
@@ -27,9 +28,6 @@ __all__ = ['CfgOptionsAction', 'ToolError', 'build_runner', 'check_checkpoint',
            'merge_cfg_options', 'positive_int', 'prepare_cpu_distributed', 'prepare_toy_data',
            'revert_sync_bn_cfg', 'set_work_dir']
 
-# The packages that own each default_scope, for the "not installed" message.
-_SCOPE_PACKAGES = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2',
-                   'mmpretrain': 'mmpretrain==1.2.0'}
 
 
 class ToolError(Exception):
@@ -54,15 +52,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
 
 def load_config_file(path: str, error_type=None) -> Config:
     """``Config.fromfile``; a file that does not load (syntax, a bad ``_base_``, a child dict over
-    a base None such as conv_cfg, a failing custom import) raises ``error_type`` (ToolError by
-    default) with the loader's first line instead of a traceback through mmengine."""
-    try:
-        return Config.fromfile(path)
-    except Exception as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-        raise (error_type or ToolError)(
-            f'config {path!r} could not be loaded ({type(error).__name__}: {text}); fix the '
-            f'config file.') from None
+    a base None such as conv_cfg, a failing custom import, a ``pkg::`` base whose package is not
+    installed) raises ``error_type`` (ToolError by default) with the loader's first line and the
+    fix instead of a traceback through mmengine."""
+    return config_loading.load_config_file(path, error_type or ToolError)
 
 
 def merge_cfg_options(cfg: Config, path: str, cfg_options: Optional[dict]) -> list:
@@ -96,7 +89,7 @@ def _check_scope(cfg: Config) -> None:
     try:
         importlib.import_module(f'{scope}.registry')
     except ImportError as error:
-        package = _SCOPE_PACKAGES.get(scope, scope)
+        package = config_loading.PACKAGE_PINS.get(scope, scope)
         raise ToolError(f'the config\'s default_scope is {scope!r} but {scope} cannot be imported '
                         f'({error}); install it (pip install {package}, or bash '
                         f'tools/install.sh).') from None

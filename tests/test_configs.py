@@ -809,6 +809,29 @@ def test_config_that_does_not_load_is_one_line(tmp_path, analyze_tool):
         load_config(str(path))
 
 
+@pytest.mark.parametrize('missing', ['mmdet', 'mmsegmentation'])
+def test_config_whose_base_package_is_missing_names_the_package_not_the_file(
+        monkeypatch, missing):
+    """A shipped config inherits ``mmdet::`` / ``mmseg::`` bases: where that package is not
+    installed, every tool says which to install (it said "fix the config file"); the fold tool
+    too."""
+    import mmengine.config.config as mmengine_config
+
+    from do_conv_mm.deploy import FoldError, _load_config
+    from do_conv_mm.runner_setup import ToolError, load_config
+    monkeypatch.setattr(mmengine_config, 'is_installed', lambda package: package != missing)
+    config = osp.join(REPO, 'configs', 'mmdet' if missing == 'mmdet' else 'mmseg',
+                      'faster-rcnn_r50-doconv_fpn_1x_coco.py' if missing == 'mmdet' else
+                      'pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py')
+    pin = {'mmdet': 'mmdet==3.3.0', 'mmsegmentation': 'mmsegmentation==1.2.2'}[missing]
+    expected = (rf"could not be loaded \(ModuleNotFoundError: {missing} is not installed.*\); "
+                rf"it needs {missing}: pip install {pin}, or bash tools/install.sh\.$")
+    with pytest.raises(ToolError, match=expected):
+        load_config(config)
+    with pytest.raises(FoldError, match=expected):
+        _load_config(config, None)
+
+
 MMDET_CONFIGS = osp.join(osp.dirname(importlib.util.find_spec('mmdet').origin), '.mim', 'configs')
 MMSEG_CONFIGS = osp.join(osp.dirname(importlib.util.find_spec('mmseg').origin), '.mim', 'configs')
 
