@@ -24,7 +24,8 @@ PRETRAIN = 'python -m pip install mmpretrain==1.2.0'
 FRESH = dict(torch='none', torch_in_range='no', torch_imports='no', torch_cuda='none',
              gpu_arch='none', torchvision='none', torchvision_imports='no', mmpretrain='none',
              mmcv='none', mmcv_in_range='no', mmcv_ops='no',
-             mmcv_ops_cuda='none', build_tools='no', stack_missing=STACK, do_conv_mm_here='no')
+             mmcv_ops_cuda='none', mmcv_other_dists='none', build_tools='no',
+             stack_missing=STACK, do_conv_mm_here='no')
 # A set-up OpenMMLab GPU machine: CUDA torch, mmcv with CUDA ops, the rest pinned.
 GPU_READY = dict(FRESH, torch='2.11.0+cu130', torch_in_range='yes', torch_imports='yes',
                  torch_cuda='13.0', gpu_arch='9.0', mmcv='2.1.0', mmcv_in_range='yes',
@@ -191,12 +192,31 @@ def test_mmpretrain_installed_where_torchvision_imports(tmp_path):
 def test_installed_mmcv_kept_only_in_range_with_working_ops(tmp_path, mmcv_version, ops, rebuilt):
     in_range = 'yes' if mmcv_version.startswith(('2.0', '2.1')) else 'no'
     facts = dict(GPU_READY, mmcv=mmcv_version, mmcv_in_range=in_range, mmcv_ops=ops)
-    code, commands, _ = dry_run(tmp_path, facts, nvcc=True)
+    code, commands, stderr = dry_run(tmp_path, facts, nvcc=True)
     assert code == 0
     assert any('mmcv==2.1.0' in c for c in commands) == rebuilt, commands
     if rebuilt:  # replaces the installed one, and never from a wheel cached for another torch
         assert any('--force-reinstall --no-deps --no-cache-dir mmcv==2.1.0' in c
                    for c in commands), commands
+        # and says why, naming the installed version (it used to replace it silently)
+        why = ('is outside 2.0-2.1, the range mmdet 3.3 and mmseg 1.2 accept' if in_range == 'no'
+               else "compiled ops do not load beside torch")
+        assert f'mmcv {mmcv_version}' in stderr and why in stderr, stderr
+
+
+@pytest.mark.parametrize('others', ['mmcv-lite', 'mmcv-full', 'mmcv-lite mmcv-full'])
+def test_mmcv_lite_or_full_is_uninstalled_before_mmcv_is_built(tmp_path, others):
+    """mmcv-lite (2.x without ops) and mmcv-full (1.x) install into the same mmcv/ folder under
+    another distribution name: pip would lay mmcv 2.1.0 over them, and uninstalling either later
+    would delete mmcv's files. They are removed first, by name."""
+    facts = dict(GPU_READY, mmcv='none', mmcv_in_range='no', mmcv_ops='no',
+                 mmcv_other_dists=others)
+    code, commands, stderr = dry_run(tmp_path, facts, nvcc=True)
+    assert code == 0
+    uninstall = commands.index(f'python -m pip uninstall -y {others}')
+    build = next(i for i, c in enumerate(commands) if c.endswith('mmcv==2.1.0'))
+    assert uninstall < build, commands
+    assert f'removing {others} first' in stderr
 
 
 def test_mmcv_without_cuda_ops_on_cuda_torch_is_kept_with_a_warning(tmp_path):

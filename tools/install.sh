@@ -218,6 +218,8 @@ mmcv_version = version('mmcv')
 facts['mmcv'] = mmcv_version or 'none'
 facts['mmcv_in_range'] = 'yes' if mmcv_version and (2, 0) <= release(mmcv_version)[:2] <= (2, 1) else 'no'
 facts['mmcv_ops'], facts['mmcv_ops_cuda'] = mmcv_ext_facts()
+# other distributions of the same mmcv/ package folder, which pip would not replace
+facts['mmcv_other_dists'] = ' '.join(d for d in ('mmcv-lite', 'mmcv-full') if version(d)) or 'none'
 facts['build_tools'] = 'yes' if version('setuptools') == '80.9.0' and version('wheel') \
     and version('ninja') else 'no'
 missing = [spec for spec in stack
@@ -403,8 +405,22 @@ else
   # ops, cached by pip afterwards; CUDA ops take longer). An installed mmcv (other version, or
   # ops built for another torch) is replaced, and then pip's cache, which may hold a wheel built
   # against that other torch, is bypassed.
+  others=$(fact mmcv_other_dists)
+  if [[ -n "$others" && "$others" != none ]]; then
+    echo "note: removing $others first: it installs into the same mmcv/ folder as mmcv 2.1.0," \
+         "and mmdet needs the full mmcv's compiled ops." >&2
+    # shellcheck disable=SC2086  (one word per distribution)
+    run "$PYTHON" -m pip uninstall -y $others
+  fi
   rebuild=()
   if [[ "$(fact mmcv)" != none ]]; then
+    if [[ "$(fact mmcv_in_range)" != yes ]]; then
+      echo "note: mmcv $(fact mmcv) is outside 2.0-2.1, the range mmdet 3.3 and mmseg 1.2" \
+           "accept: replacing it with mmcv 2.1.0, built from source." >&2
+    else
+      echo "note: mmcv $(fact mmcv)'s compiled ops do not load beside torch $(fact torch):" \
+           "rebuilding mmcv 2.1.0 against it." >&2
+    fi
     rebuild=(--force-reinstall --no-deps --no-cache-dir)
   fi
   run env "${build_env[@]}" "$PYTHON" -m pip install --no-build-isolation \
