@@ -38,8 +38,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
                 launcher: str = 'none') -> Config:
     """``Config.fromfile`` + ``--cfg-options`` + launcher, as the upstream tools do."""
     if not osp.isfile(path):
-        raise ToolError(f'config {path!r} does not exist; pass a config file such as '
-                        f'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py.')
+        where = '' if osp.isabs(path) else f' (looked in {os.getcwd()})'
+        raise ToolError(f'config {path!r} does not exist{where}; pass a config file such as '
+                        f'configs/toy/retinanet_r18-tiny-doconv_fpn_toy.py of the do_conv_mm '
+                        f'checkout.')
     cfg = load_config_file(path, ToolError)
     cfg.launcher = launcher
     earlier = merge_cfg_options(cfg, path, cfg_options)
@@ -93,6 +95,16 @@ def _check_scope(cfg: Config) -> None:
         raise ToolError(f'the config\'s default_scope is {scope!r} but {scope} cannot be imported '
                         f'({error}); install it (pip install {package}, or bash '
                         f'tools/install.sh).') from None
+    try:  # its models import mmcv's compiled ops, which mmcv-lite does not have
+        importlib.import_module(f'{scope}.models')
+    except ImportError as error:
+        if not (getattr(error, 'name', None) or '').startswith('mmcv._ext'):
+            return  # a scope without a models package, or another failure the build reports
+        import mmcv
+        raise ToolError(f'{scope}\'s models need mmcv\'s compiled ops, and mmcv '
+                        f'{mmcv.__version__} has none ({error}): it is mmcv-lite, or was built '
+                        f'without ops. pip uninstall mmcv-lite mmcv, then bash tools/install.sh '
+                        f'(it builds mmcv 2.1.0 with its ops).') from None
 
 
 def check_checkpoint(path: str, cfg: Optional[Config] = None, *,

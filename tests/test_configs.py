@@ -8,6 +8,8 @@ import importlib.util
 import json
 import os.path as osp
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -830,6 +832,26 @@ def test_config_whose_base_package_is_missing_names_the_package_not_the_file(
         load_config(config)
     with pytest.raises(FoldError, match=expected):
         _load_config(config, None)
+
+
+def test_mmcv_without_compiled_ops_is_one_line_naming_the_fix():
+    """With mmcv-lite (no ``mmcv._ext``) mmdet's models do not import: the tools say so in one
+    line with the fix, instead of a 54-line traceback. Run in a fresh interpreter where
+    ``mmcv._ext`` cannot be imported (this one has imported mmdet already)."""
+    config = osp.join(REPO, 'configs', 'toy', 'retinanet_r18-tiny-doconv_fpn_toy.py')
+    script = ("import sys; sys.modules['mmcv._ext'] = None\n"
+              "from do_conv_mm.runner_setup import ToolError, load_config\n"
+              "try:\n"
+              f"    load_config({config!r})\n"
+              "except ToolError as error:\n"
+              "    print('ToolError:', error)\n")
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.fullmatch(r"ToolError: mmdet's models need mmcv's compiled ops, and mmcv \S+ has "
+                        r"none \(.*mmcv\._ext.*\): it is mmcv-lite, or was built without ops\. "
+                        r"pip uninstall mmcv-lite mmcv, then bash tools/install\.sh .*\n",
+                        result.stdout), result.stdout
 
 
 MMDET_CONFIGS = osp.join(osp.dirname(importlib.util.find_spec('mmdet').origin), '.mim', 'configs')

@@ -43,6 +43,9 @@ def test_wheel_requires_neither_torch_nor_mmcv(wheel):
     unconditional = [r for r in metadata.get_all('Requires-Dist') if 'extra ==' not in r]
     assert [r.split('<')[0].split('>')[0] for r in unconditional] == ['mmengine'], unconditional
     assert metadata['Version'] == do_conv_mm.__version__
+    assert metadata['License'] == 'Apache-2.0'
+    assert any(n.endswith('.dist-info/licenses/LICENSE') or n.endswith('.dist-info/LICENSE')
+               for n in wheel.namelist())
 
 
 def test_wheel_carries_the_deploy_configs_the_package_defaults_to(wheel):
@@ -111,3 +114,14 @@ def test_setup_reads_its_files_under_any_locale():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == do_conv_mm.__version__
+
+
+def test_missing_relative_config_says_where_it_looked(tmp_path, monkeypatch):
+    """Tools run from outside the checkout: the error names the directory a relative config
+    path was looked up in."""
+    from do_conv_mm.runner_setup import ToolError, load_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ToolError, match=rf"config 'configs/toy/x\.py' does not exist \(looked in "
+                                        rf"{tmp_path}\); pass a config file such as .* of the "
+                                        rf"do_conv_mm checkout"):
+        load_config('configs/toy/x.py')
