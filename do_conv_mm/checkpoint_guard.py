@@ -77,8 +77,25 @@ def describe_checkpoint(checkpoint: Dict[str, Any]) -> str:
         return f'folded DO-Conv checkpoint (meta["doconv_folded"]: {details})'
     layers = unfolded_doconv_layers(checkpoint)
     if layers:
-        return f'unfolded DO-Conv training checkpoint ({len(layers)} layers with a D kernel)'
+        kernels = _distinct_d_kernels(checkpoint, layers)
+        shared = (f' under {len(layers)} names: convs shared by several modules'
+                  if kernels < len(layers) else '')
+        return f'unfolded DO-Conv training checkpoint ({kernels} layers with a D kernel{shared})'
     return 'plain checkpoint (no DO-Conv parameters, no fold marker)'
+
+
+def _distinct_d_kernels(checkpoint: Dict[str, Any], layers: List[str]) -> int:
+    """How many distinct D tensors ``layers`` name in the checkpoint's first weight dict: a conv
+    shared under several names (RTMDet's head) is saved once, its tensors shared by the keys."""
+    weights = _state_dicts(checkpoint)[0]
+    seen = set()
+    for name in layers:
+        D = weights.get(f'{name}.D', weights.get(f'module.{name}.D'))
+        if isinstance(D, torch.Tensor):
+            seen.add((D.untyped_storage().data_ptr(), D.storage_offset()))
+        else:  # only in another weight dict (EMA): counted by name
+            seen.add(name)
+    return len(seen)
 
 
 def check_checkpoint_config(checkpoint: Dict[str, Any],

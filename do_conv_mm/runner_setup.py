@@ -192,11 +192,12 @@ def check_checkpoint_fits(path: str, model) -> None:
     config with DO-Conv on fewer components), mis-shaped tensors (another D_mul). A plain
     checkpoint into DO-Conv layers (D = 0) and extra non-DO-Conv keys are fine, as for mmengine.
     """
-    from mmengine.model import is_model_wrapper
+    from mmengine.model import BaseTTAModel, is_model_wrapper
     from .checkpoint import key_listing, key_mismatch
     if '://' in path:
         return
     model = model.module if is_model_wrapper(model) else model
+    model = model.module if isinstance(model, BaseTTAModel) else model  # --tta: the model inside
     checkpoint = load_checkpoint_file(path)
     weights = checkpoint.get('state_dict', checkpoint)
     weights = {re.sub(r'^module\.', '', k): v for k, v in weights.items() if hasattr(v, 'shape')}

@@ -26,6 +26,7 @@ from mmengine.config import Config
 
 import do_conv_mm
 from do_conv_mm import deploy
+from do_conv_mm.checkpoint_guard import describe_checkpoint
 from do_conv_mm.deploy import FoldVerificationError, build_model, fold_checkpoint
 from do_conv_mm.deploy_config import doconv_references, make_deploy_config
 
@@ -319,6 +320,10 @@ def test_cli_folds_and_verifies_a_shared_conv_checkpoint(tmp_path, capsys):
         text = capsys.readouterr().out
         assert 'folded 32 DOConv layers' in text
         assert ('verify PASS' in text) == bool(extra)
+        # the tools' description of the same checkpoint counts the same 32 layers
+        description = describe_checkpoint(do_conv_mm.load_checkpoint_file(str(ckpt)))
+        assert description == ('unfolded DO-Conv training checkpoint (32 layers with a D kernel '
+                               'under 40 names: convs shared by several modules)'), description
         state = torch.load(out, weights_only=True)['state_dict']
         assert not [k for k in state if k.endswith('.D')]
         assert all(f'{alias}.weight' in state for alias in SHARED_CONV_ALIASES)

@@ -174,21 +174,27 @@ tta_pipeline = [
 """
 
 
-def test_detection_test_tool_tta(det_run, toy_configs, tmp_path):
-    """--tta as mmdet's test tool: the DO-Conv detector wrapped in DetTTAModel (flip and no flip,
-    merged) predicts every image, and its merged boxes differ from the plain test's; a config
-    without tta_model / tta_pipeline is refused in one line before anything is built."""
+def test_detection_test_tool_tta(det_run, seg_run, toy_configs, tmp_path):
+    """--tta as mmdet's test tool: the DO-Conv detector wrapped in the config's DetTTAModel
+    (flip and no flip, merged) predicts every image, and its merged boxes differ from the plain
+    test's; without tta_model / tta_pipeline, mmdet's default flip TTA (with a warning, as
+    mmdet's tool) gives the same predictions as that config; an mmseg config without them is
+    refused in one line (mmseg's tool has no default). The checkpoint must fit the model inside
+    the TTA wrapper: D the config would drop is refused under --tta too."""
     checkpoint = osp.join(det_run, 'epoch_4.pth')
-    with pytest.raises(AssertionError, match='error: --tta needs tta_model and tta_pipeline in '
-                                             'the config'):
-        run_tool('test.py', toy_configs['det'], checkpoint, '--tta',
+    with pytest.raises(AssertionError, match="error: --tta needs tta_model and tta_pipeline in "
+                                             "the config \\(no mmseg default exists\\)"):
+        run_tool('test.py', toy_configs['seg'], osp.join(seg_run, 'iter_8.pth'), '--tta',
                  '--work-dir', str(tmp_path / 'none'))
     config = _write_config(tmp_path, 'tta.py', f"_base_ = {toy_configs['det']!r}\n{TTA}")
     predictions = {}
-    for mode, extra in (('plain', ()), ('tta', ('--tta', ))):
+    for mode, config_path, extra in (('plain', config, ()), ('tta', config, ('--tta', )),
+                                     ('default tta', toy_configs['det'], ('--tta', ))):
         out = str(tmp_path / f'{mode}.pkl')
-        run_tool('test.py', config, checkpoint, *extra, '--work-dir', str(tmp_path / mode),
-                 '--out', out)
+        proc = run_tool('test.py', config_path, checkpoint, *extra, '--work-dir',
+                        str(tmp_path / mode), '--out', out)
+        assert ('--tta: the config has no tta_model / tta_pipeline; using mmdet' in
+                proc.stdout + proc.stderr) == (mode == 'default tta')
         with open(out, 'rb') as f:
             predictions[mode] = pickle.load(f)
         with open(osp.join(tmp_path, mode, 'test_metrics.json')) as f:
@@ -197,6 +203,15 @@ def test_detection_test_tool_tta(det_run, toy_configs, tmp_path):
     assert any(not torch.equal(torch.as_tensor(t['pred_instances']['bboxes']),
                                torch.as_tensor(p['pred_instances']['bboxes']))
                for t, p in zip(predictions['tta'], predictions['plain']))
+    for t, d in zip(predictions['tta'], predictions['default tta']):  # the same flip TTA
+        torch.testing.assert_close(torch.as_tensor(d['pred_instances']['bboxes']),
+                                   torch.as_tensor(t['pred_instances']['bboxes']))
+    partial = _write_config(tmp_path, 'partial.py',
+                            f"_base_ = {config!r}\nmodel = dict(neck=dict(conv_cfg=None), "
+                            f"bbox_head=dict(conv_cfg=None))\n")
+    with pytest.raises(AssertionError, match="does not fit the model of this config: it has "
+                                             "DO-Conv parameters where this config builds plain"):
+        run_tool('test.py', partial, checkpoint, '--tta', '--work-dir', str(tmp_path / 'partial'))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ non-strictly and compute a different function: fold it first). The log names the
 kind (folded by tools/fold_doconv.py, unfolded DO-Conv, or plain).
 """
 import argparse
+import copy
 import json
+import logging
 import os
 import os.path as osp
 import sys
@@ -90,10 +92,47 @@ def enable_visualization(cfg, args) -> None:
             hook['test_out_dir'] = args.show_dir
 
 
+# --tta without tta_model in the config: what mmdet's and mmpretrain's tools/test.py use (mmseg's
+# has no default).
+DEFAULT_TTA_MODELS = {
+    'mmdet': dict(type='DetTTAModel',
+                  tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100)),
+    'mmpretrain': dict(type='mmpretrain.AverageClsScoreTTA'),
+}
+DET_PACK = dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                                                 'scale_factor', 'flip', 'flip_direction'))
+
+
+def default_tta_pipeline(cfg, scope: str) -> list:
+    """The test pipeline with its packing step replaced by flip / no-flip test-time
+    augmentation, as mmdet's and mmpretrain's tools/test.py build it."""
+    dataset = cfg.test_dataloader.dataset
+    while 'dataset' in dataset:  # dataset wrappers
+        dataset = dataset['dataset']
+    pipeline = copy.deepcopy(dataset.pipeline)
+    pack = DET_PACK if scope == 'mmdet' else pipeline[-1]
+    pipeline[-1] = dict(type='TestTimeAug', transforms=[
+        [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)], [pack]])
+    return pipeline
+
+
 def enable_tta(cfg) -> None:
-    if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-        raise ToolError('--tta needs tta_model and tta_pipeline in the config; add them or drop '
-                        '--tta.')
+    """Wrap the model in the config's tta_model and test with its tta_pipeline; where the config
+    has none, mmdet and mmpretrain configs get their tools' flip TTA (with a warning, as there),
+    mmseg configs are refused (mmseg's tool has no default)."""
+    scope = cfg.get('default_scope')
+    missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
+    if missing and scope not in DEFAULT_TTA_MODELS:
+        raise ToolError(f'--tta needs tta_model and tta_pipeline in the config (no {scope} '
+                        f'default exists); add them or drop --tta.')
+    if 'tta_model' not in cfg:
+        cfg.tta_model = copy.deepcopy(DEFAULT_TTA_MODELS[scope])
+    if 'tta_pipeline' not in cfg:
+        cfg.tta_pipeline = default_tta_pipeline(cfg, scope)
+    if missing:
+        print_log(f'--tta: the config has no {" / ".join(missing)}; using {scope}\'s tools/test.py '
+                  f'default (flip and no flip, merged by {cfg.tta_model["type"]}).',
+                  logger='current', level=logging.WARNING)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     cfg.tta_model.module = cfg.model
     cfg.model = cfg.tta_model
@@ -146,8 +185,7 @@ def main(argv=None):
             request_output(cfg, args.out)
         prepare_toy_data(cfg)
         runner = build_runner(cfg)
-        if not args.tta:  # a TTA model wraps the model: mmengine loads into it its own way
-            check_checkpoint_fits(args.checkpoint, runner.model)
+        check_checkpoint_fits(args.checkpoint, runner.model)
     except (ToolError, CheckpointError) as error:
         sys.exit(f'error: {error}')
     if checkpoint_kind:
