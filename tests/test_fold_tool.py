@@ -505,9 +505,16 @@ def test_round_trip_trained_toy_rtmdet_gives_identical_metrics(tmp_path, capsys)
         b = np.sort(q['pred_instances']['scores'].numpy())[::-1][:90]
         assert np.allclose(a, b, atol=1e-4)
         # The same boxes, matched by position (near-tied scores may swap their order); the
-        # outputs agree to fp32 rounding, ~1e-5 px on this 128 px image.
+        # outputs agree to fp32 rounding, ~1e-5 px on this 128 px image. Boxes within a few
+        # ulps (1e-6) of the lowest kept score are left out: barely trained, the 100 kept scores
+        # lie within 1e-3 of each other, and where two tie at the cut, max_per_img keeps one or
+        # the other from a 1-ulp difference (seen: 0.5300624 in both, boxes 8 px apart).
         boxes_a, boxes_b = p['pred_instances']['bboxes'], q['pred_instances']['bboxes']
-        assert torch.cdist(boxes_b, boxes_a, p=float('inf')).min(dim=1).values.max() < 1e-3
+        scores_b = q['pred_instances']['scores']
+        above_cut = scores_b > scores_b.min() + 1e-6
+        assert above_cut.sum() >= len(scores_b) - 5
+        assert torch.cdist(boxes_b[above_cut], boxes_a,
+                           p=float('inf')).min(dim=1).values.max() < 1e-3
 
 
 def test_round_trip_trained_toy_segmentor_gives_identical_metrics(tmp_path):
