@@ -188,6 +188,25 @@ def test_test_tool_evaluates_dumps_and_draws_classifier(toy, folded, tmp_path):
         torch.testing.assert_close(b['pred_score'], a['pred_score'], rtol=1e-4, atol=1e-6)
 
 
+def test_test_tool_tta_averages_flipped_scores_as_mmpretrains_tool(toy, tmp_path):
+    """--tta on a classifier config without tta_model / tta_pipeline: mmpretrain's tool default
+    (AverageClsScoreTTA over flip and no flip), with a warning; every sample is predicted, with
+    scores that still sum to 1 and differ from the plain test's."""
+    plain_pkl, tta_pkl = str(tmp_path / 'plain.pkl'), str(tmp_path / 'tta.pkl')
+    _test_run(toy['config'], toy['checkpoint'], str(tmp_path / 'plain'), '--out', plain_pkl)
+    proc = run_tool('test.py', toy['config'], toy['checkpoint'], '--work-dir',
+                    str(tmp_path / 'tta'), '--tta', '--out', tta_pkl, threads=1)
+    assert "using mmpretrain's tools/test.py default" in proc.stdout + proc.stderr
+    with open(plain_pkl, 'rb') as f:
+        plain = pickle.load(f)
+    with open(tta_pkl, 'rb') as f:
+        tta = pickle.load(f)
+    assert len(tta) == len(plain) == 8
+    assert any(not torch.allclose(a['pred_score'], b['pred_score']) for a, b in zip(plain, tta))
+    for sample in tta:
+        assert torch.isclose(sample['pred_score'].sum(), torch.tensor(1.0), atol=1e-5)
+
+
 def test_test_tool_out_must_be_a_pickle_for_classifiers(toy):
     import importlib.util
     spec = importlib.util.spec_from_file_location('test_tool', osp.join(REPO, 'tools', 'test.py'))
