@@ -376,7 +376,8 @@ class DOConv2d(nn.Conv2d):
         reach through super())."""
         D = self.D
         if D is not None:
-            weight = compose_kernel(weight, D, self.weight_extra, self.groups)
+            weight = in_layout_of(compose_kernel(weight, D, self.weight_extra, self.groups),
+                                  weight)
         if self.padding_mode != 'zeros':
             return F.conv2d(F.pad(input, self._reversed_padding_repeated_twice,
                                   mode=self.padding_mode), weight, bias, self.stride, (0, 0),

@@ -98,13 +98,23 @@ def _check_scope(cfg: Config) -> None:
     try:  # its models import mmcv's compiled ops, which mmcv-lite does not have
         importlib.import_module(f'{scope}.models')
     except ImportError as error:
-        if not (getattr(error, 'name', None) or '').startswith('mmcv._ext'):
+        if not _is_mmcv_ops_error(error):
             return  # a scope without a models package, or another failure the build reports
         import mmcv
-        raise ToolError(f'{scope}\'s models need mmcv\'s compiled ops, and mmcv '
-                        f'{mmcv.__version__} has none ({error}): it is mmcv-lite, or was built '
-                        f'without ops. pip uninstall mmcv-lite mmcv, then bash tools/install.sh '
-                        f'(it builds mmcv 2.1.0 with its ops).') from None
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+        raise ToolError(f'{scope}\'s models need mmcv\'s compiled ops, and those of mmcv '
+                        f'{getattr(mmcv, "__version__", "?")} do not load ({text}): it is '
+                        f'mmcv-lite, was built without ops, or for another torch. pip uninstall '
+                        f'mmcv-lite mmcv, then bash tools/install.sh (it builds mmcv 2.1.0 with '
+                        f'its ops against this torch).') from None
+
+
+def _is_mmcv_ops_error(error: ImportError) -> bool:
+    """mmcv's ``_ext`` is missing (mmcv-lite: name 'mmcv._ext') or its library does not load
+    (built for another torch: CPython names it '_ext', with mmcv's path)."""
+    name = getattr(error, 'name', None) or ''
+    path = str(getattr(error, 'path', None) or '')
+    return name.startswith('mmcv._ext') or (name == '_ext' and 'mmcv' in path)
 
 
 def check_checkpoint(path: str, cfg: Optional[Config] = None, *,

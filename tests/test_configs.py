@@ -834,13 +834,32 @@ def test_config_whose_base_package_is_missing_names_the_package_not_the_file(
         _load_config(config, None)
 
 
-def test_mmcv_without_compiled_ops_is_one_line_naming_the_fix():
-    """With mmcv-lite (no ``mmcv._ext``) mmdet's models do not import: the tools say so in one
-    line with the fix, instead of a 54-line traceback. Run in a fresh interpreter where
-    ``mmcv._ext`` cannot be imported (this one has imported mmdet already)."""
+# Run first in a fresh interpreter: mmcv._ext missing (mmcv-lite), or present but not loadable
+# (built for another torch; here a file the loader rejects, served at mmcv's name).
+NO_MMCV_OPS = "import sys; sys.modules['mmcv._ext'] = None\n"
+BROKEN_MMCV_OPS = """import importlib.abc, importlib.machinery, importlib.util, sys
+BAD = {bad!r}
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == 'mmcv._ext':
+            loader = importlib.machinery.ExtensionFileLoader(name, BAD)
+            return importlib.util.spec_from_file_location(name, BAD, loader=loader)
+sys.meta_path.insert(0, Finder())
+"""
+
+
+@pytest.mark.parametrize('ops', ['missing', 'broken'])
+def test_mmcv_ops_that_do_not_load_are_one_line_naming_the_fix(tmp_path, ops):
+    """With mmcv-lite (no ``mmcv._ext``), or an ``_ext`` built for another torch, mmdet's models
+    do not import: the tools say so in one line with the fix, instead of a 54-line traceback.
+    Run in a fresh interpreter (this one has imported mmdet already)."""
+    import sysconfig
     config = osp.join(REPO, 'configs', 'toy', 'retinanet_r18-tiny-doconv_fpn_toy.py')
-    script = ("import sys; sys.modules['mmcv._ext'] = None\n"
-              "from do_conv_mm.runner_setup import ToolError, load_config\n"
+    bad = tmp_path / 'mmcv' / ('_ext' + sysconfig.get_config_var('EXT_SUFFIX'))
+    bad.parent.mkdir()
+    bad.write_bytes(b'not a shared library')
+    script = ((NO_MMCV_OPS if ops == 'missing' else BROKEN_MMCV_OPS.format(bad=str(bad)))
+              + "from do_conv_mm.runner_setup import ToolError, load_config\n"
               "try:\n"
               f"    load_config({config!r})\n"
               "except ToolError as error:\n"
@@ -848,10 +867,11 @@ def test_mmcv_without_compiled_ops_is_one_line_naming_the_fix():
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.fullmatch(r"ToolError: mmdet's models need mmcv's compiled ops, and mmcv \S+ has "
-                        r"none \(.*mmcv\._ext.*\): it is mmcv-lite, or was built without ops\. "
-                        r"pip uninstall mmcv-lite mmcv, then bash tools/install\.sh .*\n",
-                        result.stdout), result.stdout
+    cause = r'.*mmcv\._ext.*' if ops == 'missing' else r'.*_ext.*'
+    assert re.fullmatch(rf"ToolError: mmdet's models need mmcv's compiled ops, and those of mmcv "
+                        rf"\S+ do not load \({cause}\): it is mmcv-lite, was built without ops, "
+                        rf"or for another torch\. pip uninstall mmcv-lite mmcv, then bash "
+                        rf"tools/install\.sh .*\n", result.stdout), result.stdout
 
 
 MMDET_CONFIGS = osp.join(osp.dirname(importlib.util.find_spec('mmdet').origin), '.mim', 'configs')

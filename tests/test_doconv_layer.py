@@ -695,8 +695,8 @@ def test_output_memory_format_follows_conv2d(monkeypatch, cin, cout, groups, d_e
     """conv2d returns channels_last where its input or its weight is: a model made
     channels_last stays channels_last from its first conv on, even fed NCHW (mmdet's data
     preprocessor). The output strides equal nn.Conv2d's for every input / layer layout, every
-    path (training, frozen, no_grad, inference_mode) and both composers; so do the folded
-    conv's."""
+    path (training, frozen, no_grad, inference_mode, also under bf16 autocast) and both
+    composers; so do the folded conv's."""
     if composer == 'launch-light':
         monkeypatch.setattr(DOConv2d, '_training_composer', lambda self: BATCHED_COMPOSER)
     base = torch.randn(2, cin, 7, 6)
@@ -711,14 +711,18 @@ def test_output_memory_format_follows_conv2d(monkeypatch, cin, cout, groups, d_e
         for input_format in (torch.contiguous_format, torch.channels_last):
             x = base.contiguous(memory_format=input_format)
             expected = plain(x).stride()
-            for mode in ('train', 'frozen', 'no_grad', 'inference_mode'):
+            for mode in ('train', 'frozen', 'no_grad', 'inference_mode', 'autocast',
+                         'autocast no_grad'):
                 layer.requires_grad_(mode != 'frozen')
                 with (torch.inference_mode() if mode == 'inference_mode' else
-                      torch.no_grad() if mode == 'no_grad' else contextlib.nullcontext()):
-                    y = layer(x)
+                      torch.no_grad() if mode.endswith('no_grad') else contextlib.nullcontext()):
+                    with torch.autocast('cpu', dtype=torch.bfloat16,
+                                        enabled=mode.startswith('autocast')):
+                        y = layer(x)
+                        assert plain(x).stride() == expected
                 assert y.stride() == expected, (layer_format, input_format, mode)
-                if mode == 'train':
-                    y.sum().backward()
+                if mode in ('train', 'autocast'):
+                    y.float().sum().backward()
             assert folded(x).stride() == expected
 
 

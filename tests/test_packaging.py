@@ -63,11 +63,14 @@ def test_wheel_carries_the_deploy_configs_the_package_defaults_to(wheel):
 
 
 def test_installed_package_finds_its_shipped_deploy_configs(tmp_path, monkeypatch):
-    """Without a checkout beside the package, the deploy configs come from its .mim copy."""
+    """Without a checkout beside the package, the deploy configs come from its .mim copy; in a
+    checkout, the checkout's own, even beside a .mim copy a wheel build left (it may be stale)."""
     package = tmp_path / 'site-packages' / 'do_conv_mm'
     (package / '.mim' / 'configs' / 'deploy').mkdir(parents=True)
     monkeypatch.setattr(onnx_deploy, '__file__', str(package / 'onnx_deploy.py'))
     assert onnx_deploy._find_deploy_config_dir() == str(package / '.mim' / 'configs' / 'deploy')
+    (package.parent / 'configs' / 'deploy').mkdir(parents=True)
+    assert onnx_deploy._find_deploy_config_dir() == str(package.parent / 'configs' / 'deploy')
 
 
 def test_toy_data_goes_to_the_checkout_or_the_current_directory(tmp_path, monkeypatch):
@@ -99,10 +102,18 @@ def test_import_names_a_missing_or_unsupported_stack_and_the_fix(monkeypatch, ca
     assert 'tools/install.sh' in str(error.value)
 
 
-def test_supported_stacks_pass(monkeypatch):
+def test_supported_or_unknown_stacks_pass(monkeypatch):
+    """mmcv 2.0-2.2 (mmpretrain alone takes mmcv < 2.4); a version that cannot be read
+    (source builds: 'unknown', none at all) is not judged."""
     import mmcv
-    for version in ('2.0.0rc4', '2.1.0', '2.2.0'):  # mmpretrain alone takes mmcv < 2.4
+    import torch
+    for version in ('2.0.0rc4', '2.1.0', '2.2.0', 'unknown'):
         monkeypatch.setattr(mmcv, '__version__', version)
+        stack_check.check_stack()
+    monkeypatch.delattr(mmcv, '__version__')
+    stack_check.check_stack()
+    for version in ('2.6.0a0+git1234', '2.6.0a0+ecf3bae40a.nv25.01', 'unknown'):
+        monkeypatch.setattr(torch, '__version__', version)
         stack_check.check_stack()
 
 

@@ -183,7 +183,8 @@ def test_detection_test_tool_tta(det_run, seg_run, toy_configs, tmp_path):
     the TTA wrapper: D the config would drop is refused under --tta too."""
     checkpoint = osp.join(det_run, 'epoch_4.pth')
     with pytest.raises(AssertionError, match="error: --tta needs tta_model and tta_pipeline in "
-                                             "the config \\(no mmseg default exists\\)"):
+                                             "the config \\(there is no default for default_scope "
+                                             "'mmseg'\\)"):
         run_tool('test.py', toy_configs['seg'], osp.join(seg_run, 'iter_8.pth'), '--tta',
                  '--work-dir', str(tmp_path / 'none'))
     config = _write_config(tmp_path, 'tta.py', f"_base_ = {toy_configs['det']!r}\n{TTA}")
@@ -212,6 +213,30 @@ def test_detection_test_tool_tta(det_run, seg_run, toy_configs, tmp_path):
     with pytest.raises(AssertionError, match="does not fit the model of this config: it has "
                                              "DO-Conv parameters where this config builds plain"):
         run_tool('test.py', partial, checkpoint, '--tta', '--work-dir', str(tmp_path / 'partial'))
+
+
+def test_tta_pipeline_goes_into_the_wrapped_test_dataset(toy_configs):
+    """--tta replaces the pipeline of the dataset that has one: inside RepeatDataset /
+    ClassBalancedDataset wrappers (mmdet's tool writes it onto the wrapper, which then fails to
+    build); a ConcatDataset, one pipeline per part, is refused in one line."""
+    import importlib.util
+
+    from mmengine.config import Config
+    spec = importlib.util.spec_from_file_location('test_tool', osp.join(REPO, 'tools', 'test.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = Config.fromfile(toy_configs['det'])
+    inner = cfg.test_dataloader.dataset
+    cfg.test_dataloader.dataset = dict(type='RepeatDataset', times=1, dataset=inner)
+    tool.enable_tta(cfg)
+    wrapper = cfg.test_dataloader.dataset
+    assert 'pipeline' not in wrapper and wrapper.dataset.pipeline == cfg.tta_pipeline
+    assert cfg.tta_pipeline[-1]['type'] == 'TestTimeAug'
+    cfg = Config.fromfile(toy_configs['det'])
+    cfg.test_dataloader.dataset = dict(type='ConcatDataset', datasets=[inner, inner])
+    with pytest.raises(tool.ToolError, match=r"--tta: the test dataset \(ConcatDataset\) has no "
+                                             r"single pipeline to replace"):
+        tool.enable_tta(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

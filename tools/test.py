@@ -103,13 +103,22 @@ DET_PACK = dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shap
                                                  'scale_factor', 'flip', 'flip_direction'))
 
 
+def pipeline_dataset(cfg):
+    """The test dataset config that holds the pipeline: inside wrappers (RepeatDataset,
+    ClassBalancedDataset) the wrapped one; a ConcatDataset (one pipeline per part) is refused."""
+    dataset = cfg.test_dataloader.dataset
+    while 'dataset' in dataset:
+        dataset = dataset['dataset']
+    if 'pipeline' not in dataset:
+        raise ToolError(f'--tta: the test dataset ({dataset.get("type")}) has no single pipeline '
+                        f'to replace; test each dataset on its own with --tta.')
+    return dataset
+
+
 def default_tta_pipeline(cfg, scope: str) -> list:
     """The test pipeline with its packing step replaced by flip / no-flip test-time
     augmentation, as mmdet's and mmpretrain's tools/test.py build it."""
-    dataset = cfg.test_dataloader.dataset
-    while 'dataset' in dataset:  # dataset wrappers
-        dataset = dataset['dataset']
-    pipeline = copy.deepcopy(dataset.pipeline)
+    pipeline = copy.deepcopy(pipeline_dataset(cfg).pipeline)
     pack = DET_PACK if scope == 'mmdet' else pipeline[-1]
     pipeline[-1] = dict(type='TestTimeAug', transforms=[
         [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)], [pack]])
@@ -123,8 +132,8 @@ def enable_tta(cfg) -> None:
     scope = cfg.get('default_scope')
     missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
     if missing and scope not in DEFAULT_TTA_MODELS:
-        raise ToolError(f'--tta needs tta_model and tta_pipeline in the config (no {scope} '
-                        f'default exists); add them or drop --tta.')
+        raise ToolError(f'--tta needs tta_model and tta_pipeline in the config (there is no '
+                        f'default for default_scope {scope!r}); add them or drop --tta.')
     if 'tta_model' not in cfg:
         cfg.tta_model = copy.deepcopy(DEFAULT_TTA_MODELS[scope])
     if 'tta_pipeline' not in cfg:
@@ -133,7 +142,7 @@ def enable_tta(cfg) -> None:
         print_log(f'--tta: the config has no {" / ".join(missing)}; using {scope}\'s tools/test.py '
                   f'default (flip and no flip, merged by {cfg.tta_model["type"]}).',
                   logger='current', level=logging.WARNING)
-    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    pipeline_dataset(cfg).pipeline = cfg.tta_pipeline
     cfg.tta_model.module = cfg.model
     cfg.model = cfg.tta_model
 
