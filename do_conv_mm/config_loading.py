@@ -9,14 +9,15 @@ from typing import Optional
 
 from mmengine.config import Config
 
-__all__ = ['PACKAGE_PINS', 'load_config_file', 'package_to_install']
+__all__ = ['PACKAGE_PINS', 'first_line', 'load_config_file', 'package_to_install']
 
 # The verified release of each OpenMMLab package a config can need, by scope and by pip name.
 PACKAGE_PINS = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2',
                 'mmsegmentation': 'mmsegmentation==1.2.2', 'mmpretrain': 'mmpretrain==1.2.0'}
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message ('' for none): what a one-line report quotes."""
     text = str(error).strip()
     return text.splitlines()[0] if text else ''
 
@@ -26,7 +27,7 @@ def package_to_install(error: Exception) -> Optional[str]:
     ``pkg::`` base, or a plain ModuleNotFoundError), else None."""
     if not isinstance(error, ImportError):
         return None
-    found = re.match(r'(\S+) is not installed', _first_line(error))
+    found = re.match(r'(\S+) is not installed', first_line(error))
     if found:
         return found.group(1)
     name = getattr(error, 'name', None)
@@ -48,4 +49,4 @@ def load_config_file(path: str, error_type: type, what: str = 'config') -> Confi
         else:
             fix = f'it needs {package}: install it'
         raise error_type(f'{what} {path!r} could not be loaded ({type(error).__name__}: '
-                         f'{_first_line(error)}); {fix}.') from None
+                         f'{first_line(error)}); {fix}.') from None

@@ -101,9 +101,9 @@ def _check_scope(cfg: Config) -> None:
         if not _is_mmcv_ops_error(error):
             return  # a scope without a models package, or another failure the build reports
         import mmcv
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ''
         raise ToolError(f'{scope}\'s models need mmcv\'s compiled ops, and those of mmcv '
-                        f'{getattr(mmcv, "__version__", "?")} do not load ({text}): it is '
+                        f'{getattr(mmcv, "__version__", "?")} do not load '
+                        f'({config_loading.first_line(error)}): it is '
                         f'mmcv-lite, was built without ops, or for another torch. pip uninstall '
                         f'mmcv-lite mmcv, then bash tools/install.sh (it builds mmcv 2.1.0 with '
                         f'its ops against this torch).') from None
@@ -353,10 +353,9 @@ def build_runner(cfg: Config):
                 raise
             # A config mistake (a --cfg-options typo, an invalid argument) surfaces here deep
             # inside mmengine's registry: one line with the error, the traceback on request.
-            text = str(error).strip()
-            first = text.splitlines()[0] if text else ''
             message = (f'could not build the model / runner from the config: '
-                       f'{type(error).__name__}: {first} (DO_CONV_MM_TRACEBACK=1 prints the '
+                       f'{type(error).__name__}: {config_loading.first_line(error)} '
+                       f'(DO_CONV_MM_TRACEBACK=1 prints the '
                        f'traceback)')
         raise ToolError(message) from None
     _warn_conv_cfg_ignored(cfg, runner.model)

@@ -115,10 +115,10 @@ def pipeline_dataset(cfg):
     return dataset
 
 
-def default_tta_pipeline(cfg, scope: str) -> list:
+def default_tta_pipeline(test_pipeline: list, scope: str) -> list:
     """The test pipeline with its packing step replaced by flip / no-flip test-time
     augmentation, as mmdet's and mmpretrain's tools/test.py build it."""
-    pipeline = copy.deepcopy(pipeline_dataset(cfg).pipeline)
+    pipeline = copy.deepcopy(test_pipeline)
     pack = DET_PACK if scope == 'mmdet' else pipeline[-1]
     pipeline[-1] = dict(type='TestTimeAug', transforms=[
         [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)], [pack]])
@@ -134,15 +134,16 @@ def enable_tta(cfg) -> None:
     if missing and scope not in DEFAULT_TTA_MODELS:
         raise ToolError(f'--tta needs tta_model and tta_pipeline in the config (there is no '
                         f'default for default_scope {scope!r}); add them or drop --tta.')
+    dataset = pipeline_dataset(cfg)
     if 'tta_model' not in cfg:
         cfg.tta_model = copy.deepcopy(DEFAULT_TTA_MODELS[scope])
     if 'tta_pipeline' not in cfg:
-        cfg.tta_pipeline = default_tta_pipeline(cfg, scope)
+        cfg.tta_pipeline = default_tta_pipeline(dataset.pipeline, scope)
     if missing:
         print_log(f'--tta: the config has no {" / ".join(missing)}; using {scope}\'s tools/test.py '
                   f'default (flip and no flip, merged by {cfg.tta_model["type"]}).',
                   logger='current', level=logging.WARNING)
-    pipeline_dataset(cfg).pipeline = cfg.tta_pipeline
+    dataset.pipeline = cfg.tta_pipeline
     cfg.tta_model.module = cfg.model
     cfg.model = cfg.tta_model
 
