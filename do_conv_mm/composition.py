@@ -130,14 +130,29 @@ def fold_kernel(weight: torch.Tensor,
     return folded.to(weight.dtype)
 
 
-def in_layout_of(kernel: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def in_layout_of(kernel: torch.Tensor, weight: torch.Tensor,
+                 strides_known: bool = True) -> torch.Tensor:
     """``kernel`` (W', shaped like ``weight``) with ``weight``'s strides: conv2d picks its
     memory format from its input's and its weight's, so a layer made channels_last convolves
     (and returns) channels_last, as nn.Conv2d does. No copy where the strides agree already
-    (always for a contiguous weight and a contiguous W')."""
-    if kernel.stride() == weight.stride():
+    (always for a contiguous weight and a contiguous W').
+
+    ``strides_known=False`` while compiling: dynamo's fake tensors may report strides the
+    compiled code does not give (a depthwise W' reads as channels_last there and comes out
+    contiguous), so every weight not in the default row-major layout gets the copy."""
+    if kernel.stride() == weight.stride() and (strides_known or _is_row_major(weight)):
         return kernel
     return torch.empty_like(weight, dtype=kernel.dtype).copy_(kernel)
+
+
+def _is_row_major(tensor: torch.Tensor) -> bool:
+    """Strides exactly those of a new contiguous tensor (size-1 dimensions included)."""
+    expected = 1
+    for size, stride in zip(reversed(tensor.shape), reversed(tensor.stride())):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -449,8 +449,11 @@ class DOConv2d(nn.Conv2d):
                 extra = extra * scale.view(-1, 1, 1).to(extra.dtype)
         with no_autocast(weight.device.type):
             kernel = compose_kernel(weight, self.D, extra, self.groups)
-        # fx proxies and vmap's batched tensors have no strides to follow
-        if not (isinstance(weight, torch.fx.Proxy) or _functorch_transforms_active()):
+        # fx proxies and vmap's batched tensors have no strides to follow; the functorch query
+        # is not asked while compiling (torch 2.1's dynamo cannot trace it: a graph break)
+        if _is_compiling():
+            kernel = in_layout_of(kernel, weight, strides_known=False)
+        elif not (isinstance(weight, torch.fx.Proxy) or _functorch_transforms_active()):
             kernel = in_layout_of(kernel, weight)
         return super()._conv_forward(input, kernel, bias)
 

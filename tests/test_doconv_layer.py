@@ -726,6 +726,25 @@ def test_output_memory_format_follows_conv2d(monkeypatch, cin, cout, groups, d_e
             assert folded(x).stride() == expected
 
 
+@pytest.mark.parametrize('cin,cout,groups', [(4, 6, 1), (4, 4, 4), (4, 12, 4)])
+def test_compiled_output_memory_format_follows_conv2d(cin, cout, groups):
+    """Under torch.compile too (aot_eager: dynamo's graph and AOT autograd) a channels_last
+    layer fed NCHW returns what compiled nn.Conv2d returns, in training and no_grad. Fake
+    tensors report a depthwise W' as channels_last where the compiled code gives it
+    contiguous, so the layer may not trust their strides (a depthwise layer returned NCHW)."""
+    layer = randomise(DOConv2d(cin, cout, 3, padding=1, groups=groups, D_mul=11))
+    layer.to(memory_format=torch.channels_last)
+    plain = layer.to_conv2d()
+    x = torch.randn(2, cin, 7, 6)
+    for grad in (True, False):
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            y = torch.compile(layer, backend='aot_eager')(x)
+            expected = torch.compile(plain, backend='aot_eager')(x)
+        assert y.stride() == expected.stride() == plain(x).stride(), (grad, y.stride())
+        torch.testing.assert_close(y, expected)
+
+
 def _outcome(call):
     """What a call gives: ('ok', output shape) or ('error', its message)."""
     try:
