@@ -455,6 +455,20 @@ def test_fold_doconv_model_copy_and_inplace():
     assert same is model and type(model[0]) is nn.Conv2d
 
 
+def test_fold_state_dict_of_a_bare_layer():
+    """A bare DOConv2d's own state dict (keys 'weight', 'D', 'weight_extra', no prefix) folds
+    too: it strict-loads into the plain conv, which computes the layer's output (float64,
+    1e-10; grouped, D_mul > kh*kw)."""
+    from do_conv_mm import fold_state_dict
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=2, D_mul=12, dtype=torch.float64))
+    folded = fold_state_dict(layer.state_dict())
+    assert list(folded) == ['weight', 'bias']
+    plain = nn.Conv2d(4, 6, 3, padding=1, groups=2, dtype=torch.float64)
+    plain.load_state_dict(folded, strict=True)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), reference_forward(layer, x), atol=ATOL64, rtol=0)
+
+
 @pytest.mark.parametrize('cin,cout,groups', GROUPINGS)
 @pytest.mark.parametrize('padding_mode,d_extra', [('zeros', 0), ('reflect', 3), ('circular', 0)])
 def test_training_path_gradients_match_autograd_of_formula(cin, cout, groups, padding_mode,
@@ -600,6 +614,57 @@ def test_training_path_shared_layer_called_twice_before_backward(monkeypatch, gr
     got = torch.autograd.grad(loss([layer(x) for x in inputs]), list(layer.parameters()))
     for g, e in zip(got, formula_gradients(layer, inputs, loss)):
         torch.testing.assert_close(g, e, atol=ATOL64, rtol=0)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_shared_layer_whose_weight_changes_per_call_backpropagates_each_calls_kernel(
+        monkeypatch, groups):
+    """A shared layer whose weight differs on every call (a parametrisation; here call k
+    scales it by k) with a kept kernel (threshold 0): the buffer holds the last call's W' when
+    the earlier calls run backward, so their input gradients need their own W' recomposed.
+    Input and parameter gradients against the formula with each call's kernel (float64)."""
+    monkeypatch.setattr(compose_blocked, 'KEEP_MIN_BYTES', 0)
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.float64))
+
+    class CallScaled(nn.Module):
+        calls = 0
+
+        def forward(self, weight):
+            self.calls += 1
+            return weight * self.calls
+
+    scaled = CallScaled()
+    torch.nn.utils.parametrize.register_parametrization(layer, 'weight', scaled)
+    scaled.calls = 0  # registering evaluates it once
+    inputs = [torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+              for _ in range(3)]
+
+    def loss(outputs):
+        return sum((i + 1) * y.square().sum() for i, y in enumerate(outputs))
+
+    params = list(layer.parameters())
+    got = torch.autograd.grad(loss([layer(x) for x in inputs]), inputs + params)
+    base = layer.parametrizations.weight.original
+    outputs = [F.conv2d(x, compose_kernel(base * k, layer.D, None, groups), layer.bias, 1, 1, 1,
+                        groups) for k, x in enumerate(inputs, 1)]
+    expected = torch.autograd.grad(loss(outputs), inputs + params)
+    for g, e in zip(got, expected):  # gradients reach ~1e4 here: 1e-12 relative as well
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=1e-12)
+
+
+def test_kernel_is_kept_from_its_size_in_bytes(monkeypatch):
+    """KEEP_MIN_BYTES is a size in bytes: a float32 kernel of exactly that many bytes is kept
+    in the layer's buffer, one byte more and it is composed fresh (not kept)."""
+    layer = randomise(DOConv2d(8, 8, 3, padding=1))
+    x = torch.randn(1, 8, 6, 6)
+    size = layer.weight.numel() * 4
+    monkeypatch.setattr(compose_blocked, 'KEEP_MIN_BYTES', size)
+    layer(x).sum().backward()
+    assert layer._blocked_composer.buffer is not None
+    layer.train()  # gives the buffer back
+    monkeypatch.setattr(compose_blocked, 'KEEP_MIN_BYTES', size + 1)
+    layer(x).sum().backward()
+    assert layer._blocked_composer.buffer is None
 
 
 def test_training_path_follows_in_place_edits_between_steps():
@@ -771,6 +836,31 @@ def test_float64_layer_under_autocast_fails_as_conv2d(monkeypatch, composer, d_m
         assert got == expected, grad
 
 
+@pytest.mark.parametrize('composer', ['cpu', 'launch-light'])
+def test_float64_input_under_autocast_is_not_cast(monkeypatch, composer):
+    """Autocast never casts a float64 input, and neither do the training paths: a float64
+    layer fed float64 under CPU bf16 autocast trains in float64 as nn.Conv2d runs (the
+    formula's output and input gradient to 1e-10), and a float32 layer fed float64 fails, as
+    nn.Conv2d fails, on the float64 input (a bf16-cast input would run instead)."""
+    if composer == 'launch-light':
+        monkeypatch.setattr(DOConv2d, '_training_composer', lambda self: BATCHED_COMPOSER)
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, D_mul=12, dtype=torch.float64))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float64
+    expected = reference_forward(layer, x)
+    torch.testing.assert_close(y, expected, atol=ATOL64, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0],
+                               torch.autograd.grad(expected.sum(), x)[0], atol=ATOL64, rtol=0)
+    layer32 = DOConv2d(4, 6, 3, padding=1, D_mul=12)
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got, wanted = _outcome(lambda: layer32(x)), _outcome(lambda: plain(x))
+    assert wanted[0] == got[0] == 'error'  # (nn.Conv2d names the bias as bf16, ours as fp32)
+    assert 'Input type (double)' in got[1]
+
+
 def test_wrong_rank_input_is_reported_with_its_own_sizes():
     """'same' padding with an odd total pads the input in the layer; the rank error still
     names the sizes the caller passed, as nn.Conv2d's does."""
@@ -848,6 +938,30 @@ def test_double_backward_gradient_penalty():
     assert torch.autograd.gradgradcheck(forward, (small, *values))
 
 
+@pytest.mark.parametrize('groups', [1, 2])
+def test_backward_with_create_graph_gives_every_parameter_its_gradient(groups):
+    """loss.backward(create_graph=True) / autograd.grad(..., create_graph=True) over all
+    parameters (meta-learning, Hessian-vector products) takes the Function's differentiable
+    backward: the first-order gradients of input, weight, D, weight_extra and bias equal the
+    plain expression's (float64, 1e-10), and so does a Hessian-vector product through them."""
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=groups, D_mul=12,
+                               dtype=torch.float64))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    inputs = [x] + list(layer.parameters())
+    assert len(inputs) == 5  # weight, bias, D, weight_extra
+
+    def grads_and_hvp(forward):
+        grads = torch.autograd.grad(forward(x).square().sum(), inputs, create_graph=True)
+        vector = sum((g * (i + 1)).sum() for i, g in enumerate(grads))
+        return grads + torch.autograd.grad(vector, inputs)
+
+    got = grads_and_hvp(layer)
+    expected = grads_and_hvp(lambda t: F.conv2d(t, layer.composed_weight(), layer.bias, 1, 1, 1,
+                                                groups))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL64, rtol=1e-12)
+
+
 def test_torch_func_per_sample_gradients_and_jvp():
     """torch.func.grad + vmap (per-sample gradients) and forward-mode jvp match loops over
     samples of the plain expression."""
@@ -870,6 +984,22 @@ def test_torch_func_per_sample_gradients_and_jvp():
     _, jvp_out = torch.func.jvp(lambda t: layer(t), (x, ), (tangent, ))
     torch.testing.assert_close(jvp_out, F.conv2d(tangent, layer.composed_weight(), None, 1,
                                                  1).detach(), atol=ATOL64, rtol=0)
+
+
+def test_forward_mode_ad_with_dual_tensors():
+    """torch.autograd.forward_ad (dual tensors, no torch.func transform) on a training layer:
+    the forward gives the primal and the tangent conv2d(tangent, W') of the formula (float64,
+    1e-10), where the training Function, which has no jvp, would raise."""
+    from torch.autograd import forward_ad
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, D_mul=12, dtype=torch.float64))
+    x, tangent = (torch.randn(2, 4, 5, 5, dtype=torch.float64) for _ in range(2))
+    with forward_ad.dual_level():
+        primal, jvp_out = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, tangent)))
+    kernel = layer.composed_weight().detach()
+    torch.testing.assert_close(primal, F.conv2d(x, kernel, layer.bias, 1, 1).detach(),
+                               atol=ATOL64, rtol=0)
+    torch.testing.assert_close(jvp_out, F.conv2d(tangent, kernel, None, 1, 1), atol=ATOL64,
+                               rtol=0)
 
 
 def test_meta_device_init_then_assign_plain_state_dict():
@@ -977,6 +1107,21 @@ def test_torch_jit_script():
     with torch.no_grad():
         model[0].D.add_(0.1)  # the scripted module shares the parameters and composes live
     torch.testing.assert_close(scripted(x), model(x), atol=ATOL64, rtol=1e-12)
+
+
+@pytest.mark.parametrize('padding_mode', ['zeros', 'reflect'])
+def test_torch_jit_script_keeps_stride_dilation_and_groups(padding_mode):
+    """The scripted forward (its own conv2d call) passes stride, dilation and groups on, for
+    both of its padding branches: it equals F.conv2d of the formula's kernel (float64, 1e-10),
+    a dilated, strided, grouped layer with D_mul > kh*kw and a non-square kernel."""
+    layer = randomise(DOConv2d(4, 6, (3, 5), stride=(2, 1), padding=(2, 4), dilation=(2, 2),
+                               groups=2, padding_mode=padding_mode, D_mul=17,
+                               dtype=torch.float64))
+    scripted = torch.jit.script(layer)
+    x = torch.randn(2, 4, 9, 11, dtype=torch.float64)
+    expected = reference_forward(layer, x)
+    assert expected.shape == (2, 6, 5, 11)
+    torch.testing.assert_close(scripted(x), expected, atol=ATOL64, rtol=0)
 
 
 @pytest.mark.parametrize('d_mul', [None, 12])
@@ -1154,6 +1299,30 @@ def test_training_function_under_autocast(monkeypatch, composer, cin, cout, grou
     torch.testing.assert_close(y.float(), ref.float(), atol=0, rtol=0)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, atol=2e-2 * e.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize('mode', ['frozen', 'no_grad', 'substitute'])
+def test_paths_without_the_function_compose_in_fp32_under_autocast(mode):
+    """Under autocast the expression path (a frozen layer giving input gradients; a substitute
+    weight, as efficient_conv_bn_eval passes) and the no_grad path compose W' in the
+    parameters' fp32 and leave only the conv to autocast, as the training Function does:
+    the output is bit for bit autocast's bf16 conv of the fp32-composed kernel (the same ops;
+    a kernel composed from bf16-cast factors differs from it by bf16 roundings, ~1e-2 here)."""
+    layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=2, D_mul=12))
+    x = torch.randn(2, 4, 8, 8)
+    weight = layer.weight
+    if mode == 'frozen':
+        layer.requires_grad_(False)
+        x.requires_grad_(True)
+    elif mode == 'substitute':
+        weight = layer.weight * 1.0  # not the layer's own Parameter, same values
+    kernel = layer.composed_weight().detach()
+    with torch.autocast('cpu', dtype=torch.bfloat16), \
+            torch.set_grad_enabled(mode != 'no_grad'):
+        y = layer._conv_forward(x, weight, layer.bias)
+        expected = F.conv2d(x, kernel, layer.bias, 1, 1, 1, 2)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
 
 
 def test_structured_pruning_with_extra_columns_needs_their_mask_too():

@@ -136,6 +136,18 @@ def test_reassigning_the_same_values_keeps_a_pruned_layers_output():
     assert torch.equal(layer.weight_extra, extra)  # row 0 not zeroed by an undetermined 0/0
 
 
+def test_a_substitute_weight_of_the_same_values_keeps_a_pruned_layers_output():
+    """``_conv_forward(x, w, b)`` with ``w`` a copy of weight (a rescale by 1, as an
+    efficient_conv_bn_eval whose BN scale is 1 passes) on a layer pruned on weight alone: the
+    extra columns need no rescale, so nothing is refused and the output is the layer's."""
+    layer = pruned_layer()
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        expected = layer(x)
+        got = layer._conv_forward(x, layer.weight.clone(), layer.bias)
+    torch.testing.assert_close(got, expected, atol=ATOL32, rtol=0)
+
+
 def test_bn_fusers_refuse_a_pruned_layer_they_cannot_rescale_and_change_nothing():
     from mmcv.cnn import fuse_conv_bn
     layer, bn = pruned_layer().eval(), random_bn()
@@ -193,6 +205,36 @@ def test_fold_keeps_hooks_and_requires_grad_flags():
     assert folded.weight.requires_grad and not folded.bias.requires_grad
     folded(torch.randn(2, 4, 7, 7, requires_grad=True)).sum().backward()
     assert calls == ['pre', 'post', 'backward']
+
+
+def test_fold_and_convert_keep_hooks_registered_with_kwargs():
+    """Forward hooks registered with_kwargs=True (whose flags torch keeps in their own tables)
+    still receive the call's kwargs after fold and conversion."""
+    def register(conv, calls):
+        conv.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs) or None,
+                                       with_kwargs=True)
+        conv.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs),
+                                   with_kwargs=True)
+
+    x = torch.randn(1, 4, 7, 7)
+    calls = []
+    layer = trained_layer()
+    register(layer, calls)
+    fold_doconv(nn.Sequential(layer))[0](input=x)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1))
+    register(model[0], calls)
+    convert_to_doconv(model)
+    model[0](input=x)
+    assert len(calls) == 4 and all(set(kwargs) == {'input'} for kwargs in calls)
+
+
+def test_convert_to_doconv_keeps_the_training_flag_and_takes_d_mul_equal_to_the_taps():
+    """An mmcv Conv2d wrapper (viewed as the nn.Conv2d it is) and a plain conv in a model put in
+    eval become eval DOConv2d layers; D_mul = kh*kw, the smallest allowed, is taken."""
+    from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
+    model = nn.Sequential(MMCVConv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)).eval()
+    assert convert_to_doconv(model, D_mul=9) == ['0', '1']
+    assert all(type(m) is DOConv2d and not m.training and m.D_mul == 9 for m in model)
 
 
 def test_convert_to_doconv_keeps_hooks():
@@ -271,6 +313,50 @@ def test_plain_state_dict_still_draws_fresh_extra_columns():
     assert not layer.D.any() and layer.weight_extra.abs().max() <= bound
     assert layer.weight_extra.abs().max() > 0
     copy.deepcopy(layer)  # still an ordinary module
+
+
+@pytest.mark.parametrize('D_mul', [None, 12])
+def test_plain_state_dict_keeps_the_parameters_an_optimizer_holds(D_mul):
+    """mmengine loads ``load_from`` after it has built the optimizer: a plain checkpoint's load
+    resets D (and draws fresh extra columns) in the Parameter objects the optimizer holds, so
+    the next step still trains them."""
+    layer = trained_layer(D_mul=D_mul)
+    D, extra = layer.D, layer.weight_extra
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.load_state_dict(nn.Conv2d(4, 6, 3, padding=1).state_dict())
+    assert layer.D is D and layer.weight_extra is extra and not D.any()
+    layer(torch.randn(2, 4, 7, 7)).square().sum().backward()
+    opt.step()
+    assert layer.D.abs().sum() > 0
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_extra_columns_are_drawn_like_weight(groups):
+    """weight_extra, made by the constructor, by reset_parameters() and by a plain state dict's
+    load, is drawn from U(-b, b) with Conv2d's default b = 1/sqrt(Cg·kh·kw), as weight's own
+    columns: every value within b, and the largest of its 6·Cg·3 = 72+ values above b/2
+    (fails with probability 2^-72 for the right b; a b computed from all of weight's values
+    would be sqrt(6) times smaller and put every value below b/2)."""
+    torch.manual_seed(0)
+    layer = DOConv2d(8, 6, 3, padding=1, groups=groups, D_mul=12)
+    bound = 1 / (8 // groups * 9) ** 0.5
+
+    def check():
+        values = layer.weight_extra.detach().abs()
+        assert values.max() <= bound and values.max() > bound / 2
+        assert not layer.D.any()
+
+    check()
+    with torch.no_grad():
+        layer.weight_extra.zero_()
+        layer.D.normal_()
+    layer.reset_parameters()
+    check()
+    with torch.no_grad():
+        layer.weight_extra.zero_()
+        layer.D.normal_()
+    layer.load_state_dict(nn.Conv2d(8, 6, 3, padding=1, groups=groups).state_dict())
+    check()
 
 
 # ----------------------------------------------------------------------------------------------
