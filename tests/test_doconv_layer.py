@@ -600,9 +600,10 @@ def test_training_path_blocked_composition_matches_formula(monkeypatch, d_mul):
 @pytest.mark.parametrize('groups', [1, 2])
 def test_training_path_shared_layer_called_twice_before_backward(monkeypatch, groups,
                                                                  keep_min_bytes):
-    """A layer applied to several inputs (mmdet's shared heads): with a kept kernel (threshold
-    0) each call overwrites the buffer and the earlier calls' backward must notice and
-    recompose; with the default threshold every backward recomposes."""
+    """A layer applied to several inputs (mmdet's shared heads), kept kernel (threshold 0) or
+    not (default threshold): the parameter gradients sum every call's. (All calls have the
+    same W' here; that earlier calls recompose a buffer overwritten by a later call is checked
+    by the per-call-weight test below.)"""
     if keep_min_bytes is not None:
         monkeypatch.setattr(compose_blocked, 'KEEP_MIN_BYTES', keep_min_bytes)
     layer = randomise(DOConv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.float64))
