@@ -147,11 +147,12 @@ def in_layout_of(kernel: torch.Tensor, weight: torch.Tensor,
 
 def _is_row_major(tensor: torch.Tensor) -> bool:
     """Strides exactly those of a new contiguous tensor (size-1 dimensions included)."""
+    sizes, strides = tensor.shape, tensor.stride()
     expected = 1
-    for size, stride in zip(reversed(tensor.shape), reversed(tensor.stride())):
-        if stride != expected:
+    for dim in range(tensor.dim() - 1, -1, -1):  # (TorchScript has no reversed / zip)
+        if strides[dim] != expected:
             return False
-        expected *= size
+        expected *= sizes[dim]
     return True
 
 
