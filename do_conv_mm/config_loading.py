@@ -9,7 +9,8 @@ from typing import Optional
 
 from mmengine.config import Config
 
-__all__ = ['PACKAGE_PINS', 'first_line', 'load_config_file', 'package_to_install']
+__all__ = ['PACKAGE_PINS', 'first_line', 'first_line_or_type', 'load_config_file',
+           'package_to_install']
 
 # The verified release of each OpenMMLab package a config can need, by scope and by pip name.
 PACKAGE_PINS = {'mmdet': 'mmdet==3.3.0', 'mmseg': 'mmsegmentation==1.2.2',
@@ -20,6 +21,11 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message ('' for none): what a one-line report quotes."""
     text = str(error).strip()
     return text.splitlines()[0] if text else ''
+
+
+def first_line_or_type(error: BaseException) -> str:
+    """:func:`first_line`, or the error's type name where the message is empty (never '')."""
+    return first_line(error) or type(error).__name__
 
 
 def package_to_install(error: Exception) -> Optional[str]:

@@ -32,7 +32,7 @@ import torch.nn as nn
 from mmengine.config import Config
 
 from .checkpoint import key_listing, key_mismatch, load_checkpoint_file
-from .config_loading import load_config_file
+from .config_loading import first_line_or_type, load_config_file
 from .deploy_config import doconv_references, make_deploy_config
 from .deploy_verify import (DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs,
                             format_diffs, make_verify_batch, model_outputs)
@@ -111,7 +111,7 @@ def build_model(cfg: Config) -> nn.Module:
         if message is not None:
             raise FoldError(f'CONFIG {cfg.filename or "<Config>"}: {message}') from None
         raise FoldError(f'CONFIG {cfg.filename or "<Config>"} could not build its model '
-                        f'({type(error).__name__}: {_first_line(error)}); check that the '
+                        f'({type(error).__name__}: {first_line_or_type(error)}); check that the '
                         f'config builds with tools/train.py and that its package (mmdet / mmseg / '
                         f'mmpretrain) is installed.') from error
     model = revert_sync_batchnorm(model)
@@ -324,11 +324,6 @@ def fold_checkpoint_dict(model: nn.Module,
 # ------------------------------------------------------------------------------------------------
 # Safe writing
 # ------------------------------------------------------------------------------------------------
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _same_file(a: str, b: str) -> bool:
     if os.path.realpath(a) == os.path.realpath(b):
         return True
@@ -530,7 +525,7 @@ class _Run:
                 batch = make_verify_batch(self.model, self.cfg, image, size)
             except (OSError, ValueError, TypeError, KeyError) as error:
                 raise FoldError(f'--image {image!r} could not be read through the test pipeline '
-                                f'({type(error).__name__}: {_first_line(error)}); pass a '
+                                f'({type(error).__name__}: {first_line_or_type(error)}); pass a '
                                 f'readable image file or verify with random input.') from error
             reference, proposals = model_outputs(self.model, batch)
             outputs, _ = model_outputs(deployed, batch, proposals)

@@ -60,7 +60,7 @@ from mmengine.config import Config
 
 from .checkpoint import CheckpointError, key_listing, key_mismatch, load_checkpoint_file
 from .checkpoint_guard import check_checkpoint_config, config_has_doconv
-from .config_loading import load_config_file
+from .config_loading import first_line_or_type, load_config_file
 from .deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff, compare_outputs, format_diffs
 
 __all__ = ['DeployError', 'DeployVerificationError', 'deploy_onnx', 'default_deploy_config',
@@ -177,11 +177,6 @@ def _load_deploy_cfg(path: str, task: str, shape: Optional[Sequence[int]]) -> Co
 def _is_dynamic(deploy_cfg: Config) -> bool:
     from mmdeploy.utils import is_dynamic_shape
     return bool(is_dynamic_shape(deploy_cfg))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,7 +371,7 @@ def _default_image(cfg: Config, shape: Optional[Sequence[int]], log) -> Tuple[An
         if os.path.isfile(path):
             return path, path
     except Exception as error:  # no dataset on this machine: random input is the fallback
-        log(f'test set not available ({type(error).__name__}: {_first_line(error)[:100]}); '
+        log(f'test set not available ({type(error).__name__}: {first_line_or_type(error)[:100]}); '
             f'using a seeded random image')
     height, width = (int(v) for v in (shape or (128, 128)))
     rng = np.random.default_rng(0)
@@ -801,7 +796,7 @@ def _run(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, shape,
         export2SDK(dcfg, sdk_model_cfg, stage, pth=weights, device='cpu')
         report['sdk_meta'] = ['deploy.json', 'pipeline.json', 'detail.json']
     except Exception as error:  # SDK meta is a convenience; the ONNX files are the product
-        log(f'mmdeploy SDK meta not written ({type(error).__name__}: {_first_line(error)})')
+        log(f'mmdeploy SDK meta not written ({type(error).__name__}: {first_line_or_type(error)})')
 
     # 4. graph checks
     report['ops'] = {}
