@@ -819,7 +819,8 @@ def test_config_whose_base_package_is_missing_names_the_package_not_the_file(
     too."""
     import mmengine.config.config as mmengine_config
 
-    from do_conv_mm.deploy import FoldError, _load_config
+    from do_conv_mm.deploy import FoldError
+    from do_conv_mm.fold_model import load_model_config
     from do_conv_mm.runner_setup import ToolError, load_config
     monkeypatch.setattr(mmengine_config, 'is_installed', lambda package: package != missing)
     config = osp.join(REPO, 'configs', 'mmdet' if missing == 'mmdet' else 'mmseg',
@@ -831,7 +832,7 @@ def test_config_whose_base_package_is_missing_names_the_package_not_the_file(
     with pytest.raises(ToolError, match=expected):
         load_config(config)
     with pytest.raises(FoldError, match=expected):
-        _load_config(config, None)
+        load_model_config(config, None)
 
 
 # Run first in a fresh interpreter: mmcv._ext missing (mmcv-lite), or present but not loadable

@@ -25,7 +25,7 @@ import torch.nn as nn
 from mmengine.config import Config
 
 import do_conv_mm
-from do_conv_mm import deploy
+from do_conv_mm import checkpoint_fold, deploy
 from do_conv_mm.checkpoint_guard import describe_checkpoint
 from do_conv_mm.deploy import FoldVerificationError, build_model, fold_checkpoint
 from do_conv_mm.deploy_config import doconv_references, make_deploy_config
@@ -339,7 +339,7 @@ def test_verify_fails_on_a_wrong_fold_and_writes_nothing(tmp_path, monkeypatch):
                 m.D.data.zero_()
         return do_conv_mm.fold_doconv(model, inplace=True)
 
-    monkeypatch.setattr(deploy, 'fold_doconv', fold_ignoring_D)
+    monkeypatch.setattr(checkpoint_fold, 'fold_doconv', fold_ignoring_D)
     with pytest.raises(FoldVerificationError, match='verify failed') as info:
         fold_checkpoint(str(TOY_DET), str(ckpt), str(tmp_path / 'out.pth'), verify=True,
                         log=lambda s: None)
