@@ -17,7 +17,7 @@ import zipfile
 import pytest
 
 import do_conv_mm
-from do_conv_mm import onnx_deploy, stack_check, toy_data
+from do_conv_mm import onnx_configs, onnx_deploy, stack_check, toy_data
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -67,10 +67,10 @@ def test_installed_package_finds_its_shipped_deploy_configs(tmp_path, monkeypatc
     checkout, the checkout's own, even beside a .mim copy a wheel build left (it may be stale)."""
     package = tmp_path / 'site-packages' / 'do_conv_mm'
     (package / '.mim' / 'configs' / 'deploy').mkdir(parents=True)
-    monkeypatch.setattr(onnx_deploy, '__file__', str(package / 'onnx_deploy.py'))
-    assert onnx_deploy._find_deploy_config_dir() == str(package / '.mim' / 'configs' / 'deploy')
+    monkeypatch.setattr(onnx_configs, '__file__', str(package / 'onnx_configs.py'))
+    assert onnx_configs._find_deploy_config_dir() == str(package / '.mim' / 'configs' / 'deploy')
     (package.parent / 'configs' / 'deploy').mkdir(parents=True)
-    assert onnx_deploy._find_deploy_config_dir() == str(package.parent / 'configs' / 'deploy')
+    assert onnx_configs._find_deploy_config_dir() == str(package.parent / 'configs' / 'deploy')
 
 
 def test_toy_data_goes_to_the_checkout_or_the_current_directory(tmp_path, monkeypatch):
