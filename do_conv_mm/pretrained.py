@@ -229,7 +229,7 @@ def build_config_module(config: str, cfg_options=None, part: str = 'backbone') -
     model ``config`` builds, on the CPU, no pretrained weights loaded: what a checkpoint meant
     for it must load into. The whole model is built, so DOConvModel's by-name conversions are
     included."""
-    from .fold_model import build_model
+    from .deploy.fold_model import build_model
     from .runner_setup import load_config
     model = build_model(load_config(config, cfg_options))
     if not part:

@@ -820,7 +820,7 @@ def test_config_whose_base_package_is_missing_names_the_package_not_the_file(
     import mmengine.config.config as mmengine_config
 
     from do_conv_mm.deploy import FoldError
-    from do_conv_mm.fold_model import load_model_config
+    from do_conv_mm.deploy.fold_model import load_model_config
     from do_conv_mm.runner_setup import ToolError, load_config
     monkeypatch.setattr(mmengine_config, 'is_installed', lambda package: package != missing)
     config = osp.join(REPO, 'configs', 'mmdet' if missing == 'mmdet' else 'mmseg',

@@ -149,7 +149,7 @@ def test_dynamic_export_of_size_dependent_same_padding_is_refused():
     Conv2dAdaptivePadding layers (whose padding depends on the input size and would be baked
     into the graph) are named and the export is refused; stride-1 and 1×1 ones pad the same at
     every size and pass."""
-    from do_conv_mm.onnx_checks import refuse_dynamic_same_padding
+    from do_conv_mm.onnx_deploy.onnx_checks import refuse_dynamic_same_padding
     from do_conv_mm.onnx_deploy import DeployError
     constant = nn.Sequential(Conv2dAdaptivePadding(3, 4, 3), Conv2dAdaptivePadding(4, 4, 1, 2))
     refuse_dynamic_same_padding(constant)

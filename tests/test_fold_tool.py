@@ -25,7 +25,8 @@ import torch.nn as nn
 from mmengine.config import Config
 
 import do_conv_mm
-from do_conv_mm import checkpoint_fold, deploy
+from do_conv_mm import deploy
+from do_conv_mm.deploy import checkpoint_fold
 from do_conv_mm.checkpoint_guard import describe_checkpoint
 from do_conv_mm.deploy import FoldVerificationError, build_model, fold_checkpoint
 from do_conv_mm.deploy_config import doconv_references, make_deploy_config

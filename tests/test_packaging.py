@@ -17,7 +17,8 @@ import zipfile
 import pytest
 
 import do_conv_mm
-from do_conv_mm import onnx_configs, onnx_deploy, stack_check, toy_data
+from do_conv_mm import onnx_deploy, stack_check, toy_data
+from do_conv_mm.onnx_deploy import onnx_configs
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -67,7 +68,7 @@ def test_installed_package_finds_its_shipped_deploy_configs(tmp_path, monkeypatc
     checkout, the checkout's own, even beside a .mim copy a wheel build left (it may be stale)."""
     package = tmp_path / 'site-packages' / 'do_conv_mm'
     (package / '.mim' / 'configs' / 'deploy').mkdir(parents=True)
-    monkeypatch.setattr(onnx_configs, '__file__', str(package / 'onnx_configs.py'))
+    monkeypatch.setattr(onnx_configs, '__file__', str(package / 'onnx_deploy' / 'onnx_configs.py'))
     assert onnx_configs._find_deploy_config_dir() == str(package / '.mim' / 'configs' / 'deploy')
     (package.parent / 'configs' / 'deploy').mkdir(parents=True)
     assert onnx_configs._find_deploy_config_dir() == str(package.parent / 'configs' / 'deploy')

@@ -2,7 +2,7 @@
 write checkpoints through :mod:`.output_checks` / :mod:`.atomic_write`)."""
 from typing import List
 
-from .deploy_verify import OutputDiff
+from ..deploy_verify import OutputDiff
 
 __all__ = ['FoldError', 'FoldVerificationError']
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Callable, Optional, Sequence
 
-from .checkpoint import load_checkpoint_file
+from ..checkpoint import load_checkpoint_file
 from .fold_errors import FoldError
 
 __all__ = ['same_file', 'check_writable_dir', 'checkpoint_meta_has', 'check_checkpoint_output',

@@ -56,9 +56,9 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint_file
-from .checkpoint_guard import check_checkpoint_config
-from .deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff
+from ..checkpoint import CheckpointError, load_checkpoint_file
+from ..checkpoint_guard import check_checkpoint_config
+from ..deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff
 from .detection_match import DEFAULT_BOX_ATOL, DEFAULT_SCORE_ATOL, match_detections
 from .onnx_checks import onnx_ops
 from .onnx_configs import (DEPLOY_CONFIG_DIR, default_deploy_config, is_dynamic, load_cfg_file,
@@ -144,7 +144,7 @@ def deploy_onnx(config: str,
     report: Dict[str, Any] = dict(config=config, checkpoint=checkpoint, checkpoint_kind=kind,
                                   deploy_cfg=deploy_cfg_path, versions=versions,
                                   dynamic=is_dynamic(dcfg), seconds={})
-    from .mmdeploy_compat import SHIMS
+    from ..mmdeploy_compat import SHIMS
     report['shims'] = [name for name, _ in SHIMS]
 
     parent = os.path.dirname(os.path.abspath(out_dir))

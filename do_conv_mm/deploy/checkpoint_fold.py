@@ -14,8 +14,8 @@ import torch.nn as nn
 from mmengine.config import Config
 
 from .checkpoint_match import EMA_KEY, check_matches, checked_checkpoint
-from .fold import fold_doconv
-from .version import __version__
+from ..fold import fold_doconv
+from ..version import __version__
 
 __all__ = ['fold_checkpoint_dict']
 

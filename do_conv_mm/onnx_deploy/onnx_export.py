@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from mmengine.config import Config
 
-from .checkpoint import key_listing, key_mismatch, load_checkpoint_file
-from .checkpoint_guard import config_has_doconv
-from .config_loading import first_line_or_type
+from ..checkpoint import key_listing, key_mismatch, load_checkpoint_file
+from ..checkpoint_guard import config_has_doconv
+from ..config_loading import first_line_or_type
 from .head_outputs import RawHeadOutputs, RoIHeadOutputs, onnx_name, proposal_rois, two_stage
 from .onnx_checks import check_ops, onnx_ops, refuse_dynamic_same_padding
 from .onnx_compare import OnnxRuntimeComparer
@@ -32,7 +32,7 @@ ROI = 'roi_outputs.onnx'
 def _default_image(cfg: Config, shape: Optional[Sequence[int]], log) -> Tuple[Any, str]:
     """The test set's first image when its files exist, else a seeded random image."""
     from mmengine.registry import DATASETS, DefaultScope
-    from .toy_data import ensure_toy_data_for_config
+    from ..toy_data import ensure_toy_data_for_config
     try:
         ensure_toy_data_for_config(cfg)
         with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
@@ -58,8 +58,8 @@ def run_export(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, 
     from mmdeploy.apis import build_task_processor, torch2onnx
     from mmdeploy.apis.onnx import export as mmdeploy_export
     from mmdeploy.utils import get_input_shape
-    from .deploy import FoldError, fold_checkpoint
-    from .mmdeploy_compat import mmdeploy_export_compat
+    from ..deploy import FoldError, fold_checkpoint
+    from ..mmdeploy_compat import mmdeploy_export_compat
 
     seconds = report['seconds']
     stem = os.path.splitext(os.path.basename(config))[0]
@@ -67,7 +67,7 @@ def run_export(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, 
     #    deploy config is made here, as the fold would have written it)
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
     if config_has_doconv(cfg) and isinstance(meta, dict) and meta.get('doconv_folded'):
-        from .deploy_config import make_deploy_config
+        from ..deploy_config import make_deploy_config
         model_cfg = make_deploy_config(cfg)
         model_cfg_path = os.path.join(stage, f'{stem}_deploy.py')
         model_cfg.dump(model_cfg_path)
@@ -116,7 +116,7 @@ def run_export(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, 
         raise DeployError(f'the checkpoint does not strict-load into the model of '
                           f'{os.path.basename(model_cfg_path)} ({found}); pass the config the '
                           f'checkpoint belongs to.') from None
-    from .fold import count_doconv
+    from ..fold import count_doconv
     if count_doconv(torch_model):
         raise RuntimeError('the model to export still has DO-Conv layers')
     if report['dynamic']:

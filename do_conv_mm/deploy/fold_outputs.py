@@ -8,11 +8,11 @@ from typing import Any, Dict, List
 import torch
 from mmengine.config import Config
 
-from .checkpoint import load_checkpoint_file
-from .deploy_config import doconv_references
+from ..checkpoint import load_checkpoint_file
+from ..deploy_config import doconv_references
 from .fold_errors import FoldError
 from .output_checks import check_replaceable, check_writable_dir, checkpoint_meta_has, same_file
-from .version import __version__
+from ..version import __version__
 
 __all__ = ['DEPLOY_CONFIG_MARK', 'default_out_config', 'deploy_config_header', 'preflight',
            'load_plain', 'reload_config']

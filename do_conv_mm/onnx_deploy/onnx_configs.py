@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from mmengine.config import Config
 
-from .config_loading import load_config_file
+from ..config_loading import load_config_file
 from .onnx_errors import DeployError
 
 __all__ = ['DEPLOY_CONFIG_DIR', 'default_deploy_config', 'task_of', 'load_cfg_file',
@@ -16,9 +16,9 @@ __all__ = ['DEPLOY_CONFIG_DIR', 'default_deploy_config', 'task_of', 'load_cfg_fi
 
 def _find_deploy_config_dir() -> str:
     """The checkout's configs/deploy (an editable install), else the copy a wheel carries."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    checkout = os.path.join(os.path.dirname(here), 'configs', 'deploy')
-    for candidate in (checkout, os.path.join(here, '.mim', 'configs', 'deploy')):
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # do_conv_mm/
+    checkout = os.path.join(os.path.dirname(package), 'configs', 'deploy')
+    for candidate in (checkout, os.path.join(package, '.mim', 'configs', 'deploy')):
         if os.path.isdir(candidate):
             return candidate
     return checkout

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .deploy_verify import compare_outputs, format_diffs
+from ..deploy_verify import compare_outputs, format_diffs
 from .detection_match import match_detections, match_line, mmdeploy_detections, sample_detections
 from .head_outputs import proposal_rois
 

@@ -6,7 +6,7 @@ from typing import Dict
 
 import torch.nn as nn
 
-from .checkpoint import key_listing
+from ..checkpoint import key_listing
 from .onnx_errors import DeployError
 
 __all__ = ['STANDARD_DOMAINS', 'FORBIDDEN_OPS', 'onnx_ops', 'check_ops',

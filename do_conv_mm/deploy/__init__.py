@@ -31,8 +31,8 @@ from mmengine.config import Config
 from .atomic_write import StagedFiles, save_atomically
 from .checkpoint_fold import fold_checkpoint_dict
 from .checkpoint_match import checkpoint_weights
-from .deploy_config import make_deploy_config
-from .deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff
+from ..deploy_config import make_deploy_config
+from ..deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff
 from .fold_errors import FoldError, FoldVerificationError
 from .fold_model import PathLike, build_model
 from .fold_outputs import default_out_config, deploy_config_header, preflight, reload_config

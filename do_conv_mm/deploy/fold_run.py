@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from .atomic_write import StagedFiles
-from .checkpoint import load_checkpoint_file
+from ..checkpoint import load_checkpoint_file
 from .checkpoint_fold import fold_checkpoint_dict
-from .config_loading import first_line_or_type
-from .deploy_config import make_deploy_config
-from .deploy_verify import (OutputDiff, compare_outputs, format_diffs, make_verify_batch,
+from ..config_loading import first_line_or_type
+from ..deploy_config import make_deploy_config
+from ..deploy_verify import (OutputDiff, compare_outputs, format_diffs, make_verify_batch,
                             model_outputs)
 from .fold_errors import FoldError
 from .fold_model import build_model, doconv_layers, load_model_config

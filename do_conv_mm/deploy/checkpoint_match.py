@@ -13,8 +13,8 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
-from .checkpoint import key_listing, key_mismatch
-from .fold import _is_doconv_entry
+from ..checkpoint import key_listing, key_mismatch
+from ..fold import _is_doconv_entry
 from .fold_errors import FoldError
 from .fold_model import doconv_layers
 

@@ -11,8 +11,8 @@ from typing import List, Optional, Union
 import torch.nn as nn
 from mmengine.config import Config
 
-from .config_loading import first_line_or_type, load_config_file
-from .doconv import DOConv2d
+from ..config_loading import first_line_or_type, load_config_file
+from ..doconv import DOConv2d
 from .fold_errors import FoldError
 
 __all__ = ['PathLike', 'load_model_config', 'build_model', 'doconv_layers']
@@ -43,7 +43,7 @@ def build_model(cfg: Config) -> nn.Module:
     """Build ``cfg.model`` on the CPU in the config's default scope, SyncBN reverted to BN."""
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import MODELS, DefaultScope
-    from .config_check import DOConvNotApplicableError, check_doconv_cfg, explain_build_error
+    from ..config_check import DOConvNotApplicableError, check_doconv_cfg, explain_build_error
     scope = cfg.get('default_scope')
     try:
         check_doconv_cfg(cfg.model, scope=scope)
