@@ -23,7 +23,7 @@ from do_conv_mm import DOConv2d  # noqa: E402
 from do_conv_mm.checkpoint import load_checkpoint_file  # noqa: E402
 from do_conv_mm.pretrained import (PretrainedMismatchError, backbone_state_dict,  # noqa: E402
                                    check_pretrained_inits, strip_prefix)
-from training_helpers import REPO, run_tool, tool_env  # noqa: E402
+from training_helpers import REPO, run_tool, tool_env, tool_module  # noqa: E402
 
 TOY = osp.join(REPO, 'configs', 'toy')
 CLS = osp.join(TOY, 'cls_r18-tiny-doconv_toy.py')
@@ -115,12 +115,14 @@ def test_extracted_backbone_loads_strictly_into_mmseg_resnetv1c(pretrained):
 
 
 def _test_metrics(config, checkpoint, work_dir, *extra):
-    run_tool('test.py', config, checkpoint, '--work-dir', work_dir, *extra)
+    """tools/test.py, in this process (its metrics are what is compared, not its process)."""
+    tool_module('test.py').main([str(config), str(checkpoint), '--work-dir', str(work_dir),
+                                 *extra])
     return json.loads((work_dir / 'test_metrics.json').read_text())['metrics']
 
 
 @pytest.mark.parametrize('task', ['det', 'seg'])
-def test_pretrained_model_trains_folds_and_evaluates_equally(pretrained, tmp_path, task):
+def test_pretrained_model_trains_folds_and_evaluates_equally(pretrained, tmp_path, capsys, task):
     if task == 'det':
         config, start = DET, pretrained['cls']
         schedule = ['train_cfg.max_epochs=2', 'default_hooks.checkpoint.interval=2']
@@ -139,8 +141,9 @@ def test_pretrained_model_trains_folds_and_evaluates_equally(pretrained, tmp_pat
     assert f'pretrained: backbone <- {str(start)!r}' in log and f'D of {n_d} DO-Conv' in log
     ckpt = tmp_path / 'train' / ckpt_name
     folded = tmp_path / 'deploy' / 'folded.pth'
-    proc = run_tool('fold_doconv.py', config, ckpt, folded, '--verify')
-    assert 'verify PASS' in proc.stdout
+    capsys.readouterr()
+    assert tool_module('fold_doconv.py').main([config, str(ckpt), str(folded), '--verify']) == 0
+    assert 'verify PASS' in capsys.readouterr().out
     deploy_config = tmp_path / 'deploy' / (osp.splitext(osp.basename(config))[0] + '_deploy.py')
     before = _test_metrics(config, ckpt, tmp_path / 'before', *extra_test)
     after = _test_metrics(deploy_config, folded, tmp_path / 'after', *extra_test)

@@ -47,6 +47,19 @@ def run_tool(tool: str, *args, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, osp.join(REPO, 'tools', tool), *map(str, args)], **kwargs)
 
 
+def tool_module(tool: str):
+    """tools/<tool>.py imported as a module, to call its ``main(argv)`` in this process where a
+    test uses the tool's result rather than its process (no second interpreter to start and no
+    second import of torch / mmdet / mmseg). Loaded under a unique name: tools/test.py would
+    clash with the stdlib's ``test`` package."""
+    import importlib.util
+    name = 'do_conv_mm_tools_' + osp.splitext(tool)[0]
+    spec = importlib.util.spec_from_file_location(name, osp.join(REPO, 'tools', tool))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
