@@ -6,6 +6,8 @@ The classifiers train for 2 epochs on the toy classification set: enough for D t
 copied (checkpoint -> module: torch.equal); metrics before and after folding are compared as the
 fold tests do (identical, since outputs agree to ~1e-6 and metrics round far coarser).
 """
+import contextlib
+import io
 import json
 import os.path as osp
 import subprocess
@@ -24,6 +26,19 @@ from do_conv_mm.checkpoint import load_checkpoint_file  # noqa: E402
 from do_conv_mm.pretrained import (PretrainedMismatchError, backbone_state_dict,  # noqa: E402
                                    check_pretrained_inits, strip_prefix)
 from training_helpers import REPO, run_tool, tool_env, tool_module  # noqa: E402
+
+# The tools run as a user runs them where their process is what is checked (training, exit codes
+# and error lines); where a test reads their result or their report, through their main() in this
+# process (the same code without a second interpreter importing torch, mmdet and mmseg).
+
+
+def _extract(*args) -> str:
+    """tools/extract_backbone.py ARGS in this process; its stdout (it must succeed)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = tool_module('extract_backbone.py').main([str(a) for a in args])
+    assert code == 0, (out.getvalue() + err.getvalue())[-4000:]
+    return out.getvalue()
 
 TOY = osp.join(REPO, 'configs', 'toy')
 CLS = osp.join(TOY, 'cls_r18-tiny-doconv_toy.py')
@@ -56,9 +71,8 @@ def pretrained(tmp_path_factory):
     work_dir = tmp_path_factory.mktemp('pretrain')
     ckpts = _train_classifiers(work_dir)
     ckpts['backbone_v1c'] = work_dir / 'backbone_v1c.pth'
-    proc = run_tool('extract_backbone.py', ckpts['cls_v1c'], ckpts['backbone_v1c'],
-                    '--config', SEG)
-    assert 'loads completely into the backbone' in proc.stdout, proc.stdout
+    output = _extract(ckpts['cls_v1c'], ckpts['backbone_v1c'], '--config', SEG)
+    assert 'loads completely into the backbone' in output, output
     return ckpts
 
 
@@ -248,8 +262,7 @@ def test_model_zoo_path_resnet50_into_faster_rcnn_and_v1c_into_pspnet(tmp_path):
     extracted = tmp_path / 'r50v1c_backbone.pth'
     pspnet = osp.join(REPO, 'configs', 'mmseg',
                       'pspnet_r50-d8-doconv_4xb2-80k_cityscapes-512x1024.py')
-    run_tool('extract_backbone.py', paths['resnetv1c50-doconv_8xb32_in1k'], extracted,
-             '--config', pspnet)
+    _extract(paths['resnetv1c50-doconv_8xb32_in1k'], extracted, '--config', pspnet)
     segmentor = _build(pspnet, **{'model.pretrained': str(extracted)})
     (line, ) = check_pretrained_inits(segmentor)
     assert 'D of 19 DO-Conv layer(s)' in line
@@ -281,8 +294,7 @@ def test_extract_from_ema_weights_and_bare_state_dicts(tmp_path):
     # The CLI: --use-ema, written atomically, meta says which weights.
     path, out = tmp_path / 'ema.pth', tmp_path / 'backbone.pth'
     torch.save(dict(state_dict=weights, ema_state_dict=raw), path)
-    proc = run_tool('extract_backbone.py', path, out, '--use-ema')
-    assert 'D of 1 DO-Conv layer(s)' in proc.stdout
+    assert 'D of 1 DO-Conv layer(s)' in _extract(path, out, '--use-ema')
     saved = torch.load(out, weights_only=True)
     assert saved['meta']['weights'] == 'state_dict (EMA weights)'
     assert torch.equal(saved['state_dict']['conv1.weight'], torch.ones(2, 3, 7, 7))
@@ -304,7 +316,7 @@ def test_extract_never_replaces_its_input_or_a_file_it_did_not_write(tmp_path):
             'error: OUT ')
     assert {p: p.read_bytes() for p in (path, other)} == before
     for args in ((path, out), (path, out), (path, other, '--force')):
-        assert run_tool('extract_backbone.py', *args).returncode == 0
+        _extract(*args)
     assert 'extracted_from' in torch.load(other, weights_only=True)['meta']
 
 
@@ -323,9 +335,9 @@ def test_extract_cspnext_keeps_its_stem_and_checks_doconvmodel_conversions(tmp_p
     path, out = tmp_path / 'cls.pth', tmp_path / 'backbone.pth'
     torch.save({'state_dict': {f'backbone.{k}': v for k, v in backbone.state_dict().items()}},
                path)
-    proc = run_tool('extract_backbone.py', path, out, '--config', rtmdet)
-    assert f'loads completely into the backbone of {rtmdet}' in proc.stdout
-    assert 'renamed' not in proc.stdout
+    output = _extract(path, out, '--config', rtmdet)
+    assert f'loads completely into the backbone of {rtmdet}' in output
+    assert 'renamed' not in output
     extracted = torch.load(out, weights_only=True)['state_dict']
     assert list(extracted) == list(backbone.state_dict())
 
