@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
 bash tools/install_deploy.sh
-python -m pytest tests -q "$@"
+python -m pytest tests -q --durations=30 "$@"  # (the 30 slowest listed: the suite has a ~30 min budget)
