@@ -3,14 +3,16 @@
 The API of ``tools/deploy_onnx.py`` (runs where the ``deploy`` extra is installed: mmdeploy 1.3.1,
 onnxruntime, onnx; see README, Deployment). :func:`deploy_onnx`:
 
-1. loads the checkpoint safely and refuses train/deploy mix-ups (:mod:`.checkpoint_guard`);
+1. loads the checkpoint safely and refuses train/deploy mix-ups
+   (:mod:`do_conv_mm.checkpoint_guard`);
 2. folds a DO-Conv training checkpoint first (:func:`do_conv_mm.fold_checkpoint`, which also
    writes the deploy config), or takes an already folded / plain checkpoint with its deploy /
    plain config as it is; the weights must strict-load into the deploy model;
-3. exports with mmdeploy (``torch2onnx``, under :func:`.mmdeploy_compat.mmdeploy_export_compat`)
-   to ``end2end.onnx`` (detections or segmentation output, mmdeploy's post-processing included)
-   and, through mmdeploy's ``export`` with the same deploy config, ``raw_outputs.onnx``: the
-   dense head's raw maps (``bbox_head``/``rpn_head``/``decode_head`` forward on the features);
+3. exports with mmdeploy (``torch2onnx``, under
+   :func:`do_conv_mm.mmdeploy_compat.mmdeploy_export_compat`) to ``end2end.onnx``
+   (detections or segmentation output, mmdeploy's post-processing included) and, through
+   mmdeploy's ``export`` with the same deploy config, ``raw_outputs.onnx``: the dense head's
+   raw maps (``bbox_head``/``rpn_head``/``decode_head`` forward on the features);
 4. checks both graphs: ONNX checker, standard-domain ops only (no Einsum, no custom op);
 5. runs both in ONNX Runtime (the end-to-end model through mmdeploy's backend model, the way
    mmdeploy's tools run it; the raw model through a plain ``onnxruntime.InferenceSession``
