@@ -8,8 +8,6 @@ test.py whose log is read run as subprocesses, as a user runs them; fold_doconv.
 test.py runs whose outputs are compared run through their ``main()`` in this process (the same
 code, without a second interpreter importing torch and mmpretrain).
 """
-import contextlib
-import io
 import json
 import os
 import os.path as osp
@@ -29,7 +27,7 @@ from do_conv_mm import DOConv2d, load_checkpoint_file  # noqa: E402
 from do_conv_mm.toy_cls_data import CLS_CLASSES, generate_toy_cls_data  # noqa: E402
 from test_configs import (EXTRA_SUFFIXES, _build, _config_path, _kxk_convs,  # noqa: E402,F401
                           analyze_tool, check_analysis_total)
-from training_helpers import REPO, run_tool, tool_module, train_losses  # noqa: E402
+from training_helpers import REPO, call_tool, run_tool, train_losses  # noqa: E402
 
 TOY_CLS = _config_path('toy/cls_r18-tiny-doconv_toy.py')
 R18 = _config_path('mmpretrain/resnet18-doconv_8xb32_in1k.py')
@@ -74,12 +72,9 @@ default_hooks = dict(logger=dict(interval=1))
 def folded(toy):
     """tools/fold_doconv.py --verify on the toy checkpoint: (stdout, folded .pth, deploy cfg)."""
     out = str(toy['dir'] / 'deploy' / 'folded.pth')
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-        code = tool_module('fold_doconv.py').main([toy['config'], toy['checkpoint'], out,
-                                                   '--verify'])
-    assert code == 0, output.getvalue()[-4000:]
-    return output.getvalue(), out, str(toy['dir'] / 'deploy' / 'tiny_cls_deploy.py')
+    stdout, stderr = call_tool('fold_doconv.py', toy['config'], toy['checkpoint'], out,
+                               '--verify')
+    return stdout + stderr, out, str(toy['dir'] / 'deploy' / 'tiny_cls_deploy.py')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +162,7 @@ def test_fold_verify_on_an_image_through_the_test_pipeline(toy, tmp_path):
 # test.py and train.py
 # ----------------------------------------------------------------------------------------------
 def _test_run(config, checkpoint, work_dir, *extra):
-    tool_module('test.py').main([config, checkpoint, '--work-dir', work_dir, *extra])
+    call_tool('test.py', config, checkpoint, '--work-dir', work_dir, *extra)
     with open(osp.join(work_dir, 'test_metrics.json')) as f:
         return json.load(f)['metrics']
 

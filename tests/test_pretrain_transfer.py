@@ -6,8 +6,6 @@ The classifiers train for 2 epochs on the toy classification set: enough for D t
 copied (checkpoint -> module: torch.equal); metrics before and after folding are compared as the
 fold tests do (identical, since outputs agree to ~1e-6 and metrics round far coarser).
 """
-import contextlib
-import io
 import json
 import os.path as osp
 import subprocess
@@ -25,7 +23,7 @@ from do_conv_mm import DOConv2d  # noqa: E402
 from do_conv_mm.checkpoint import load_checkpoint_file  # noqa: E402
 from do_conv_mm.pretrained import (PretrainedMismatchError, backbone_state_dict,  # noqa: E402
                                    check_pretrained_inits, strip_prefix)
-from training_helpers import REPO, run_tool, tool_env, tool_module  # noqa: E402
+from training_helpers import REPO, call_tool, run_tool, tool_env  # noqa: E402
 
 # The tools run as a user runs them where their process is what is checked (training, exit codes
 # and error lines); where a test reads their result or their report, through their main() in this
@@ -34,11 +32,7 @@ from training_helpers import REPO, run_tool, tool_env, tool_module  # noqa: E402
 
 def _extract(*args) -> str:
     """tools/extract_backbone.py ARGS in this process; its stdout (it must succeed)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = tool_module('extract_backbone.py').main([str(a) for a in args])
-    assert code == 0, (out.getvalue() + err.getvalue())[-4000:]
-    return out.getvalue()
+    return call_tool('extract_backbone.py', *args)[0]
 
 TOY = osp.join(REPO, 'configs', 'toy')
 CLS = osp.join(TOY, 'cls_r18-tiny-doconv_toy.py')
@@ -130,13 +124,12 @@ def test_extracted_backbone_loads_strictly_into_mmseg_resnetv1c(pretrained):
 
 def _test_metrics(config, checkpoint, work_dir, *extra):
     """tools/test.py, in this process (its metrics are what is compared, not its process)."""
-    tool_module('test.py').main([str(config), str(checkpoint), '--work-dir', str(work_dir),
-                                 *extra])
+    call_tool('test.py', config, checkpoint, '--work-dir', work_dir, *extra)
     return json.loads((work_dir / 'test_metrics.json').read_text())['metrics']
 
 
 @pytest.mark.parametrize('task', ['det', 'seg'])
-def test_pretrained_model_trains_folds_and_evaluates_equally(pretrained, tmp_path, capsys, task):
+def test_pretrained_model_trains_folds_and_evaluates_equally(pretrained, tmp_path, task):
     if task == 'det':
         config, start = DET, pretrained['cls']
         schedule = ['train_cfg.max_epochs=2', 'default_hooks.checkpoint.interval=2']
@@ -155,9 +148,7 @@ def test_pretrained_model_trains_folds_and_evaluates_equally(pretrained, tmp_pat
     assert f'pretrained: backbone <- {str(start)!r}' in log and f'D of {n_d} DO-Conv' in log
     ckpt = tmp_path / 'train' / ckpt_name
     folded = tmp_path / 'deploy' / 'folded.pth'
-    capsys.readouterr()
-    assert tool_module('fold_doconv.py').main([config, str(ckpt), str(folded), '--verify']) == 0
-    assert 'verify PASS' in capsys.readouterr().out
+    assert 'verify PASS' in call_tool('fold_doconv.py', config, ckpt, folded, '--verify')[0]
     deploy_config = tmp_path / 'deploy' / (osp.splitext(osp.basename(config))[0] + '_deploy.py')
     before = _test_metrics(config, ckpt, tmp_path / 'before', *extra_test)
     after = _test_metrics(deploy_config, folded, tmp_path / 'after', *extra_test)

@@ -3,13 +3,16 @@
 Imported by the tests and, through ``custom_imports``, by the training subprocesses (the tests
 put this directory on PYTHONPATH), where it registers :class:`DOConvParamDumpHook`.
 """
+import contextlib
 import glob
+import io
 import json
 import os
 import os.path as osp
 import socket
 import subprocess
 import sys
+from typing import Tuple
 
 import torch
 from mmengine.dist import get_rank
@@ -58,6 +61,21 @@ def tool_module(tool: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def call_tool(tool: str, *args) -> Tuple[str, str]:
+    """tools/<tool>.py's ``main(ARGS)`` in this process (:func:`tool_module`): its (stdout,
+    stderr). A failure (a non-zero exit code returned, or ``sys.exit('error: ...')``) fails
+    the calling test with the output's tail."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            result = tool_module(tool).main([str(a) for a in args])
+        except SystemExit as exit:
+            result = exit.code
+    failed = isinstance(result, str) or (isinstance(result, int) and result != 0)
+    assert not failed, f'{tool} failed ({result}):\n{(out.getvalue() + err.getvalue())[-4000:]}'
+    return out.getvalue(), err.getvalue()
 
 
 def free_port() -> int:
