@@ -115,15 +115,12 @@ def fold_checkpoints(config: Union[Config, PathLike],
                     results.append(result)
                     log(summary_line(result))
                 except FoldError as error:
-                    staged.discard()
                     if len(checkpoints) == 1:
                         raise
                     failures.append(str(error))
                     log(f'failed: {error}')
-                except BaseException:
-                    staged.discard()
-                    raise
                 finally:
+                    staged.discard()  # (nothing left to discard after a commit)
                     advance()
         if results:
             config_stage.commit()

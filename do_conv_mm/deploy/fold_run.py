@@ -43,9 +43,7 @@ class FoldRun:
                             else 'CONFIG')
         self.deploy_cfg = make_deploy_config(self.cfg)
         self.out_config = out_config_path
-        start = time.perf_counter()
         self.model = build_model(self.cfg)
-        self.build_seconds = time.perf_counter() - start
         if not doconv_layers(self.model):
             raise FoldError(f'{self.config_name} builds no DO-Conv layer (no k×k conv with '
                             f'conv_cfg=dict(type="DOConv") and no DOConvModel conversion), so '

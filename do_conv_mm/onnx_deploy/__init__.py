@@ -60,6 +60,7 @@ import numpy as np
 
 from ..checkpoint import CheckpointError, load_checkpoint_file
 from ..checkpoint_guard import check_checkpoint_config
+from ..deploy.output_checks import same_file
 from ..deploy_verify import DEFAULT_ATOL, DEFAULT_RTOL, OutputDiff
 from .detection_match import DEFAULT_BOX_ATOL, DEFAULT_SCORE_ATOL, match_detections
 from .onnx_checks import onnx_ops
@@ -183,8 +184,7 @@ def _check_inputs_kept(out_dir: str, names, inputs) -> None:
     for name in names:
         target = os.path.join(out_dir, name)
         for source in inputs:
-            if (source and os.path.exists(target) and os.path.exists(source)
-                    and os.path.samefile(target, source)):
+            if source and os.path.exists(target) and same_file(target, source):
                 raise DeployError(f'{target!r} would be replaced by this export but it is the '
                                   f'input {source!r}; nothing was written. Copy the input out of '
                                   f'OUT_DIR or pass another OUT_DIR.')

@@ -147,15 +147,20 @@ def run_export(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, 
         dynamic_axes = {'input': {0: 'batch', 2: 'height', 3: 'width'}}
         dynamic_axes.update({n: {0: 'batch', 2: f'{n}_h', 3: f'{n}_w'} for n in names})
     onnx_cfg = dcfg.onnx_config
+
+    def export_module(module, args, name, input_names, output_names, axes):
+        """mmdeploy's export of a head-output module to ``stage/name``, the deploy config's
+        opset and initializer setting."""
+        with mmdeploy_export_compat():
+            mmdeploy_export(module, args, os.path.join(stage, os.path.splitext(name)[0]),
+                            backend='onnxruntime', context_info=dict(deploy_cfg=dcfg),
+                            input_names=input_names, output_names=output_names,
+                            opset_version=onnx_cfg.get('opset_version', 11), dynamic_axes=axes,
+                            keep_initializers_as_inputs=onnx_cfg.get(
+                                'keep_initializers_as_inputs', False))
+
     start = time.perf_counter()
-    with mmdeploy_export_compat():
-        mmdeploy_export(raw_module, inputs, os.path.join(stage, os.path.splitext(RAW)[0]),
-                        backend='onnxruntime', context_info=dict(deploy_cfg=dcfg),
-                        input_names=['input'], output_names=names,
-                        opset_version=onnx_cfg.get('opset_version', 11),
-                        dynamic_axes=dynamic_axes,
-                        keep_initializers_as_inputs=onnx_cfg.get('keep_initializers_as_inputs',
-                                                                 False))
+    export_module(raw_module, inputs, RAW, ['input'], names, dynamic_axes)
     seconds['export_raw'] = time.perf_counter() - start
     roi_module = None
     if task == 'det' and two_stage(torch_model):
@@ -167,16 +172,8 @@ def run_export(cfg, config, checkpoint, ckpt, task, dcfg, stage, report, image, 
         if report['dynamic']:
             roi_axes['input'] = {0: 'batch', 2: 'height', 3: 'width'}
         start = time.perf_counter()
-        with mmdeploy_export_compat():
-            mmdeploy_export(roi_module, (inputs, rois),
-                            os.path.join(stage, os.path.splitext(ROI)[0]),
-                            backend='onnxruntime', context_info=dict(deploy_cfg=dcfg),
-                            input_names=['input', 'rois'],
-                            output_names=['cls_score', 'bbox_pred'],
-                            opset_version=onnx_cfg.get('opset_version', 11),
-                            dynamic_axes=roi_axes,
-                            keep_initializers_as_inputs=onnx_cfg.get(
-                                'keep_initializers_as_inputs', False))
+        export_module(roi_module, (inputs, rois), ROI, ['input', 'rois'],
+                      ['cls_score', 'bbox_pred'], roi_axes)
         seconds['export_roi'] = time.perf_counter() - start
     try:
         from mmdeploy.backend.sdk.export_info import export2SDK
